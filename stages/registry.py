@@ -1,0 +1,64 @@
+"""Name -> implementation registries for every configurable choice of the stages.
+
+Values are "module:attribute" strings imported on first use, so listing the allowed values
+(for config validation and error messages) never imports torch or a heavy backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Mapping
+
+from pipeline.errors import one_of
+
+# calib.source -> loader of raw documents
+CALIB_SOURCES: dict[str, str] = {
+    "austen": "stages.calibrate:load_austen_documents",
+    "hub": "stages.calibrate:load_hub_documents",
+    "text": "stages.calibrate:load_text_documents",
+    "jsonl": "stages.calibrate:load_jsonl_documents",
+}
+
+# calib.mode -> sampler
+CALIB_MODES: dict[str, str] = {
+    "doc_prefix": "stages.calibrate:sample_doc_prefix",
+    "random_window": "stages.calibrate:sample_random_window",
+}
+
+# quant.method -> quantizer over the whole model (see stages.quantize)
+QUANT_METHODS: dict[str, str] = {
+    "rtn": "stages.quant.rtn:RTNQuantizer",
+    "gptq": "stages.quant.gptq:GPTQQuantizer",
+    "autoround": "stages.quant.autoround:AutoRoundQuantizer",
+}
+
+# pack.format -> packer
+PACK_FORMATS: dict[str, str] = {
+    "gptq": "stages.formats.gptq:pack_gptq",
+    "auto_round": "stages.formats.auto_round:pack_auto_round",
+}
+
+# eval.backend -> lm-eval model builder
+EVAL_BACKENDS: dict[str, str] = {
+    "hf": "stages.evaluate:build_hf_lm",
+    "vllm": "stages.evaluate:build_vllm_lm",
+}
+
+# bench.backend -> benchmark runner ("auto" resolves to one of these)
+BENCH_BACKENDS: dict[str, str] = {
+    "torch": "stages.benchmark:TorchBackend",
+    "vllm": "stages.benchmark:VLLMBackend",
+}
+
+
+def resolve(registry: Mapping[str, str], key: str, name: str) -> Any:
+    """Import and return the implementation registered under `name`.
+
+    Args:
+        registry: one of the dicts above.
+        key: the config key that chose `name` (for the error message).
+        name: the chosen option.
+    """
+    one_of(key, name, registry)
+    module, _, attr = registry[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
