@@ -1,0 +1,102 @@
+"""Shared fixtures: compose the real conf/, a tiny random Llama, the real SmolLM2 (slow tests)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO / "conf"
+# Fail loudly instead of "no tests collected" if collection silently shrinks.
+MIN_TESTS_IN_DEFAULT_RUN = 20
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    markexpr = session.config.getoption("markexpr") or ""
+    full_run = not session.config.args or session.config.args == [str(REPO / "tests")] or \
+        session.config.args == ["tests"]
+    if full_run and markexpr == "not slow and not gpu" and len(session.items) < MIN_TESTS_IN_DEFAULT_RUN:
+        raise pytest.UsageError(f"only {len(session.items)} tests collected (expected >= {MIN_TESTS_IN_DEFAULT_RUN}); "
+                                "is the test tree broken?")
+
+
+def compose_config(overrides: list[str]):
+    """Compose conf/ like `python -m pipeline <overrides>` and return (PipelineConfig, DictConfig)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pipeline.app import register_configs, to_pipeline_config
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        dcfg = compose(config_name="config", overrides=overrides)
+    return to_pipeline_config(dcfg), dcfg
+
+
+@pytest.fixture
+def compose() -> Callable:
+    return compose_config
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> Path:
+    """A store holding the tiny random model, materialised once per test session."""
+    from pipeline.models import prepare_model
+    from pipeline.store import ArtifactStore
+
+    root = tmp_path_factory.mktemp("tiny_outputs")
+    cfg, _ = compose_config(["model=tiny_random", f"run.outputs_dir={root}"])
+    prepare_model(cfg.model, ArtifactStore(root / "store"), log=lambda m: None)
+    return root / "store"
+
+
+@pytest.fixture
+def tiny_outputs(tmp_path, tiny_store) -> Path:
+    """A fresh outputs dir whose store already holds the tiny model (hard links, no reconversion)."""
+    out = tmp_path / "outputs"
+    shutil.copytree(tiny_store / "model", out / "store" / "model", copy_function=os.link)
+    return out
+
+
+@pytest.fixture
+def tiny_overrides(tiny_outputs) -> list[str]:
+    """Overrides for a fast end-to-end job on the tiny model in a tmp outputs dir."""
+    return [
+        "model=tiny_random", f"run.outputs_dir={tiny_outputs}", "tracking.enabled=false", "run.progress=false",
+        "run.device=cpu", "calib.nsamples=8", "calib.seqlen=32", "quant.iters=2", "quant.batch_size=4",
+        "quant.group_size=32",
+    ]
+
+
+@pytest.fixture
+def tiny_model(tiny_store):
+    """(model, tokenizer, handle) for the tiny random Llama in float32 on CPU."""
+    from pipeline.models import load_model, load_tokenizer, prepare_model
+    from pipeline.store import ArtifactStore
+
+    cfg, _ = compose_config(["model=tiny_random"])
+    handle = prepare_model(cfg.model, ArtifactStore(tiny_store), log=lambda m: None)
+    import torch
+
+    return load_model(handle, torch.float32, "cpu"), load_tokenizer(handle), handle
+
+
+@pytest.fixture(scope="session")
+def smollm2_handle(tmp_path_factory):
+    """The real SmolLM2-135M converted from its GGUF (slow tests only)."""
+    from pipeline.models import prepare_model
+    from pipeline.store import ArtifactStore
+
+    cache = Path(os.environ.get("PIPELINE_TEST_CACHE", tmp_path_factory.mktemp("smollm2")))
+    cfg, _ = compose_config(["model=smollm2_135m"])
+    return prepare_model(cfg.model, ArtifactStore(cache / "store"), log=lambda m: None)
