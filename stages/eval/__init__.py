@@ -1,0 +1,1 @@
+"""Evaluation helpers: perplexity core (torch only), lm-eval glue, local task registry."""
