@@ -36,10 +36,15 @@ def register_configs() -> None:
 
 def to_pipeline_config(dcfg: DictConfig) -> PipelineConfig:
     """Convert the composed DictConfig (minus the hydra node) to the typed dataclass, once."""
-    container = OmegaConf.to_container(dcfg, resolve=True)
-    container.pop("hydra", None)
-    merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), container)
+    merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), job_container(dcfg))
     return OmegaConf.to_object(merged)
+
+
+def job_container(dcfg: DictConfig) -> dict:
+    """The job's config as plain resolved data, without Hydra's own node."""
+    raw = OmegaConf.to_container(dcfg, resolve=False)
+    raw.pop("hydra", None)
+    return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
 
 
 def _hydra_info() -> tuple[list[str], Optional[Path]]:
@@ -57,8 +62,7 @@ def open_tracker(cfg: PipelineConfig, dcfg: DictConfig, overrides: list[str], sw
 
     if not cfg.tracking.enabled:
         return tracking.NullTracker()
-    container = OmegaConf.to_container(dcfg, resolve=True)
-    container.pop("hydra", None)
+    container = job_container(dcfg)
     parent = None
     if sweep_dir is not None and (sweep_dir / tracking.PARENT_RUN_FILE).is_file():
         parent = (sweep_dir / tracking.PARENT_RUN_FILE).read_text().strip()

@@ -84,8 +84,9 @@ STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 SPECS: dict[str, StageSpec] = {s.name: s for s in STAGES}
 
 
-def topological_order(specs: tuple[StageSpec, ...] = STAGES) -> list[StageSpec]:
+def topological_order(specs: Optional[tuple[StageSpec, ...]] = None) -> list[StageSpec]:
     """Stages in dependency order (stable: declaration order breaks ties); rejects cycles."""
+    specs = STAGES if specs is None else specs
     by_name = {s.name: s for s in specs}
     done: list[str] = []
     visiting: set[str] = set()

@@ -39,7 +39,7 @@ def compose_config(overrides: list[str]):
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        dcfg = compose(config_name="config", overrides=overrides)
+        dcfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     return to_pipeline_config(dcfg), dcfg
 
 

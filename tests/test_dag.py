@@ -1,0 +1,111 @@
+"""DAG declaration, ordering, fingerprints and the runner's caching / refusal behaviour."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import dag
+from pipeline.context import StageResult
+from pipeline.dag import NotImplementedStageError, StageSpec
+from pipeline.errors import InputError
+from pipeline.runner import PipelineRunner
+from pipeline.runtime import Runtime
+
+
+def test_topological_order_respects_dependencies():
+    order = [s.name for s in dag.topological_order()]
+    assert order == ["calibrate", "quantize", "pack", "baseline_evaluate", "evaluate", "baseline_benchmark",
+                     "benchmark", "report"]
+    for spec in dag.STAGES:
+        for dep in spec.needs + spec.optional_needs:
+            assert order.index(dep) < order.index(spec.name)
+
+
+def test_cycle_is_rejected():
+    a = StageSpec("a", "x:run", needs=("b",))
+    b = StageSpec("b", "x:run", needs=("a",))
+    with pytest.raises(ValueError, match="cycle"):
+        dag.topological_order((a, b))
+
+
+def test_select_subset_keeps_order():
+    assert [s.name for s in dag.select(["pack", "calibrate"])] == ["calibrate", "pack"]
+    assert [s.name for s in dag.select([])] == list(dag.STAGE_NAMES)
+
+
+def test_upstream_and_downstream():
+    assert dag.upstream("evaluate") == {"pack", "quantize", "calibrate", "baseline_evaluate"}
+    assert dag.downstream("quantize") == {"pack", "evaluate", "benchmark", "report"}
+
+
+def test_fingerprint_depends_only_on_declared_params(compose):
+    spec = dag.SPECS["quantize"]
+    base, _ = compose([])
+    fp = dag.stage_fingerprint(spec, base, {"calibrate": "c"}, "m", "cpu", "float32")
+    same, _ = compose(["eval.batch_size=3", "bench.repeats=9"])  # other groups: no effect
+    assert dag.stage_fingerprint(spec, same, {"calibrate": "c"}, "m", "cpu", "float32") == fp
+    bits, _ = compose(["quant.bits=2"])
+    assert dag.stage_fingerprint(spec, bits, {"calibrate": "c"}, "m", "cpu", "float32") != fp
+    assert dag.stage_fingerprint(spec, base, {"calibrate": "other"}, "m", "cpu", "float32") != fp
+    assert dag.stage_fingerprint(spec, base, {"calibrate": "c"}, "m", "cuda:0", "bfloat16") != fp
+    # the baseline evaluation does not depend on the quantization config at all
+    ev = dag.SPECS["baseline_evaluate"]
+    assert dag.stage_fingerprint(ev, base, {}, "m", "cpu", "float32") == \
+        dag.stage_fingerprint(ev, bits, {}, "m", "cpu", "float32")
+
+
+def test_missing_stage_module_is_refused_clearly():
+    spec = StageSpec("distill", "stages.distill_not_here:run")
+    with pytest.raises(NotImplementedStageError, match="stage 'distill' is not implemented yet"):
+        spec.load()
+
+
+# -- runner behaviour with fake stage specs (the real stages have their own tests) ----------
+import _fake_stages  # noqa: E402
+from _fake_stages import CALLS  # noqa: E402
+
+FAKE = (
+    StageSpec("first", "_fake_stages:run", params=("calib",), uses_model=False),
+    StageSpec("second", "_fake_stages:run", needs=("first",), params=("quant",), uses_model=False),
+)
+
+
+@pytest.fixture
+def fake_dag(monkeypatch):
+    monkeypatch.setattr(dag, "STAGES", FAKE)
+    monkeypatch.setattr(dag, "SPECS", {s.name: s for s in FAKE})
+    monkeypatch.setattr(dag, "STAGE_NAMES", tuple(s.name for s in FAKE))
+    CALLS.clear()
+
+
+def _runner(compose, tmp_path, *overrides):
+    cfg, _ = compose([f"run.outputs_dir={tmp_path}", "run.progress=false", *overrides])
+    return PipelineRunner(cfg, Runtime("cpu", "float32", log=lambda m: None))
+
+
+def test_second_run_is_cached_and_force_recomputes_downstream(compose, tmp_path, fake_dag):
+    first = _runner(compose, tmp_path).run()
+    assert [(o.name, o.status) for o in first] == [("first", "ran"), ("second", "ran")]
+    assert (first[1].path / "out.txt").read_text() == "second:first"
+    again = _runner(compose, tmp_path).run()
+    assert [o.status for o in again] == ["cached", "cached"] and CALLS == ["first", "second"]
+    forced = _runner(compose, tmp_path, "run.force=[first]").run()
+    assert [o.status for o in forced] == ["ran", "ran"]
+
+
+def test_crash_resumes_from_last_complete_stage(compose, tmp_path, fake_dag):
+    with pytest.raises(RuntimeError, match="crash in second"):
+        _runner(compose, tmp_path, "quant.iters=13").run()
+    assert CALLS == ["first", "second"]
+    CALLS.clear()
+    with pytest.raises(RuntimeError):
+        _runner(compose, tmp_path, "quant.iters=13").run()
+    assert CALLS == ["second"]  # first is cached, second had no manifest
+
+
+def test_subset_needs_upstream_in_store(compose, tmp_path, fake_dag):
+    with pytest.raises(InputError, match=r"stage 'second' needs 'first'.*run.stages=\[first,second"):
+        _runner(compose, tmp_path, "run.stages=[second]").run()
+    _runner(compose, tmp_path, "run.stages=[first]").run()
+    outcomes = _runner(compose, tmp_path, "run.stages=[second]").run()
+    assert [(o.name, o.status) for o in outcomes] == [("second", "ran")]
