@@ -50,20 +50,31 @@ class ModelConfig:
 
 @dataclass
 class CalibConfig:
-    """Calibration set sampling (`calib=` group)."""
+    """Calibration set sampling (`calib=` group); see docs/calibration.md."""
 
-    # Registry key in stages.calibrate.SOURCES: austen | hub | text | jsonl
+    # Registry key in stages.registry.CALIB_SOURCES: austen | hub | text | jsonl
     source: str = "austen"
+    # hub: a Hugging Face dataset name (or a local dataset folder) for datasets.load_dataset
     dataset: Optional[str] = None
     dataset_config: Optional[str] = None
+    # hub: one file pattern inside the dataset repo (e.g. one shard of c4); null = all files
+    data_files: Optional[str] = None
     split: str = "train"
+    # hub and jsonl: the field holding each document's text
     text_field: str = "text"
+    # text and jsonl: files or folders (folders are searched recursively for *.txt / *.jsonl)
     paths: List[str] = field(default_factory=list)
+    # austen and text: how a file becomes documents (stages.registry.CALIB_TEXT_SPLITS):
+    # chapter (split at CHAPTER/Chapter headings; a file without headings is one document) |
+    # paragraph (every blank-line separated block) | file (one document per file)
+    text_split: str = "chapter"
+    # Registry key in stages.registry.CALIB_MODES:
     # doc_prefix (reference AutoRound) | random_window (GPTQ style)
     mode: str = "doc_prefix"
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 42
+    # Put the tokenizer's BOS token first in every sample (SmolLM2's tokenizer adds none by itself)
     add_bos: bool = False
 
 

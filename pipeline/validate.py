@@ -37,6 +37,14 @@ def _positive_or_none(example: float) -> Callable[[str, Any], None]:
     return check
 
 
+def _nonempty_str(example: str) -> Callable[[str, Any], None]:
+    def check(key: str, value: Any) -> None:
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(key, value, "a non-empty string", f"e.g. {key}={example}")
+
+    return check
+
+
 def _choice(options_fn: Callable[[], Any], example: Any = None) -> Callable[[str, Any], None]:
     def check(key: str, value: Any) -> None:
         one_of(key, value, list(options_fn()), example)
@@ -92,8 +100,12 @@ FIELD_RULES: dict[str, Callable[[str, Any], None]] = {
     "model.dtype": _choice(lambda: DTYPES, "bfloat16"),
     "calib.source": _choice(_registry("CALIB_SOURCES"), "austen"),
     "calib.mode": _choice(_registry("CALIB_MODES"), "doc_prefix"),
+    "calib.text_split": _choice(_registry("CALIB_TEXT_SPLITS"), "chapter"),
     "calib.nsamples": _int_at_least(1, 128),
     "calib.seqlen": _int_at_least(8, 2048),
+    "calib.seed": _int_at_least(0, 42),
+    "calib.split": _nonempty_str("train"),
+    "calib.text_field": _nonempty_str("text"),
     "quant.method": _choice(_registry("QUANT_METHODS"), "autoround"),
     "quant.bits": _bits,
     "quant.group_size": _group_size,

@@ -11,15 +11,22 @@ from typing import Any, Mapping
 
 from pipeline.errors import one_of
 
-# calib.source -> loader of raw documents
+# calib.source -> loader of raw documents: (CalibConfig) -> list[Document]
 CALIB_SOURCES: dict[str, str] = {
-    "austen": "stages.calibrate:load_austen_documents",
-    "hub": "stages.calibrate:load_hub_documents",
-    "text": "stages.calibrate:load_text_documents",
-    "jsonl": "stages.calibrate:load_jsonl_documents",
+    "austen": "stages.calib_sources:load_austen_documents",
+    "hub": "stages.calib_sources:load_hub_documents",
+    "text": "stages.calib_sources:load_text_documents",
+    "jsonl": "stages.calib_sources:load_jsonl_documents",
 }
 
-# calib.mode -> sampler
+# calib.text_split -> how a text file becomes documents: (str) -> list[str]
+CALIB_TEXT_SPLITS: dict[str, str] = {
+    "chapter": "stages.calib_sources:split_chapters",
+    "paragraph": "stages.calib_sources:split_paragraphs",
+    "file": "stages.calib_sources:split_file",
+}
+
+# calib.mode -> sampler: (texts, encode, bos_id, CalibConfig) -> CalibSample
 CALIB_MODES: dict[str, str] = {
     "doc_prefix": "stages.calibrate:sample_doc_prefix",
     "random_window": "stages.calibrate:sample_random_window",
