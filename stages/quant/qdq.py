@@ -8,7 +8,7 @@ Conventions (shared by every quantizer, the packers and the loaders):
   values) and an integer ``zero`` in ``[0, 2^bits - 1]``; ``W_hat = scale * (q - zero)``.
 * asym (as DESIGN.md and the reference AutoRound): ``wmin = min(min(W_g), 0) * min_factor``,
   ``wmax = max(max(W_g), 0) * max_factor``, ``scale = (wmax - wmin) / (2^b - 1)`` rounded to
-  float16 and clamped to >= 1e-5, ``zero = round(-wmin / scale)``.
+  float16 and clamped to >= float16(1e-5), ``zero = round(-wmin / scale)``.
 * sym ("full range", as the reference AutoRound's ``int_sym``): ``zero = 2^(b-1)`` always;
   the side of larger magnitude maps to code 0, so ``scale = -max|W_g| / 2^(b-1)`` when the
   positive side dominates and ``+max|W_g| / 2^(b-1)`` otherwise (the scale may be negative).
@@ -26,6 +26,9 @@ from typing import Optional
 import torch
 
 SCALE_EPS = 1e-5
+# The clamp happens on the float16 scale (as in the reference), so the bound itself is the
+# float16 value nearest 1e-5; clamping in float32 to 1e-5 would store a different number.
+SCALE_EPS_F16 = 1.0013580322265625e-05
 
 
 @dataclass
@@ -52,7 +55,7 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 def _round_scale(scale: torch.Tensor) -> torch.Tensor:
     """Round to float16 (what the checkpoint stores) and keep it away from zero, sign kept."""
     scale = scale.to(torch.float16).to(torch.float32)
-    return torch.where(scale < 0, scale.clamp(max=-SCALE_EPS), scale.clamp(min=SCALE_EPS))
+    return torch.where(scale < 0, scale.clamp(max=-SCALE_EPS_F16), scale.clamp(min=SCALE_EPS_F16))
 
 
 def compute_qparams(w: torch.Tensor, bits: int, group_size: int, sym: bool,
