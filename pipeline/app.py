@@ -104,8 +104,9 @@ def run_job(dcfg: DictConfig) -> list:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def hydra_main(dcfg: DictConfig) -> None:
-    run_job(dcfg)
+def hydra_main(dcfg: DictConfig) -> list:
+    # The outcomes reach SweepCallback.on_job_end, which records them in the job's job.json.
+    return run_job(dcfg)
 
 
 def main() -> None:

@@ -1,0 +1,175 @@
+"""PNG plots of the comparison report (matplotlib's object API with the Agg canvas: no pyplot state).
+
+* score_vs_bits.png: each quality metric against bits, one line per method (and group size/sym).
+* ppl_vs_iters.png: perplexity against tuning iterations, one series per method and scheme.
+* block_losses.png: per-block reconstruction loss of each job's quantize stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional
+
+# Per-block records written by the quantize stage, in the order they are looked for.
+BLOCK_FILES = ("blocks.json", "block_losses.json", "block_metrics.json")
+MAX_QUALITY_PANELS = 4
+
+
+def read_block_losses(artifact_dir: Path) -> Optional[list[dict]]:
+    """Per-block records ({"block": i, "<name>loss<...>": value, ...}) from a quantize artifact, if any.
+
+    Accepts a JSON list of records or an object with a "blocks" list. Returns None when the
+    artifact has no per-block file.
+    """
+    for name in BLOCK_FILES:
+        path = Path(artifact_dir) / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            records = data.get("blocks", []) if isinstance(data, dict) else data
+            return [dict(r, block=r.get("block", i)) for i, r in enumerate(records) if isinstance(r, dict)]
+    return None
+
+
+def _figure(n_panels: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2 * n_panels, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, n_panels, i + 1) for i in range(n_panels)]
+    return fig, axes
+
+
+def _is_lower_better(metric: str) -> bool:
+    from stages.report import LOWER_IS_BETTER_RE
+
+    return bool(LOWER_IS_BETTER_RE.search(metric))
+
+
+def _series_key(row: dict, keys: tuple[str, ...]) -> str:
+    parts = [str(row.get("method"))]
+    for k in keys:
+        if k == "group_size":
+            parts.append(f"g{row.get(k)}")
+        elif k == "sym":
+            parts.append("sym" if row.get(k) else "asym")
+        elif k == "bits":
+            parts.append(f"W{row.get(k)}")
+        elif k == "iters" and row.get(k):
+            parts.append(f"i{row.get(k)}")
+    return " ".join(parts)
+
+
+def _varying(rows: list[dict], keys: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(k for k in keys if len({str(r.get(k)) for r in rows}) > 1)
+
+
+def plot_score_vs_bits(report: Any, out: Path) -> Optional[Path]:
+    """Each quality metric against bits; one line per method (+ whichever of group/sym/iters vary)."""
+    rows = [r for r in report.quantized_rows() if r.get("bits") is not None]
+    metrics = [m for m in report.quality if any(r.get(f"eval.{m}") is not None for r in rows)][:MAX_QUALITY_PANELS]
+    if not metrics:
+        return None
+    extra = _varying(rows, ("group_size", "sym", "iters"))
+    fig, axes = _figure(len(metrics))
+    for ax, metric in zip(axes, metrics):
+        series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for r in rows:
+            if r.get(f"eval.{metric}") is not None:
+                series[_series_key(r, extra)].append((r["bits"], r[f"eval.{metric}"]))
+        for name, points in sorted(series.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        for b in report.baseline_rows():
+            if b.get(f"eval.{metric}") is not None:
+                ax.axhline(b[f"eval.{metric}"], color="gray", linestyle="--", label="baseline")
+        if _is_lower_better(metric) and all(p[1] > 0 for s in series.values() for p in s):
+            ax.set_yscale("log")
+        ax.set_xlabel("bits")
+        ax.set_ylabel(metric)
+        ax.set_xticks(sorted({r["bits"] for r in rows}))
+        ax.set_title(f"{metric} vs bits")
+        ax.legend(fontsize="small")
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def plot_ppl_vs_iters(report: Any, out: Path) -> Optional[Path]:
+    """Perplexity against quantize iterations; one series per method and scheme."""
+    key = report.ppl_key
+    rows = [r for r in report.quantized_rows() if key and r.get(f"eval.{key}") is not None and r.get("iters") is not None]
+    if not rows:
+        return None
+    extra = ("bits",) + _varying(rows, ("group_size", "sym"))
+    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r in rows:
+        series[_series_key(r, extra)].append((r["iters"], r[f"eval.{key}"]))
+    fig, (ax,) = _figure(1)
+    for name, points in sorted(series.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    for b in report.baseline_rows():
+        if b.get(f"eval.{key}") is not None:
+            ax.axhline(b[f"eval.{key}"], color="gray", linestyle="--", label="baseline")
+    if all(p[1] > 0 for s in series.values() for p in s):
+        ax.set_yscale("log")
+    ax.set_xlabel("iters (0 = no tuning)")
+    ax.set_ylabel(key)
+    ax.set_title(f"{key} vs iters")
+    ax.legend(fontsize="small")
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def _loss_fields(records: list[dict]) -> list[str]:
+    fields = sorted({k for r in records for k, v in r.items()
+                     if "loss" in k and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return fields
+
+
+def plot_block_losses(block_losses: dict[str, list[dict]], out: Path) -> Optional[Path]:
+    """Per-block losses of each job: one color per job, one line style per loss field."""
+    curves = {label: recs for label, recs in block_losses.items() if recs and _loss_fields(recs)}
+    if not curves:
+        return None
+    fig, (ax,) = _figure(1)
+    styles = ["-", ":", "--", "-."]
+    positive = True
+    for i, (label, records) in enumerate(sorted(curves.items())):
+        color = f"C{i % 10}"
+        for j, fld in enumerate(_loss_fields(records)):
+            pts = [(r["block"], float(r[fld])) for r in records if isinstance(r.get(fld), (int, float))
+                   and math.isfinite(float(r[fld]))]
+            positive &= all(p[1] > 0 for p in pts)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=styles[j % len(styles)], color=color,
+                    marker=".", label=f"{label}: {fld}")
+    if positive:
+        ax.set_yscale("log")
+    ax.set_xlabel("block")
+    ax.set_ylabel("block output MSE")
+    ax.set_title("per-block loss")
+    ax.legend(fontsize="x-small")
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def draw_plots(report: Any, block_losses: dict[str, list[dict]], out_dir: Path) -> tuple[list[Path], list[str]]:
+    """All plots that the data allows; returns (files, notes about the plots left out)."""
+    files, notes = [], []
+    if plot_score_vs_bits(report, out_dir / "score_vs_bits.png") is not None:
+        files.append(out_dir / "score_vs_bits.png")
+    else:
+        notes.append("score vs bits: no evaluate metrics in any job (add evaluate to run.stages)")
+    if plot_ppl_vs_iters(report, out_dir / "ppl_vs_iters.png") is not None:
+        files.append(out_dir / "ppl_vs_iters.png")
+    else:
+        notes.append("perplexity vs iters: no perplexity metric in any job (enable eval.perplexity and run evaluate)")
+    if plot_block_losses(block_losses, out_dir / "block_losses.png") is not None:
+        files.append(out_dir / "block_losses.png")
+    else:
+        notes.append("per-block losses: no quantize artifact holds a per-block loss file "
+                     f"({' / '.join(BLOCK_FILES)})")
+    return files, notes
