@@ -84,7 +84,7 @@ def _too_few(cfg: CalibConfig, found: int, detail: str) -> ConfigError:
     if cfg.mode == "doc_prefix":
         alternatives += ", use calib.mode=random_window (windows over the joined text)"
     return ConfigError("calib.nsamples", cfg.nsamples, f"only {found} usable: {detail}",
-                       f"{alternatives}, or add text (calib.source={cfg.source})",
+                       f"{alternatives}, or calibrate on more text (docs/calibration.md)",
                        problem="is more than the corpus can give")
 
 
@@ -151,7 +151,7 @@ def sample_random_window(texts: Sequence[str], encode: Encode, bos_id: Optional[
         cfg: nsamples, seqlen, seed.
 
     Returns:
-        CalibSample; raises ConfigError when the corpus is shorter than one window.
+        CalibSample; raises ConfigError when the whole corpus is shorter than one window.
     """
     import torch
 
@@ -159,8 +159,10 @@ def sample_random_window(texts: Sequence[str], encode: Encode, bos_id: Optional[
     need = _text_length(cfg, bos_id)
     out = CalibSample(torch.empty(0), documents=len(texts), documents_examined=len(texts), corpus_tokens=len(corpus))
     if len(corpus) < need:
-        raise _too_few(cfg, 0, f"the joined corpus has {len(corpus)} tokens, fewer than one window of {need} "
-                               f"(calib.seqlen={cfg.seqlen})")
+        raise ConfigError("calib.seqlen", cfg.seqlen, f"the joined corpus of {len(texts)} documents has only "
+                          f"{len(corpus)} tokens, fewer than one window of {need}",
+                          "lower calib.seqlen or calibrate on more text (docs/calibration.md)",
+                          problem="is longer than the whole corpus")
     rng = random.Random(cfg.seed)
     rows: list[list[int]] = []
     for _ in range(MAX_DRAWS_PER_SAMPLE * cfg.nsamples):
