@@ -64,6 +64,7 @@ class CalibSample:
     corpus_tokens: int = 0  # random_window: tokens of the joined corpus
     rows_document: list[int] = field(default_factory=list)  # doc_prefix: document index of each row
     rows_start: list[int] = field(default_factory=list)  # random_window: token offset of each row
+    documents_used: int = 0  # documents that give tokens to at least one row
 
 
 def is_repetitive(row: Sequence[int]) -> bool:
@@ -128,16 +129,33 @@ def sample_doc_prefix(texts: Sequence[str], encode: Encode, bos_id: Optional[int
     return out
 
 
-def _join_corpus(texts: Sequence[str], encode: Encode) -> "np.ndarray":
+def _join_corpus(texts: Sequence[str], encode: Encode) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
+    """Token ids of the documents joined with the separator, and each document's [start, end) span."""
     import numpy as np
 
     separator = np.asarray(encode(WINDOW_SEPARATOR), dtype=np.int64)
     parts: list[np.ndarray] = []
+    starts, ends, offset = [], [], 0
     for i, text in enumerate(texts):
         if i:
             parts.append(separator)
+            offset += len(separator)
         parts.append(np.asarray(encode(text), dtype=np.int64))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        starts.append(offset)
+        offset += len(parts[-1])
+        ends.append(offset)
+    corpus = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return corpus, np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+
+
+def _documents_touched(starts: "np.ndarray", ends: "np.ndarray", windows: list[int], length: int) -> int:
+    """How many documents share at least one token with a window [w, w + length)."""
+    import numpy as np
+
+    touched = np.zeros(len(starts), dtype=bool)
+    for w in windows:
+        touched |= (starts < w + length) & (ends > w) & (ends > starts)
+    return int(np.count_nonzero(touched))
 
 
 def sample_random_window(texts: Sequence[str], encode: Encode, bos_id: Optional[int],
@@ -155,7 +173,7 @@ def sample_random_window(texts: Sequence[str], encode: Encode, bos_id: Optional[
     """
     import torch
 
-    corpus = _join_corpus(texts, encode)
+    corpus, doc_starts, doc_ends = _join_corpus(texts, encode)
     need = _text_length(cfg, bos_id)
     out = CalibSample(torch.empty(0), documents=len(texts), documents_examined=len(texts), corpus_tokens=len(corpus))
     if len(corpus) < need:
@@ -175,6 +193,7 @@ def sample_random_window(texts: Sequence[str], encode: Encode, bos_id: Optional[
             continue
         rows.append(row)
         out.rows_start.append(start)
+    out.documents_used = _documents_touched(doc_starts, doc_ends, out.rows_start, need)
     if len(rows) < cfg.nsamples:
         raise InputError(f"calib: {out.samples_repetitive} of {out.samples_repetitive + len(rows)} random windows were "
                          "repetitive (one token fills more than half); the corpus is mostly one repeated token: "
@@ -295,7 +314,7 @@ def calibration_metrics(sample: CalibSample, cfg: CalibConfig) -> dict[str, floa
     metrics = {
         "nsamples": sample.input_ids.shape[0], "seqlen": sample.input_ids.shape[1], "seed": cfg.seed,
         "documents": sample.documents, "documents_examined": sample.documents_examined,
-        "documents_used": len(sample.rows_document) if cfg.mode == "doc_prefix" else sample.documents,
+        "documents_used": len(sample.rows_document) if cfg.mode == "doc_prefix" else sample.documents_used,
         "documents_too_short": sample.documents_too_short, "samples_repetitive": sample.samples_repetitive,
         "unique_tokens": int(sample.input_ids.unique().numel()),
     }
