@@ -126,6 +126,7 @@ def sample_doc_prefix(texts: Sequence[str], encode: Encode, bos_id: Optional[int
         raise _too_few(cfg, len(rows), f"{len(texts)} documents, {out.documents_too_short} shorter than "
                                        f"{need} tokens (calib.seqlen={cfg.seqlen}), {out.samples_repetitive} repetitive")
     out.input_ids = torch.tensor(rows, dtype=torch.long)
+    out.documents_used = len(rows)
     return out
 
 
@@ -314,7 +315,7 @@ def calibration_metrics(sample: CalibSample, cfg: CalibConfig) -> dict[str, floa
     metrics = {
         "nsamples": sample.input_ids.shape[0], "seqlen": sample.input_ids.shape[1], "seed": cfg.seed,
         "documents": sample.documents, "documents_examined": sample.documents_examined,
-        "documents_used": len(sample.rows_document) if cfg.mode == "doc_prefix" else sample.documents_used,
+        "documents_used": sample.documents_used,
         "documents_too_short": sample.documents_too_short, "samples_repetitive": sample.samples_repetitive,
         "unique_tokens": int(sample.input_ids.unique().numel()),
     }
