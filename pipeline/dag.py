@@ -28,6 +28,10 @@ class StageSpec:
     device_sensitive: bool = False  # fingerprint includes the resolved device type and dtype
     version: str = "1"
     description: str = ""
+    # "module:function" (cfg section -> JSON data) identifying inputs the config cannot name,
+    # e.g. the bytes of a local corpus; folded into the fingerprint.
+    identity: Optional[str] = None
+    identity_of: str = ""  # the config section passed to `identity`
 
     @property
     def module(self) -> str:
@@ -59,6 +63,7 @@ class NotImplementedStageError(RuntimeError):
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("calibrate", "stages.calibrate:run", params=("calib",), metric_prefix="calib",
+              identity="stages.calib_sources:source_identity", identity_of="calib",
               description="sample token sequences from the calibration text"),
     StageSpec("quantize", "stages.quantize:run", needs=("calibrate",), params=("quant", "run.seed"),
               metric_prefix="quantize", device_sensitive=True,
@@ -148,6 +153,9 @@ def stage_fingerprint(spec: StageSpec, cfg: PipelineConfig, input_fps: dict[str,
     payload: dict[str, Any] = {
         "stage": spec.name, "version": spec.version, "config": stage_config(spec, cfg), "inputs": input_fps,
     }
+    if spec.identity:
+        module, _, attr = spec.identity.partition(":")
+        payload["identity"] = getattr(importlib.import_module(module), attr)(getattr(cfg, spec.identity_of))
     if spec.uses_model:
         payload["model"] = model_fp
     if spec.device_sensitive:

@@ -109,3 +109,15 @@ def test_subset_needs_upstream_in_store(compose, tmp_path, fake_dag):
     _runner(compose, tmp_path, "run.stages=[first]").run()
     outcomes = _runner(compose, tmp_path, "run.stages=[second]").run()
     assert [(o.name, o.status) for o in outcomes] == [("second", "ran")]
+
+
+def test_calibrate_fingerprint_follows_the_local_corpus_bytes(compose, tmp_path):
+    corpus = tmp_path / "books"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Chapter 1\n\nSome text.\n")
+    cfg, _ = compose(["calib=text", f"calib.paths=[{corpus}]"])
+    spec = dag.SPECS["calibrate"]
+    before = dag.stage_fingerprint(spec, cfg, {}, "m", "cpu", "float32")
+    assert dag.stage_fingerprint(spec, cfg, {}, "m", "cpu", "float32") == before
+    (corpus / "a.txt").write_text("Chapter 1\n\nOther text, longer.\n")
+    assert dag.stage_fingerprint(spec, cfg, {}, "m", "cpu", "float32") != before
