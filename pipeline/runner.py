@@ -22,7 +22,7 @@ from pipeline.errors import InputError
 from pipeline.models import ModelHandle, prepare_model
 from pipeline.runtime import Runtime
 from pipeline.schema import PipelineConfig
-from pipeline.store import ArtifactStore, export_artifact
+from pipeline.store import ArtifactStore, export_artifact, import_exported
 from pipeline.tracking import NullTracker
 
 
@@ -65,7 +65,16 @@ class PipelineRunner:
                     inputs[d] = fps[d]
             fps[spec.name] = dag.stage_fingerprint(spec, self.cfg, inputs, model.fingerprint if model else None,
                                                    self.rt.device, self.rt.dtype_name)
+            if self.cfg.run.export_dir and spec not in selected:
+                self._import_exported(spec.name, fps[spec.name])
         return selected, fps, model
+
+    def _import_exported(self, stage: str, fp: str) -> None:
+        """An upstream artifact that DVC restored at its export path counts as in the store."""
+        src = Path(self.cfg.run.export_dir) / stage
+        entry = self.store.entry(stage, fp)
+        if not entry.is_complete() and import_exported(src, entry):
+            self.log(f"[{stage}] imported from {src} (restored by DVC)")
 
     def _inputs_of(self, spec: dag.StageSpec, fps: dict[str, str], selected_names: set[str]) -> list[str]:
         names = list(spec.needs)
@@ -137,7 +146,7 @@ class PipelineRunner:
             self.log(f"[{spec.name}] cached ({entry.path})")
         self.tracker.log_stage(spec.metric_prefix, manifest, entry.path, status)
         if self.cfg.run.export_dir:
-            export_artifact(entry.path, Path(self.cfg.run.export_dir) / spec.name)
+            export_artifact(entry.path, Path(self.cfg.run.export_dir) / spec.name, metrics=manifest.get("metrics", {}))
         return StageOutcome(spec.name, status, seconds, entry.fingerprint, entry.path, manifest.get("metrics", {}),
                             manifest.get("summary", {}))
 

@@ -183,21 +183,52 @@ class ArtifactStore:
                 if not p.name.startswith(".") and (p / MANIFEST).is_file()]
 
 
-def export_artifact(src: Path, dest: Path) -> None:
-    """Mirror a complete artifact at a stable path (for DVC outs) with hard links, atomically."""
+def _link_or_copy(s: str, d: str) -> None:
+    try:
+        os.link(s, d)
+    except OSError:
+        shutil.copy2(s, d)
+
+
+def export_artifact(src: Path, dest: Path, metrics: Optional[dict] = None) -> None:
+    """Mirror a complete artifact at a stable path (for DVC outs) with hard links, atomically.
+
+    With `metrics`, also write them to `<dest>.metrics.json` beside the folder (a DVC metrics
+    file may not live inside another output).
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-
-    def link(s: str, d: str) -> None:
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
-
-    shutil.copytree(src, tmp, copy_function=link)
+    shutil.copytree(src, tmp, copy_function=_link_or_copy)
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         os.replace(dest, old)
         shutil.rmtree(old, ignore_errors=True)
     os.replace(tmp, dest)
+    if metrics is not None:
+        _write_json_atomic(dest.with_name(dest.name + ".metrics.json"), metrics)
+
+
+def import_exported(src: Path, entry: Entry) -> bool:
+    """Put an exported artifact back into the store when it is the one `entry` expects.
+
+    DVC restores outputs (`dvc checkout`, `dvc pull`, its run cache) at the export paths only;
+    a later stage finds its inputs in the store, so a complete export whose manifest names the
+    same stage and fingerprint is linked back in. Returns True when the entry is now complete.
+    """
+    manifest_path = src / MANIFEST
+    if entry.is_complete():
+        return True
+    if not manifest_path.is_file():
+        return False
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    if manifest.get("stage") != entry.stage or manifest.get("fingerprint") != entry.fingerprint:
+        return False
+    with entry.lock():
+        if not entry.is_complete():
+            tmp = entry.path.with_name(f".import-{entry.fingerprint}-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp, copy_function=_link_or_copy)
+            os.replace(tmp, entry.path)
+    return True
