@@ -131,31 +131,42 @@ class PackConfig:
 
 @dataclass
 class PerplexityConfig:
+    """Rolling-window perplexity of one long text (stages.eval.perplexity; see docs/evaluation.md)."""
+
     enabled: bool = True
     # "persuasion" (the held-out Austen novel shipped in the package), a text file path,
-    # or a Hugging Face dataset name (e.g. wikitext) with dataset_config/split/text_field.
+    # or a Hugging Face dataset name (e.g. Salesforce/wikitext) with dataset_config/split/text_field;
+    # a dataset's records are joined with blank lines (the GPTQ wikitext2 convention).
     text: str = "persuasion"
     dataset_config: Optional[str] = None
     split: str = "test"
     text_field: str = "text"
     seqlen: int = 512
+    # Step between window starts; stride < seqlen scores every token with more context.
     stride: int = 512
-    add_bos: bool = False
+    # BOS once at the start of the text; null follows the tokenizer (BOS iff it adds one itself).
+    add_bos: Optional[bool] = None
+    # Score only the first this many windows (null: the whole text).
     max_windows: Optional[int] = None
 
 
 @dataclass
 class EvalConfig:
-    """Evaluation of the packed checkpoint and the baseline (`eval=` group)."""
+    """Evaluation of the packed checkpoint and the baseline (`eval=` group); see docs/evaluation.md."""
 
+    # lm-eval task names: the local tasks shipped in stages/tasks/ (persuasion_ppl,
+    # persuasion_lastword, persuasion_nextsent) or, with task_source=hub, any lm-eval task.
     tasks: List[str] = field(default_factory=list)
-    # local tasks shipped in the package are looked up here; hub tasks need network.
-    task_source: str = "local"  # local | hub
-    num_fewshot: Optional[int] = None
+    # Registry key in stages.registry.EVAL_TASK_SOURCES: local (offline, only the shipped tasks)
+    # | hub (lm-eval's own task list as well; its datasets need network: run.offline=false)
+    task_source: str = "local"
+    num_fewshot: Optional[int] = None  # null: each task's default (zero-shot for the presets)
+    # Documents per task: an integer count, a fraction in (0, 1), or null for all.
     limit: Optional[float] = None
     batch_size: int = 8
-    max_length: Optional[int] = None
-    backend: str = "hf"  # hf | vllm
+    max_length: Optional[int] = None  # null: the model's own context length
+    # Registry key in stages.registry.EVAL_BACKENDS: hf | vllm (lm-eval's vLLM model; CUDA + vllm)
+    backend: str = "hf"
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
 
 

@@ -45,6 +45,31 @@ def _nonempty_str(example: str) -> Callable[[str, Any], None]:
     return check
 
 
+def _int_at_least_or_none(low: int, example: int) -> Callable[[str, Any], None]:
+    def check(key: str, value: Any) -> None:
+        if value is not None:
+            _int_at_least(low, example)(key, value)
+
+    return check
+
+
+def _limit(key: str, value: Any) -> None:
+    """eval.limit: null, a fraction in (0, 1), or a whole number of documents."""
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if not ok or (value >= 1 and float(value) != int(value)):
+        raise ConfigError(key, value, "null for all documents, a fraction in (0, 1), or a whole number >= 1",
+                          f"e.g. {key}=100")
+
+
+def _task_names(key: str, value: Any) -> None:
+    """eval.tasks: task names (whether each exists is checked by the evaluate stage's preflight)."""
+    for name in value:
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(key, value, "a list of lm-eval task names", f"e.g. {key}=[persuasion_nextsent]")
+
+
 def _choice(options_fn: Callable[[], Any], example: Any = None) -> Callable[[str, Any], None]:
     def check(key: str, value: Any) -> None:
         one_of(key, value, list(options_fn()), example)
@@ -118,10 +143,15 @@ FIELD_RULES: dict[str, Callable[[str, Any], None]] = {
     "quant.block_columns": _int_at_least(1, 128),
     "pack.format": _choice(_registry("PACK_FORMATS"), "gptq"),
     "eval.backend": _choice(_registry("EVAL_BACKENDS"), "hf"),
+    "eval.task_source": _choice(_registry("EVAL_TASK_SOURCES"), "local"),
+    "eval.tasks": _task_names,
+    "eval.num_fewshot": _int_at_least_or_none(0, 0),
     "eval.batch_size": _int_at_least(1, 8),
-    "eval.limit": _positive_or_none(100),
+    "eval.limit": _limit,
+    "eval.max_length": _int_at_least_or_none(16, 2048),
     "eval.perplexity.seqlen": _int_at_least(2, 512),
     "eval.perplexity.stride": _int_at_least(1, 512),
+    "eval.perplexity.max_windows": _int_at_least_or_none(1, 16),
     "bench.backend": _choice(_registry("BENCH_BACKENDS", ("auto",)), "auto"),
     "bench.num_prompts": _int_at_least(1, 16),
     "bench.input_len": _int_at_least(1, 32),

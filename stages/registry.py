@@ -45,10 +45,16 @@ PACK_FORMATS: dict[str, str] = {
     "auto_round": "stages.formats.auto_round:pack_auto_round",
 }
 
-# eval.backend -> lm-eval model builder
+# eval.backend -> lm-eval model builder: (EvalTarget, EvalConfig) -> lm_eval LM
 EVAL_BACKENDS: dict[str, str] = {
-    "hf": "stages.evaluate:build_hf_lm",
-    "vllm": "stages.evaluate:build_vllm_lm",
+    "hf": "stages.eval.harness:build_hf_lm",
+    "vllm": "stages.eval.harness:build_vllm_lm",
+}
+
+# eval.task_source -> lm-eval TaskManager builder: () -> TaskManager
+EVAL_TASK_SOURCES: dict[str, str] = {
+    "local": "stages.eval.tasks:local_task_manager",
+    "hub": "stages.eval.tasks:hub_task_manager",
 }
 
 # bench.backend -> benchmark runner ("auto" resolves to one of these)

@@ -1,0 +1,104 @@
+"""Turn lm-eval results and perplexity numbers into flat metrics, deltas and a Markdown table."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from pipeline.summary import format_table
+
+# The metric a task is judged by (for delta_vs_baseline and the summary), first match wins.
+PRIMARY_METRICS = ("acc", "bits_per_byte", "word_perplexity", "perplexity", "exact_match")
+PPL = "ppl"  # metrics of the rolling-window perplexity evaluator: ppl, ppl.nll, ppl.tokens, ...
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None  # lm-eval writes "N/A" for stderrs it cannot compute
+    return float(value) if math.isfinite(value) else None
+
+
+def flatten_lm_eval(results: dict[str, Any]) -> dict[str, float]:
+    """`<task>.<metric>` -> value from lm-eval's results dict.
+
+    lm-eval keys metrics as "acc,none" (metric, filter); the filter is dropped when it is
+    "none" and kept as a suffix otherwise ("exact_match.strict-match"). Non-numbers are skipped;
+    `<task>.samples` is the number of documents scored.
+    """
+    flat: dict[str, float] = {}
+    for task, metrics in results.get("results", {}).items():
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            number = _number(value)
+            if not filt or number is None:
+                continue
+            flat[f"{task}.{metric}" if filt == "none" else f"{task}.{metric}.{filt}"] = number
+        samples = results.get("n-samples", {}).get(task, {}).get("effective")
+        if samples is not None:
+            flat[f"{task}.samples"] = float(samples)
+    return flat
+
+
+def perplexity_metrics(out: dict[str, float]) -> dict[str, float]:
+    """Metrics of the perplexity evaluator: ppl, ppl.nll, ppl.tokens, ppl.windows."""
+    return {PPL: out["ppl"], f"{PPL}.nll": out["nll"], f"{PPL}.tokens": float(out["tokens"]),
+            f"{PPL}.windows": float(out["windows"])}
+
+
+def task_names(metrics: dict[str, float]) -> list[str]:
+    """Tasks present in flat metrics, in first-seen order (the perplexity evaluator as "ppl")."""
+    seen: list[str] = []
+    for key in metrics:
+        task = PPL if key == PPL else key.split(".")[0]
+        if task not in seen:
+            seen.append(task)
+    return seen
+
+
+def primary_metric(task: str, metrics: dict[str, float]) -> Optional[str]:
+    """The full key of the metric a task is judged by, or None."""
+    if task == PPL:
+        return PPL if PPL in metrics else None
+    for name in PRIMARY_METRICS:
+        if f"{task}.{name}" in metrics:
+            return f"{task}.{name}"
+    return None
+
+
+def deltas_vs_baseline(metrics: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
+    """`<task>.delta_vs_baseline` = this model's primary metric minus the baseline's."""
+    out = {}
+    for task in task_names(metrics):
+        key = primary_metric(task, metrics)
+        if key is not None and key in baseline:
+            out[f"{task}.delta_vs_baseline"] = metrics[key] - baseline[key]
+    return out
+
+
+def summary_table(metrics: dict[str, float], baseline: Optional[dict[str, float]] = None) -> str:
+    """Markdown table: task | metric | value (| baseline | delta), one row per task's primary metric."""
+    rows = []
+    for task in task_names(metrics):
+        key = primary_metric(task, metrics)
+        if key is None:
+            continue
+        metric = key if task == PPL else key[len(task) + 1:]
+        row: list[Any] = [task, metric, metrics[key]]
+        if baseline is not None:
+            base = baseline.get(key)
+            row += [base if base is not None else "-", metrics[key] - base if base is not None else "-"]
+        rows.append(row)
+    headers = ["task", "metric", "value"] + (["baseline", "delta"] if baseline is not None else [])
+    return format_table(headers, rows)
+
+
+def short_summary(metrics: dict[str, float]) -> dict[str, float]:
+    """Each task's primary metric (and its delta when present), for the pipeline's final table."""
+    out = {}
+    for task in task_names(metrics):
+        key = primary_metric(task, metrics)
+        if key is not None:
+            out[key] = metrics[key]
+        if f"{task}.delta_vs_baseline" in metrics:
+            out[f"{task}.delta"] = metrics[f"{task}.delta_vs_baseline"]
+    return out

@@ -1,0 +1,213 @@
+"""Evaluate stage: lm-eval tasks and rolling-window perplexity of the packed checkpoint or the baseline.
+
+The quantized variant loads the packed checkpoint back from disk through
+`stages.formats.qlinear.load_quantized_model` (what is scored is what is shipped) and reports
+`<task>.delta_vs_baseline` against the `baseline_evaluate` artifact; the baseline variant scores
+the unquantized model (cached once per model and eval config by the DAG). See docs/evaluation.md.
+
+Outputs (in the artifact folder): metrics.json, lm_eval_results.json (lm-eval's raw results,
+without per-sample logs), summary.md (Markdown table).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from pipeline.context import StageContext, StageResult
+from pipeline.errors import ConfigError, InputError
+from pipeline.models import ModelHandle, is_offline, offline_env
+from pipeline.schema import EvalConfig, PipelineConfig
+from stages.eval.harness import EvalTarget, check_tokenizer_files, check_vllm_available, run_lm_eval
+from stages.eval.results import (deltas_vs_baseline, flatten_lm_eval, perplexity_metrics, short_summary,
+                                 summary_table)
+from stages.eval.tasks import check_task_names
+from stages.eval.texts import check_text_source, load_perplexity_text
+from stages.registry import EVAL_BACKENDS, EVAL_TASK_SOURCES, resolve
+
+METRICS_FILE = "metrics.json"
+RAW_RESULTS_FILE = "lm_eval_results.json"
+SUMMARY_FILE = "summary.md"
+QLINEAR_MODULE = "stages.formats.qlinear"
+
+
+@dataclass
+class EvalOutcome:
+    """What `evaluate` measured: flat metrics plus the raw outputs they came from."""
+
+    metrics: dict[str, float]
+    lm_eval_results: Optional[dict[str, Any]]
+    perplexity: Optional[dict[str, Any]]
+
+
+def resolve_add_bos(tokenizer: Any, add_bos: Optional[bool]) -> bool:
+    """eval.perplexity.add_bos, where null means: whatever the tokenizer does by itself."""
+    if add_bos is not None:
+        return add_bos
+    ids = tokenizer("a")["input_ids"]
+    return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
+
+
+def run_perplexity(model: Any, tokenizer: Any, text: str, cfg: EvalConfig, device: str,
+                   progress: bool = False) -> dict[str, Any]:
+    """The perplexity evaluator over `text` with eval.perplexity's windows; returns numbers + settings."""
+    from tqdm.auto import tqdm
+
+    from stages.eval.perplexity import perplexity, tokenize_text
+
+    p = cfg.perplexity
+    add_bos = resolve_add_bos(tokenizer, p.add_bos)
+    ids = tokenize_text(tokenizer, text, add_bos)
+    with tqdm(desc="perplexity", unit="window", disable=not progress) as bar:
+        def on_window(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        out = perplexity(model, ids, p.seqlen, p.stride, batch_size=cfg.batch_size, device=device,
+                         max_windows=p.max_windows, on_window=on_window)
+    return {**out, "add_bos": add_bos, "seqlen": p.seqlen, "stride": p.stride, "text": p.text,
+            "text_tokens": int(ids.numel())}
+
+
+def evaluate(target: EvalTarget, cfg: EvalConfig, text: Optional[str], progress: bool = False) -> EvalOutcome:
+    """Score one model: the perplexity evaluator (when enabled) and the lm-eval tasks (when any).
+
+    Args:
+        target: the model to score (loaded lazily, once).
+        cfg: the eval config.
+        text: what the perplexity evaluator scores (None when it is disabled).
+        progress: show progress bars.
+
+    Returns:
+        EvalOutcome with metrics keyed `<task>.<metric>` and `ppl`, `ppl.nll`, ...
+    """
+    metrics: dict[str, float] = {}
+    ppl = None
+    if cfg.perplexity.enabled and text is not None:
+        ppl = run_perplexity(target.model(), target.tokenizer(), text, cfg, target.device, progress)
+        metrics.update(perplexity_metrics(ppl))
+    results = None
+    if cfg.tasks:
+        lm = resolve(EVAL_BACKENDS, "eval.backend", cfg.backend)(target, cfg)
+        task_manager = resolve(EVAL_TASK_SOURCES, "eval.task_source", cfg.task_source)()
+        results = run_lm_eval(lm, task_manager, cfg)
+        metrics.update(flatten_lm_eval(results))
+    return EvalOutcome(metrics, results, ppl)
+
+
+# -- the stage ------------------------------------------------------------------------------
+def _offline(cfg: PipelineConfig) -> bool:
+    return cfg.run.offline or is_offline()
+
+
+def preflight(cfg: PipelineConfig, model: Optional[ModelHandle], spec: Any) -> None:
+    """Checks before any stage runs: tasks exist and can run here, the text, the backend, the tokenizer."""
+    e = cfg.eval
+    if not e.tasks and not e.perplexity.enabled:
+        raise ConfigError("eval.tasks", e.tasks, "at least one task, or eval.perplexity.enabled=true",
+                          "e.g. eval=local", problem="leaves nothing to evaluate")
+    check_task_names(e.tasks, e.task_source, _offline(cfg))
+    if e.perplexity.enabled:
+        check_text_source(e.perplexity, _offline(cfg))
+    if e.tasks and e.backend == "vllm":
+        check_vllm_available("cpu" if cfg.run.device == "cpu" else "cuda")
+    if getattr(spec, "variant", "quantized") == "baseline":
+        if model is not None:
+            check_tokenizer_files(model.path, "model folder")
+    elif importlib.util.find_spec(QLINEAR_MODULE) is None:
+        raise InputError(f"evaluate loads the packed checkpoint with {QLINEAR_MODULE}.load_quantized_model, "
+                         "which is not installed yet; evaluate the unquantized model with "
+                         "run.stages=[baseline_evaluate]")
+
+
+def packed_folder(path: Path) -> Path:
+    """The checkpoint folder inside a pack artifact (the artifact itself, or its one subfolder with config.json)."""
+    if (path / "config.json").is_file():
+        return path
+    found = sorted(p.parent for p in path.glob("*/config.json"))
+    if len(found) != 1:
+        raise InputError(f"pack artifact {path} holds {len(found)} checkpoint folders (folders with config.json); "
+                         "expected exactly one: re-run the pack stage with run.force=[pack]")
+    return found[0]
+
+
+def _target(ctx: StageContext) -> EvalTarget:
+    """The packed checkpoint (quantized variant) or the unquantized model (baseline)."""
+    from transformers import AutoTokenizer
+
+    if ctx.variant == "baseline":
+        from pipeline.models import load_model, load_tokenizer
+
+        handle = ctx.model
+        check_tokenizer_files(handle.path, "model folder")
+        return EvalTarget(handle.path, lambda: load_model(handle, ctx.torch_dtype(), ctx.device),
+                          lambda: load_tokenizer(handle), ctx.device, ctx.dtype, quantized=False,
+                          trust_remote_code=handle.trust_remote_code)
+    folder = packed_folder(ctx.inputs["pack"].path)
+    check_tokenizer_files(folder, "packed checkpoint")
+
+    def load() -> Any:
+        from stages.formats.qlinear import load_quantized_model
+
+        return load_quantized_model(str(folder), ctx.device, ctx.torch_dtype()).eval()
+
+    return EvalTarget(str(folder), load, lambda: AutoTokenizer.from_pretrained(folder), ctx.device, ctx.dtype,
+                      quantized=True)
+
+
+@contextlib.contextmanager
+def scoped_env(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of a block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+def _baseline_metrics(ctx: StageContext) -> Optional[dict[str, float]]:
+    art = ctx.inputs.get("baseline_evaluate")
+    if ctx.variant == "baseline" or art is None:
+        return None
+    if (art.path / METRICS_FILE).is_file():
+        return art.read_json(METRICS_FILE)["metrics"]
+    return {k: v for k, v in art.manifest.get("metrics", {}).items() if k != "seconds"}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Load the model (packed or baseline), evaluate it, write metrics/raw results/summary."""
+    cfg = ctx.cfg.eval
+    target = _target(ctx)
+    text = load_perplexity_text(cfg.perplexity) if cfg.perplexity.enabled else None
+    env = offline_env() if cfg.task_source == "local" else {}
+    with scoped_env(env):
+        outcome = evaluate(target, cfg, text, ctx.progress)
+    metrics = dict(outcome.metrics)
+    baseline = _baseline_metrics(ctx)
+    if baseline is not None:
+        metrics.update(deltas_vs_baseline(metrics, baseline))
+    table = summary_table(metrics, baseline)
+    title = f"{'baseline' if ctx.variant == 'baseline' else 'packed checkpoint'}: {target.path}"
+    ctx.log(f"[{ctx.stage}] {title}\n{table}")
+    (ctx.workdir / SUMMARY_FILE).write_text(f"# {ctx.stage}\n\n{title}\n\n{table}\n", encoding="utf-8")
+    _write_json(ctx.workdir / METRICS_FILE, {"metrics": metrics, "perplexity": outcome.perplexity,
+                                             "variant": ctx.variant, "model": target.path})
+    artifacts = [METRICS_FILE, SUMMARY_FILE]
+    if outcome.lm_eval_results is not None:
+        _write_json(ctx.workdir / RAW_RESULTS_FILE, outcome.lm_eval_results)
+        artifacts.append(RAW_RESULTS_FILE)
+    return StageResult(metrics=metrics, summary=short_summary(metrics), artifacts=artifacts)
