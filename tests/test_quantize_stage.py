@@ -1,0 +1,172 @@
+"""The quantize stage through the runner: outputs, step metrics, resume after a crash, overrides, preflight."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.errors import ConfigError
+from pipeline.runner import PipelineRunner
+from pipeline.runtime import Runtime
+from stages.quant.autoround import AutoRoundQuantizer
+from stages.quant.qstate import load_qstate
+from _quant_helpers import one_thread  # noqa: F401
+
+
+class RecordingTracker:
+    def __init__(self):
+        self.metrics: list[tuple[str, float, int | None]] = []
+
+    def log_metric(self, key, value, step=None):
+        self.metrics.append((key, value, step))
+
+    def log_stage(self, prefix, manifest, path, status):
+        pass
+
+
+def _run(compose, overrides, tracker=None):
+    cfg, _ = compose([*overrides, "run.stages=[calibrate,quantize]"])
+    return PipelineRunner(cfg, Runtime("cpu", "float32", log=lambda m: None), tracker).run()
+
+
+def test_stage_writes_qstate_layers_json_and_block_metrics(compose, tiny_overrides, one_thread):
+    tracker = RecordingTracker()
+    outcomes = _run(compose, tiny_overrides + ["quant.bits=2", "quant.sym=false", "quant.iters=4"], tracker)
+    q = outcomes[-1]
+    assert q.name == "quantize" and q.status == "ran"
+    layers, meta = load_qstate(q.path)
+    assert len(layers) == 14 and meta["method"] == "autoround" and meta["num_blocks"] == 2
+    assert meta["skipped"] == ["lm_head"] and meta["blocks"] == "model.layers"
+    rec = meta["layers"]["model.layers.1.mlp.down_proj"]
+    assert rec == {"bits": 2, "group_size": 32, "sym": False, "shape": [64, 128], "act_order": False}
+    tensors = load_file(str(q.path / "qstate.safetensors"))
+    assert tensors["model.layers.0.self_attn.q_proj.scale"].dtype == torch.float16
+    assert int(tensors["model.layers.0.self_attn.q_proj.codes"].max()) <= 3
+    assert not (q.path / "blocks").exists()
+    blocks = json.loads((q.path / "block_metrics.json").read_text())
+    assert [b["block"] for b in blocks] == [0, 1] and all(b["loss_best"] <= b["loss_init"] for b in blocks)
+    steps = {(k, s) for k, _, s in tracker.metrics}
+    for key in ("quantize.block_loss_init", "quantize.block_loss_best", "quantize.block_best_iter",
+                "quantize.block_mse", "quantize.block_seconds"):
+        assert {(key, 0), (key, 1)} <= steps
+    assert q.metrics["blocks_resumed"] == 0 and q.metrics["num_layers"] == 14
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(compose, tiny_overrides, tmp_path, monkeypatch, one_thread):
+    overrides = tiny_overrides + ["quant.iters=3"]
+    calls: list[int] = []
+    original = AutoRoundQuantizer.quantize_block
+
+    def crashing(self, block, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash in block 1")
+        return original(self, block, *args, **kwargs)
+
+    monkeypatch.setattr(AutoRoundQuantizer, "quantize_block", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(compose, overrides)
+    partial = next(Path(overrides[1].split("=", 1)[1]).glob("store/quantize/.partial-*"))
+    assert [p.name for p in (partial / "blocks").iterdir()] == ["block_00000.safetensors"]
+    calls.clear()
+    resumed = _run(compose, overrides)[-1]
+    assert len(calls) == 1  # only block 1 was tuned again
+    assert resumed.metrics["blocks_resumed"] == 1
+    monkeypatch.setattr(AutoRoundQuantizer, "quantize_block", original)
+    fresh_dir = tmp_path / "fresh"
+    fresh = _run(compose, [o if not o.startswith("run.outputs_dir=") else f"run.outputs_dir={fresh_dir}"
+                           for o in overrides])[-1]
+    # the model store is missing in fresh_dir: it was materialised there, same fingerprint
+    assert fresh.fingerprint == resumed.fingerprint
+    a, b = load_file(str(resumed.path / "qstate.safetensors")), load_file(str(fresh.path / "qstate.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_overrides_skip_and_change_bits(compose, tiny_overrides, one_thread):
+    overrides = tiny_overrides + ["quant.iters=2", "quant.bits=4",
+                                  "+quant.overrides=[{pattern: '.*mlp\\.down_proj', bits: 8},"
+                                  "{pattern: model.layers.1.self_attn.o_proj, skip: true},"
+                                  "{pattern: '.*k_proj', group_size: -1, sym: false}]"]
+    q = _run(compose, overrides)[-1]
+    layers, meta = load_qstate(q.path)
+    assert "model.layers.1.self_attn.o_proj" not in layers
+    assert meta["skipped"] == ["lm_head", "model.layers.1.self_attn.o_proj"]
+    assert layers["model.layers.0.mlp.down_proj"].scheme.bits == 8
+    assert layers["model.layers.0.self_attn.k_proj"].scheme.group_size == -1
+    assert layers["model.layers.0.self_attn.k_proj"].scale.shape == (32, 1)
+    assert layers["model.layers.0.self_attn.q_proj"].scheme == layers["model.layers.1.mlp.up_proj"].scheme
+    assert layers["model.layers.0.self_attn.q_proj"].scheme.bits == 4
+
+
+def test_override_matching_nothing_fails_before_work(compose, tiny_overrides):
+    overrides = tiny_overrides + ["+quant.overrides=[{pattern: '.*mlp\\.fc1', bits: 8}]"]
+    with pytest.raises(ConfigError, match=r"quant.overrides\[0\].pattern=.\*mlp\\.fc1 matches no quantized layer"):
+        _run(compose, overrides)
+    head = tiny_overrides + ["+quant.overrides=[{pattern: lm_head, bits: 8}]"]
+    with pytest.raises(ConfigError, match="quant.quantize_lm_head=true"):
+        _run(compose, head)
+
+
+def _smollm2_like_handle(tmp_path: Path):
+    from transformers import LlamaConfig
+
+    from pipeline.models import ModelHandle
+
+    LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9,
+                num_key_value_heads=3, vocab_size=1000).save_pretrained(tmp_path)
+    return ModelHandle("smollm2-like", str(tmp_path), None, "fp")
+
+
+def test_preflight_group_size_error_names_layer_dim_and_valid_sizes(compose, tmp_path):
+    from stages.quantize import preflight
+
+    cfg, _ = compose(["quant.group_size=128"])
+    with pytest.raises(ConfigError) as err:
+        preflight(cfg, _smollm2_like_handle(tmp_path))
+    msg = str(err.value)
+    assert msg.startswith("quant.group_size=128 does not divide the input dimension 576 of layer "
+                          "model.layers.0.self_attn.q_proj")
+    assert "32, 64, -1" in msg and "128" not in msg.split("(")[1] and msg.endswith("e.g. quant.group_size=64")
+    ok, _ = compose(["quant.group_size=64"])
+    preflight(ok, _smollm2_like_handle(tmp_path))
+
+
+def test_preflight_override_group_size_error_names_the_override_key(compose, tmp_path):
+    from stages.quantize import preflight
+
+    cfg, _ = compose(["quant.group_size=64", "+quant.overrides=[{pattern: '.*down_proj', group_size: 100}]"])
+    with pytest.raises(ConfigError, match=r"quant.overrides\[0\].group_size=100 does not divide the input dimension "
+                                          r"1536 of layer model.layers.0.mlp.down_proj"):
+        preflight(cfg, _smollm2_like_handle(tmp_path))
+
+
+def test_preflight_rejects_compile_for_other_methods_and_oversized_batches(compose):
+    from stages.quantize import check_quant_config
+
+    cfg, _ = compose(["quant=rtn", "quant.compile=true"])
+    with pytest.raises(ConfigError, match="quant.compile=True only applies to autoround"):
+        check_quant_config(cfg.quant, 128)
+    cfg, _ = compose(["quant.batch_size=16"])
+    with pytest.raises(ConfigError, match="quant.batch_size=16 exceeds the calibration samples"):
+        check_quant_config(cfg.quant, 8)
+
+
+def test_rtn_stage_needs_no_calibration_stage(compose, tiny_overrides, tmp_path):
+    from stages.quantize import run as quantize_run
+    from pipeline.context import StageContext
+    from pipeline.models import prepare_model
+    from pipeline.store import ArtifactStore
+
+    cfg, _ = compose(tiny_overrides + ["quant=rtn", "quant.bits=3", "quant.sym=false"])
+    handle = prepare_model(cfg.model, ArtifactStore(Path(cfg.run.outputs_dir) / "store"), log=lambda m: None)
+    work = tmp_path / "work"
+    work.mkdir()
+    ctx = StageContext(cfg=cfg, stage="quantize", variant="quantized", workdir=work, resumed=False, inputs={},
+                       model=handle, device="cpu", dtype="float32", progress=False)
+    result = quantize_run(ctx)
+    layers, meta = load_qstate(work)
+    assert meta["method"] == "rtn" and len(layers) == 14 and result.summary["bits"] == 3
