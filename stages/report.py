@@ -27,9 +27,6 @@ from pipeline.errors import InputError
 
 JOB_FILE = "job.json"  # written into each sweep job folder by pipeline.sweep.write_job_record
 KEY_COLUMNS = ("method", "bits", "group_size", "sym", "iters")
-# Evaluate metrics shown as quality columns (lm-eval task scores and perplexities).
-QUALITY_RE = re.compile(r"(^|[._])(ppl|perplexity|word_perplexity|byte_perplexity|bits_per_byte|acc|acc_norm|"
-                        r"exact_match|f1|mc1|mc2|em)$")
 LOWER_IS_BETTER_RE = re.compile(r"(ppl|perplexity|bits_per_byte|nll)$")
 # Methods whose tuning iterations are fixed whatever quant.iters says: RTN never tunes (0),
 # GPTQ has no iterations (None, shown as "-").
@@ -87,9 +84,13 @@ def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def quality_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The task scores and perplexities among an evaluate stage's metrics (no stderr, no deltas)."""
-    return {k: v for k, v in _numeric(metrics).items()
-            if QUALITY_RE.search(k) and "stderr" not in k and "delta" not in k}
+    """Each evaluated task's primary metric (stages.eval.results decides which: acc,
+    bits_per_byte, ... and `ppl` for the perplexity evaluator), without stderrs or deltas."""
+    from stages.eval.results import primary_metric, task_names
+
+    numeric = _numeric(metrics)
+    keys = [primary_metric(task, numeric) for task in task_names(numeric)]
+    return {k: numeric[k] for k in keys if k is not None}
 
 
 def _to_mb(key: str, value: float) -> float:

@@ -2,7 +2,7 @@
 
 * score_vs_bits.png: each quality metric against bits, one line per method (and group size/sym).
 * ppl_vs_iters.png: perplexity against tuning iterations, one series per method and scheme.
-* block_losses.png: per-block reconstruction loss of each job's quantize stage.
+* block_losses.png: per-block output MSE of each job, and AutoRound's tuning loss (start -> best).
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 # Per-block records written by the quantize stage, in the order they are looked for.
-BLOCK_FILES = ("blocks.json", "block_losses.json", "block_metrics.json")
+BLOCK_FILES = ("block_metrics.json",)
 MAX_QUALITY_PANELS = 4
 
 
 def read_block_losses(artifact_dir: Path) -> Optional[list[dict]]:
-    """Per-block records ({"block": i, "<name>loss<...>": value, ...}) from a quantize artifact, if any.
+    """Per-block records from a quantize artifact (stages.quantize writes block_metrics.json:
+    {"block": i, "mse": ..., "loss_init": ..., "loss_best": ..., "best_iter": ..., "seconds": ...}).
 
     Accepts a JSON list of records or an object with a "blocks" list. Returns None when the
     artifact has no per-block file.
@@ -124,34 +125,45 @@ def plot_ppl_vs_iters(report: Any, out: Path) -> Optional[Path]:
     return out
 
 
-def _loss_fields(records: list[dict]) -> list[str]:
-    fields = sorted({k for r in records for k, v in r.items()
-                     if "loss" in k and isinstance(v, (int, float)) and not isinstance(v, bool)})
-    return fields
+def _numeric_field(records: list[dict], name: str) -> list[tuple[int, float]]:
+    return [(int(r["block"]), float(r[name])) for r in records
+            if isinstance(r.get(name), (int, float)) and not isinstance(r.get(name), bool) and math.isfinite(r[name])]
 
 
-def plot_block_losses(block_losses: dict[str, list[dict]], out: Path) -> Optional[Path]:
-    """Per-block losses of each job: one color per job, one line style per loss field."""
-    curves = {label: recs for label, recs in block_losses.items() if recs and _loss_fields(recs)}
-    if not curves:
-        return None
-    fig, (ax,) = _figure(1)
-    styles = ["-", ":", "--", "-."]
+def _draw_curves(ax: Any, curves: dict[str, list[dict]], fields: tuple[str, ...], ylabel: str, title: str) -> None:
+    styles = ["-", "--", ":", "-."]
     positive = True
     for i, (label, records) in enumerate(sorted(curves.items())):
-        color = f"C{i % 10}"
-        for j, fld in enumerate(_loss_fields(records)):
-            pts = [(r["block"], float(r[fld])) for r in records if isinstance(r.get(fld), (int, float))
-                   and math.isfinite(float(r[fld]))]
+        for j, name in enumerate(fields):
+            pts = _numeric_field(records, name)
+            if not pts:
+                continue
             positive &= all(p[1] > 0 for p in pts)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=styles[j % len(styles)], color=color,
-                    marker=".", label=f"{label}: {fld}")
+            suffix = f": {name}" if len(fields) > 1 else ""
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=styles[j % len(styles)], color=f"C{i % 10}",
+                    marker=".", label=label + suffix)
     if positive:
         ax.set_yscale("log")
     ax.set_xlabel("block")
-    ax.set_ylabel("block output MSE")
-    ax.set_title("per-block loss")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize="x-small")
+
+
+def plot_block_losses(block_losses: dict[str, list[dict]], out: Path) -> Optional[Path]:
+    """Per-block curves: the block output MSE of every job (quantized vs full-precision stream);
+    and, for tuned jobs, the tuning loss at the RTN start and at the best iteration."""
+    with_mse = {k: v for k, v in block_losses.items() if v and _numeric_field(v, "mse")}
+    tuned = {k: v for k, v in block_losses.items() if v and _numeric_field(v, "loss_init")
+             and _numeric_field(v, "loss_best")}
+    panels = [p for p in ((with_mse, ("mse",), "block output MSE", "per-block output MSE vs full precision"),
+                          (tuned, ("loss_init", "loss_best"), "tuning loss", "AutoRound: RTN start -> best"))
+              if p[0]]
+    if not panels:
+        return None
+    fig, axes = _figure(len(panels))
+    for ax, (curves, fields, ylabel, title) in zip(axes, panels):
+        _draw_curves(ax, curves, fields, ylabel, title)
     fig.savefig(out, dpi=110)
     return out
 

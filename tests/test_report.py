@@ -21,7 +21,7 @@ def manifest(stage: str, fp: str, metrics: dict, config: dict | None = None) -> 
 
 
 def baseline_manifests(ppl: float = 20.0, tps: float = 100.0) -> dict:
-    return {"baseline_evaluate": manifest("baseline_evaluate", f"be{ppl}", {"persuasion.ppl": ppl, "lastword.acc": 0.5,
+    return {"baseline_evaluate": manifest("baseline_evaluate", f"be{ppl}", {"ppl": ppl, "lastword.acc": 0.5,
                                                                            "seconds": 3.0}),
             "baseline_benchmark": manifest("baseline_benchmark", f"bb{tps}", {"tokens_per_s": tps})}
 
@@ -30,9 +30,10 @@ def job_manifests(i: int, method: str, bits: int, full: bool = True) -> dict:
     quant = {"method": method, "bits": bits, "group_size": 64, "sym": False, "iters": 2, "lr": None}
     out = {"quantize": manifest("quantize", f"q{i}", {"seconds": 1.0 + i, "peak_memory_gb": 0.25}, {"quant": quant})}
     if full:
-        out["evaluate"] = manifest("evaluate", f"e{i}", {"persuasion.ppl": 20.0 + 10.0 / bits + i,
+        out["evaluate"] = manifest("evaluate", f"e{i}", {"ppl": 20.0 + 10.0 / bits + i,
                                                          "lastword.acc": 0.5 - 0.1 / bits,
-                                                         "lastword.acc_stderr": 0.01, "seconds": 2.0})
+                                                         "lastword.acc_stderr": 0.01, "ppl.nll": 3.0,
+                                                         "lastword.delta_vs_baseline": -0.1, "seconds": 2.0})
         out["pack"] = manifest("pack", f"p{i}", {"size_bytes": bits * 2 ** 20})
         out["benchmark"] = manifest("benchmark", f"b{i}", {"tokens_per_s": 110.0 + i})
         out.update(baseline_manifests())
@@ -54,8 +55,8 @@ def test_table_values_deltas_and_speedup_are_exact():
     assert len(report.quantized_rows()) == 9 and len(report.baseline_rows()) == 1
     assert report.rows[0]["kind"] == "baseline"  # baseline first
     gptq3 = rows["gptq W3G64 asym"]  # job 4: ppl = 20 + 10/3 + 4
-    assert gptq3["eval.persuasion.ppl"] == pytest.approx(20.0 + 10.0 / 3 + 4)
-    assert gptq3["delta.persuasion.ppl"] == pytest.approx(10.0 / 3 + 4)
+    assert gptq3["eval.ppl"] == pytest.approx(20.0 + 10.0 / 3 + 4)
+    assert gptq3["delta.ppl"] == pytest.approx(10.0 / 3 + 4)
     assert gptq3["ppl_ratio"] == pytest.approx((20.0 + 10.0 / 3 + 4) / 20.0)
     assert gptq3["delta.lastword.acc"] == pytest.approx(-0.1 / 3)
     assert gptq3["speedup"] == pytest.approx(114.0 / 100.0)  # computed from the baseline benchmark
@@ -63,8 +64,9 @@ def test_table_values_deltas_and_speedup_are_exact():
     assert gptq3["size_mb"] == pytest.approx(3.0)  # bytes -> MB
     assert gptq3["iters"] is None  # GPTQ has no iterations
     assert rows["rtn W2G64 asym"]["iters"] == 0 and rows["autoround W2G64 asym i2"]["iters"] == 2
-    assert "eval.lastword.acc_stderr" not in report.columns  # stderr is not a score
-    assert report.ppl_key == "persuasion.ppl"
+    # only each task's primary metric is a score column (no stderr, nll, or the stage's own delta)
+    assert [c for c in report.columns if c.startswith("eval.")] == ["eval.lastword.acc", "eval.ppl"]
+    assert report.ppl_key == "ppl"
     assert [r["method"] for r in report.quantized_rows()] == ["autoround"] * 3 + ["gptq"] * 3 + ["rtn"] * 3
     assert [r["bits"] for r in report.quantized_rows()[:3]] == [2, 3, 4]
     assert report.notes == []
@@ -81,7 +83,7 @@ def test_markdown_lists_every_cell_and_the_baseline():
     lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
     assert len(lines) == 1 + 1 + 9  # header, baseline, 9 jobs
     assert "| rtn W4G64 asym | rtn | 4 | 64 | no | 0 |" in text
-    assert "Δ persuasion.ppl" in lines[0] and "speedup" in lines[0]
+    assert "Δ ppl" in lines[0] and "speedup" in lines[0]
 
 
 def test_columns_of_stages_not_run_are_left_out_with_a_note():
@@ -118,8 +120,8 @@ def test_jobs_with_different_baselines_get_their_own_deltas():
     report = build_report([("0", a), ("1", b)])
     assert len(report.baseline_rows()) == 2
     rows = {r["job"]: r for r in report.quantized_rows()}
-    assert rows["0"]["delta.persuasion.ppl"] == pytest.approx(22.5 - 20.0)
-    assert rows["1"]["delta.persuasion.ppl"] == pytest.approx(23.5 - 10.0)
+    assert rows["0"]["delta.ppl"] == pytest.approx(22.5 - 20.0)
+    assert rows["1"]["delta.ppl"] == pytest.approx(23.5 - 10.0)
     assert rows["1"]["speedup"] == pytest.approx(111.0 / 50.0)
     assert rows["0"]["label"] != rows["1"]["label"]  # same scheme: labels made unique
 
@@ -133,8 +135,9 @@ def _png_has_content(path: Path) -> bool:
 
 def test_write_report_files(tmp_path):
     report = build_report(nine_jobs())
-    curves = {"rtn W2G64 asym": [{"block": 0, "loss_rtn": 0.2, "best_loss": 0.1},
-                                 {"block": 1, "loss_rtn": 0.5, "best_loss": 0.3}]}
+    curves = {"autoround W2G64 asym i2": [{"block": 0, "mse": 0.2, "loss_init": 0.4, "loss_best": 0.1},
+                                          {"block": 1, "mse": 0.5, "loss_init": 0.9, "loss_best": 0.3}],
+              "gptq W2G64 asym": [{"block": 0, "mse": 0.3}, {"block": 1, "mse": 0.6}]}
     files = write_report(report, tmp_path / "r", curves)
     names = sorted(p.name for p in files)
     assert names == ["block_losses.png", "ppl_vs_iters.png", "report.csv", "report.md", "score_vs_bits.png"]
@@ -144,7 +147,7 @@ def test_write_report_files(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 10 and rows[0]["kind"] == "baseline"
     rtn2 = next(r for r in rows if r["label"] == "rtn W2G64 asym")
-    assert float(rtn2["eval.persuasion.ppl"]) == pytest.approx(20.0 + 5.0 + 0)  # job 0
+    assert float(rtn2["eval.ppl"]) == pytest.approx(20.0 + 5.0 + 0)  # job 0
     assert float(rtn2["speedup"]) == pytest.approx(1.10)
     assert rtn2["iters"] == "0"
     md = (tmp_path / "r" / "report.md").read_text()
@@ -160,11 +163,11 @@ def test_plots_degrade_with_notes(tmp_path):
 
 def test_read_block_losses_formats(tmp_path):
     (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "blocks.json").write_text(json.dumps([{"best_loss": 1.0}, {"best_loss": 2.0}]))
+    (tmp_path / "a" / "block_metrics.json").write_text(json.dumps([{"mse": 1.0}, {"mse": 2.0}]))
     (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "blocks.json").write_text(json.dumps({"blocks": [{"block": 3, "best_loss": 1.0}]}))
-    assert read_block_losses(tmp_path / "a") == [{"best_loss": 1.0, "block": 0}, {"best_loss": 2.0, "block": 1}]
-    assert read_block_losses(tmp_path / "b") == [{"block": 3, "best_loss": 1.0}]
+    (tmp_path / "b" / "block_metrics.json").write_text(json.dumps({"blocks": [{"block": 3, "mse": 1.0}]}))
+    assert read_block_losses(tmp_path / "a") == [{"mse": 1.0, "block": 0}, {"mse": 2.0, "block": 1}]
+    assert read_block_losses(tmp_path / "b") == [{"block": 3, "mse": 1.0}]
     assert read_block_losses(tmp_path) is None
 
 
