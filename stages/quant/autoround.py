@@ -155,7 +155,14 @@ class AutoRoundQuantizer:
         params = init_params(buckets, self.cfg)
         if self.cfg.iters == 0 or inputs is None or fp_targets is None:
             return self._finish(block, buckets, params, {})
-        outcome = self._tune(block, buckets, params, inputs, fp_targets, device)
+        frozen = [p for p in block.parameters() if p.requires_grad]
+        for p in frozen:  # no grads for norms etc.: also skips the q/k/v input-gradient matmuls
+            p.requires_grad_(False)
+        try:
+            outcome = self._tune(block, buckets, params, inputs, fp_targets, device)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
         curve = outcome.losses.tolist()
         metrics = {"loss_init": curve[0], "loss_best": float(outcome.best_loss), "best_iter": int(outcome.best_iter),
                    "loss_last": curve[-1]}

@@ -107,6 +107,22 @@ def group_scale_zero(bucket: Bucket, min_factor: Optional[torch.Tensor],
     return scale, -wmin / scale
 
 
+# Eager mode works on row chunks of about this many elements, so a bucket holding a whole
+# 8B-class block never materialises several weight-sized float32 temporaries at once.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_chunks(rows: int, group_len: int) -> list[slice]:
+    if torch.compiler.is_compiling():  # inductor fuses the whole thing; keep the graph small
+        return [slice(0, rows)]
+    step = max(1, CHUNK_ELEMENTS // group_len)
+    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+def _zero_point(zero_f: Optional[torch.Tensor], zero_const: float, sl: slice):
+    return zero_f[sl].round().unsqueeze(1) if zero_f is not None else zero_const
+
+
 class _RoundClampSTE(torch.autograd.Function):
     """W_hat = s * (clamp(round(w / s + v) + zp, 0, maxq) - zp) with straight-through rounding.
 
@@ -116,36 +132,44 @@ class _RoundClampSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, v, scale, zero_f, maxq: int, zero_const: float, out_dtype: torch.dtype):
-        s = scale.unsqueeze(1)
-        zp = zero_f.round().unsqueeze(1) if zero_f is not None else zero_const
-        x = w.float() / s  # a new buffer even when w is float32
-        if v is not None:
-            x.add_(v)
-        x.round_().add_(zp).clamp_(0, maxq).sub_(zp).mul_(s)
+        out = torch.empty(w.shape, dtype=out_dtype, device=w.device)
+        for sl in _row_chunks(w.shape[0], w.shape[1]):
+            s = scale[sl].unsqueeze(1)
+            zp = _zero_point(zero_f, zero_const, sl)
+            x = w[sl].float() / s  # a new buffer even when w is float32
+            if v is not None:
+                x.add_(v[sl])
+            out[sl] = x.round_().add_(zp).clamp_(0, maxq).sub_(zp).mul_(s)
         ctx.save_for_backward(w, v, scale, zero_f)
         ctx.maxq, ctx.zero_const = maxq, zero_const
-        return x.to(out_dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         w, v, scale, zero_f = ctx.saved_tensors
-        s = scale.unsqueeze(1)
-        zp = zero_f.round().unsqueeze(1) if zero_f is not None else ctx.zero_const
-        w_over_s = w.float() / s
-        y = w_over_s + v if v is not None else w_over_s.clone()
-        y.round_().add_(zp)
-        inside = (y >= 0) & (y <= ctx.maxq)
-        g = grad_out.float()
-        g_in = g * inside
-        grad_v = g_in * s if (v is not None and ctx.needs_input_grad[1]) else None
-        grad_s = None
-        if ctx.needs_input_grad[2]:
-            # d/ds of s*(q - zp) with w/s inside the round: (q - zp) - inside * w / s
-            q_minus_z = y.clamp_(0, ctx.maxq).sub_(zp)
-            grad_s = (g * q_minus_z).sum(dim=1) - (g_in * w_over_s).sum(dim=1)
-        grad_zf = None
-        if zero_f is not None and ctx.needs_input_grad[3]:
-            grad_zf = (g_in.sum(dim=1) - g.sum(dim=1)) * scale  # s * (inside - 1)
+        want_v = v is not None and ctx.needs_input_grad[1]
+        want_s = ctx.needs_input_grad[2]
+        want_z = zero_f is not None and ctx.needs_input_grad[3]
+        grad_v = torch.empty(w.shape, dtype=torch.float32, device=w.device) if want_v else None
+        grad_s = torch.empty_like(scale) if want_s else None
+        grad_zf = torch.empty_like(zero_f) if want_z else None
+        for sl in _row_chunks(w.shape[0], w.shape[1]):
+            s = scale[sl].unsqueeze(1)
+            zp = _zero_point(zero_f, ctx.zero_const, sl)
+            w_over_s = w[sl].float() / s
+            y = w_over_s + v[sl] if v is not None else w_over_s.clone()
+            y.round_().add_(zp)
+            inside = (y >= 0) & (y <= ctx.maxq)
+            g = grad_out[sl].float()
+            g_in = g * inside
+            if want_v:
+                grad_v[sl] = g_in * s
+            if want_s:
+                # d/ds of s*(q - zp) with w/s inside the round: (q - zp) - inside * w / s
+                q_minus_z = y.clamp_(0, ctx.maxq).sub_(zp)
+                grad_s[sl] = (g * q_minus_z).sum(dim=1) - (g_in * w_over_s).sum(dim=1)
+            if want_z:
+                grad_zf[sl] = (g_in.sum(dim=1) - g.sum(dim=1)) * scale[sl]  # s * (inside - 1)
         return None, grad_v, grad_s, grad_zf, None, None, None
 
 
