@@ -206,7 +206,8 @@ def _missing_notes(jobs: Sequence[tuple[str, Mapping[str, dict]]], columns: list
     if "evaluate" in ran and "baseline_evaluate" not in ran:
         notes.append("no baseline evaluation: deltas vs baseline are left out (add baseline_evaluate to run.stages)")
     if "quantize" in ran and "peak_memory_mb" not in columns:
-        notes.append("the quantize stage reported no peak-memory metric: the peak memory column is left out")
+        notes.append("the quantize stage reported no peak-memory metric (it measures GPU memory, on CUDA only): "
+                     "the peak memory column is left out")
     return notes
 
 
@@ -345,8 +346,9 @@ def write_report(report: Report, out_dir: Path, block_losses: Optional[dict[str,
 
         pngs, plot_notes = draw_plots(report, block_losses or {}, out_dir)
         files += pngs
-        if plot_notes or pngs:
-            text += "\n" + "\n".join([*(f"![{p.stem}]({p.name})" for p in pngs), *(f"- {n}" for n in plot_notes)]) + "\n"
+        text += "\n## Plots\n\n" + "".join(f"![{p.stem}]({p.name})\n\n" for p in pngs)
+        if plot_notes:
+            text += "Not drawn:\n" + "".join(f"- {n}\n" for n in plot_notes)
     md.write_text(text)
     return files
 

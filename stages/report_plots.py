@@ -144,6 +144,9 @@ def _draw_curves(ax: Any, curves: dict[str, list[dict]], fields: tuple[str, ...]
                     marker=".", label=label + suffix)
     if positive:
         ax.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("block")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
