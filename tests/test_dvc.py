@@ -110,21 +110,16 @@ def test_dvc_config_enables_hydra_composition():
 
 def compose_params(overrides: list[str], conf_dir: Path = REPO / "conf", plugins: Path = REPO) -> dict:
     """What `dvc exp run -S ...` writes to params.yaml (DVC's own composition function)."""
-    import tempfile
+    from pipeline.dvc_params import compose_params as compose_text
 
-    from dvc.utils.hydra import compose_and_dump
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "params.yaml"
-        compose_and_dump(out, str(conf_dir), None, "config", str(plugins), overrides)
-        return yaml.safe_load(out.read_text())
+    return yaml.safe_load(compose_text(overrides, conf_dir, plugins))
 
 
 def test_params_yaml_is_the_composition_of_conf():
-    committed = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert committed == compose_params([]), (
-        "params.yaml drifted from conf/; regenerate it: python -c \"from dvc.utils.hydra import compose_and_dump "
-        "as c; c('params.yaml', 'conf', None, 'config', '.', [])\"")
+    from pipeline.dvc_params import compose_params as compose_text
+
+    assert (REPO / "params.yaml").read_text() == compose_text([]), (
+        "params.yaml drifted from conf/; regenerate it: python -m pipeline.dvc_params")
 
 
 def test_dvc_set_param_composes_without_hydra_interpolations():
