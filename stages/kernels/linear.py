@@ -1,0 +1,170 @@
+"""Kernel-backed Linear modules and the batch-aware choice of kernel.
+
+A `KernelLinear` holds one Linear's weight in one or more kernel formats and a list of
+routes ``(max_rows, kernel)``: a call with M rows takes the first route with M <= max_rows
+(the last route takes everything larger). Under CUDA graphs M is fixed per graph, so the
+choice costs nothing at replay.
+
+Kernels (`KERNELS`; `bench.linear_kernel` picks a policy, see `stages.kernels.planner`):
+
+* dense    F.linear on a plain weight (unquantized layers, the bf16 baseline)
+* dequant  reference dequantization (`qdq.dequantize`) then F.linear, every call
+* tinygemm torch.ops.aten._weight_int4pack_mm (4-bit, CUDA bfloat16)
+* int8pack torch.ops.aten._weight_int8pack_mm (8-bit per-channel sym)
+* triton   the dequantize-in-tile GEMM/GEMV of `stages.kernels.triton_gemm` (CUDA)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages.kernels import int4, int8
+from stages.kernels.gptq_unpack import unpack_qweight
+from stages.kernels.tiles import TileConfig, TritonWeight, concat_out
+from stages.quant.qdq import dequantize
+
+KERNELS = ("dense", "dequant", "tinygemm", "int8pack", "triton")
+# Which weight format each kernel reads ("gptq" = TritonWeight: the checkpoint's own tensors).
+FORMAT_OF = {"dense": "dense", "dequant": "gptq", "triton": "gptq", "tinygemm": "tinygemm", "int8pack": "int8pack"}
+
+
+@dataclass
+class DenseWeight:
+    weight: torch.Tensor  # [out, in]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
+Source = Union[DenseWeight, TritonWeight]
+
+
+def dequantize_weight(w: TritonWeight, dtype: torch.dtype) -> torch.Tensor:
+    """W_hat [out, in] of a TritonWeight, bit-identical to `qdq.dequantize(..., dtype)`."""
+    codes = unpack_qweight(w.qweight, w.bits, w.in_features).t()
+    zero = w.zeros.t().float() if w.zeros is not None else torch.full_like(w.scales.t(), w.zero_const, dtype=torch.float32)
+    return dequantize(codes, w.scales.t().float(), zero, w.group_size, w.g_idx, dtype)
+
+
+def zeros_of(w: TritonWeight) -> torch.Tensor:
+    """Real zero points [groups, out] as int32."""
+    if w.zeros is not None:
+        return w.zeros.to(torch.int32)
+    return torch.full(w.scales.shape, int(w.zero_const), dtype=torch.int32, device=w.scales.device)
+
+
+def to_int4(w: TritonWeight, dtype: torch.dtype) -> int4.Int4Packed:
+    """tinygemm format from the Triton format (same codes, scales and zeros)."""
+    reason = int4.unsupported_reason(w.bits, w.group_size, w.in_features, w.out_features, w.g_idx is None, dtype,
+                                     str(w.qweight.device))
+    if reason:
+        raise ValueError(f"tinygemm cannot take this layer: {reason}")
+    codes = unpack_qweight(w.qweight, 4, w.in_features).t().contiguous()
+    return int4.from_codes(codes, w.scales, zeros_of(w), w.group_size, dtype)
+
+
+def int8_reason(w: TritonWeight) -> Optional[str]:
+    return int8.unsupported_reason(w.bits, w.group_size, w.in_features, zeros_of(w), w.g_idx is None)
+
+
+def to_int8(w: TritonWeight, dtype: torch.dtype) -> int8.Int8Packed:
+    reason = int8_reason(w)
+    if reason:
+        raise ValueError(f"the int8 kernel cannot take this layer: {reason}")
+    codes = unpack_qweight(w.qweight, 8, w.in_features).t()
+    return int8.Int8Packed((codes - int8.ZERO).to(torch.int8).contiguous(), w.scales[0].to(dtype).contiguous(),
+                           w.in_features, w.out_features)
+
+
+def fuse_sources(parts: list[Source]) -> Source:
+    """One Linear from several that read the same input (q/k/v, gate/up), concatenated on out."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, DenseWeight) for p in parts):
+        return DenseWeight(torch.cat([p.weight for p in parts], 0))
+    if all(isinstance(p, TritonWeight) for p in parts):
+        return concat_out(parts)
+    raise ValueError("cannot fuse a quantized Linear with an unquantized one")
+
+
+def kernel_fn(kind: str, fmt: Any, config: Optional[TileConfig] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The matmul x2d [M, in] -> [M, out] of one kernel on its weight format."""
+    if kind == "dense":
+        return lambda x: F.linear(x, fmt.weight)
+    if kind == "dequant":
+        return lambda x: F.linear(x, dequantize_weight(fmt, x.dtype))
+    if kind == "tinygemm":
+        return lambda x: int4.matmul(x, fmt)
+    if kind == "int8pack":
+        return lambda x: int8.matmul(x, fmt)
+    if kind == "triton":
+        from stages.kernels import triton_gemm
+
+        return lambda x: triton_gemm.matmul(x, fmt, config)
+    raise ValueError(f"unknown kernel {kind!r} (choose from {', '.join(KERNELS)})")
+
+
+@dataclass
+class Route:
+    max_rows: int  # this route serves calls with M <= max_rows (the last one serves every M)
+    kind: str
+    config: Optional[TileConfig] = None
+
+    def label(self) -> str:
+        return self.kind if self.config is None else f"{self.kind}:{self.config.label()}"
+
+
+class KernelLinear(nn.Module):
+    """A Linear computed by low-bit kernels chosen by the number of rows (see module doc).
+
+    Args:
+        formats: format name (`FORMAT_OF` values) -> the weight in that format.
+        routes: sorted by max_rows.
+        bias: optional [out] tensor.
+    """
+
+    def __init__(self, formats: dict[str, Any], routes: list[Route], bias: Optional[torch.Tensor] = None):
+        super().__init__()
+        if not routes:
+            raise ValueError("a KernelLinear needs at least one route")
+        first = next(iter(formats.values()))
+        self.in_features, self.out_features = first.in_features, first.out_features
+        self.formats = formats
+        self.routes = sorted(routes, key=lambda r: r.max_rows)
+        self._fns = [kernel_fn(r.kind, formats[FORMAT_OF[r.kind]], r.config) for r in self.routes]
+        self.register_buffer("bias", bias, persistent=False)
+
+    def route_for(self, rows: int) -> int:
+        for i, r in enumerate(self.routes):
+            if rows <= r.max_rows:
+                return i
+        return len(self.routes) - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        y = self._fns[self.route_for(x2.shape[0])](x2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def weight_nbytes(self) -> int:
+        """Bytes of every weight format held (+ bias): what this layer costs in memory."""
+        total = sum(f.nbytes() for f in self.formats.values())
+        return total + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+    def describe(self) -> str:
+        return ", ".join(f"M<={r.max_rows}:{r.label()}" if i < len(self.routes) - 1 else f"else:{r.label()}"
+                         for i, r in enumerate(self.routes))

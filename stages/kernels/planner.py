@@ -1,0 +1,306 @@
+"""Choose kernels for every Linear by measuring them (CUDA) and build `KernelLinear`s.
+
+Layers with the same signature (format, bits, group size, shape, zeros, g_idx) share one
+decision. For each row count M the benchmark will use (its batch sizes), every candidate
+kernel is checked against the reference dequantization on one layer, then timed as CUDA-graph
+replays over several layers of the group (so the weights do not sit in L2). Policies
+(`bench.linear_kernel`):
+
+* auto            one weight format per group (no duplicate copies): the format whose best
+                  kernel is closest to the fastest at its worst M; then, inside that format,
+                  the fastest kernel/tile per M (batch-aware). CPU: dequant.
+* triton          the Triton kernel, tile tuned per M.
+* tinygemm        PyTorch's int4 kernel where it applies (else as auto).
+* int8pack        PyTorch's int8 kernel where it applies (else as auto).
+* tinygemm_triton both formats kept (about twice the memory of one): per M the faster of
+                  tinygemm and Triton.
+* dequant         reference dequantization + F.linear on every call (correctness path).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from stages.kernels.linear import (DenseWeight, KernelLinear, Route, Source, dequantize_weight, int8_reason,
+                                   kernel_fn, to_int4, to_int8)
+from stages.kernels import int4
+from stages.kernels.tiles import TileConfig, TritonWeight, values_per_block
+
+POLICIES = ("auto", "triton", "tinygemm", "int8pack", "tinygemm_triton", "dequant")
+CUDA_ONLY_POLICIES = ("triton", "tinygemm", "int8pack", "tinygemm_triton")
+ROTATE_BYTES = 160 * 2**20  # weights timed per round, > 2x the L2 of an H100/H200
+MAX_REL_ERR = 2e-2  # a kernel farther than this from the reference output is rejected (bf16 ~ 4e-3)
+
+
+@dataclass
+class GroupPlan:
+    """What was decided for one group of same-signature layers (for the benchmark record)."""
+
+    signature: str
+    layers: list[str]
+    routes: list[str]
+    formats: list[str]
+    weight_bytes_per_layer: int = 0
+    ms: dict[str, dict[int, float]] = field(default_factory=dict)  # candidate label -> M -> ms per call
+    bf16_ms: dict[int, float] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    note: str = ""
+
+
+def signature(src: Source) -> tuple:
+    if isinstance(src, DenseWeight):
+        return ("dense", src.out_features, src.in_features, str(src.weight.dtype))
+    return ("gptq", src.bits, src.group_size, src.out_features, src.in_features, src.zeros is not None,
+            src.g_idx is not None)
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(x, 1)))))
+
+
+def _split(m: int, n: int, block_m: int, block_n: int, tiles: int, sms: int) -> int:
+    programs = math.ceil(n / block_n) * math.ceil(m / block_m)
+    return max(1, min(16, tiles, _pow2_floor(4 * sms / programs)))
+
+
+def candidate_configs(m: int, w: TritonWeight, sms: int, quick: bool = False) -> list[TileConfig]:
+    """Tiles worth timing for M rows of `w` (GEMV for M <= 4, tensor-core tiles above)."""
+    vpb, n = values_per_block(w.bits), w.out_features
+    blocks = w.in_features // vpb
+    out: list[TileConfig] = []
+    if m <= 4:
+        rows = max(1, 128 // vpb)
+        bm = _pow2_floor(m) * (2 if m & (m - 1) else 1)
+        for bn in ((64, 128) if quick else (64, 128, 32)):
+            out.append(TileConfig(bm, bn, rows, _split(m, n, bm, bn, math.ceil(blocks / rows), sms), False))
+    shapes = [(16, 64), (16, 128)] if m <= 16 else [(32, 64), (64, 128)] if m <= 64 else [(64, 128), (128, 128)]
+    for bm, bn in shapes[: (1 if quick and m <= 4 else 2)]:
+        warps = 8 if bm * bn >= 128 * 128 else 4
+        split = _split(m, n, bm, bn, math.ceil(blocks / 16), sms)
+        out.append(TileConfig(bm, bn, 16, split, True, warps))
+        if not quick and split > 1:
+            out.append(TileConfig(bm, bn, 16, max(1, split // 4), True, warps))
+    return list(dict.fromkeys(out))
+
+
+def time_graph_ms(fns: list[Callable[[], Any]], iters: int = 24, reps: int = 5) -> float:
+    """Median GPU time of one call, from CUDA-graph replays of `iters` calls cycling over `fns`."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(iters):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    del graph
+    return statistics.median(times)
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+@dataclass
+class _Tuner:
+    """Times candidates of one group on CUDA (injectable `timer` for tests)."""
+
+    sample: list[TritonWeight]
+    dtype: torch.dtype
+    timer: Callable[[list[Callable[[], Any]]], float] = time_graph_ms
+
+    def inputs(self, m: int) -> torch.Tensor:
+        gen = torch.Generator(device=self.sample[0].qweight.device).manual_seed(m)
+        return torch.randn(m, self.sample[0].in_features, device=self.sample[0].qweight.device, dtype=self.dtype,
+                           generator=gen)
+
+    def measure(self, kind: str, formats: list[Any], config: Optional[TileConfig], m: int) -> tuple[float, str]:
+        """(ms per call, '' or the reason the candidate was rejected)."""
+        x = self.inputs(m)
+        fns = [kernel_fn(kind, f, config) for f in formats]
+        try:
+            y = fns[0](x)
+        except Exception as exc:  # a kernel that fails to compile or launch is reported, not fatal
+            return math.inf, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        ref = x.float() @ dequantize_weight(self.sample[0], torch.float32).t()
+        err = _rel_err(y, ref)
+        if not math.isfinite(err) or err > MAX_REL_ERR:
+            return math.inf, f"relative error {err:.3g} vs the reference dequantization"
+        return self.timer([lambda f=f: f(x) for f in fns]), ""
+
+    def bf16_ms(self, m: int) -> float:
+        w0 = self.sample[0]
+        copies = max(1, min(4, math.ceil(ROTATE_BYTES / (w0.in_features * w0.out_features * 2))))
+        ws = [torch.randn(w0.out_features, w0.in_features, device=w0.qweight.device, dtype=self.dtype)
+              for _ in range(copies)]
+        x = self.inputs(m)
+        return self.timer([lambda w=w: torch.nn.functional.linear(x, w) for w in ws])
+
+
+def _best_triton(tuner: _Tuner, rows: list[int], sms: int, quick: bool, plan: GroupPlan) -> dict[int, tuple[float, Route]]:
+    best: dict[int, tuple[float, Route]] = {}
+    for m in rows:
+        for cfg in candidate_configs(m, tuner.sample[0], sms, quick):
+            label = f"triton:{cfg.label()}"
+            ms, why = tuner.measure("triton", tuner.sample, cfg, m)
+            plan.ms.setdefault(label, {})[m] = ms
+            if why:
+                plan.rejected[label] = why
+            elif m not in best or ms < best[m][0]:
+                best[m] = (ms, Route(m, "triton", cfg))
+    return best
+
+
+def _fixed(tuner: _Tuner, kind: str, formats: list[Any], rows: list[int], plan: GroupPlan) -> dict[int, tuple[float, Route]]:
+    out = {}
+    for m in rows:
+        ms, why = tuner.measure(kind, formats, None, m)
+        plan.ms.setdefault(kind, {})[m] = ms
+        if why:
+            plan.rejected[kind] = why
+            return {}
+        out[m] = (ms, Route(m, kind))
+    return out
+
+
+def routes_from(best: dict[int, tuple[float, Route]]) -> list[Route]:
+    """Per-M winners -> routes: M up to each tuned row count takes that count's winner."""
+    rows = sorted(best)
+    return [Route(m, best[m][1].kind, best[m][1].config) for m in rows]
+
+
+def pick_single_format(per_format: dict[str, dict[int, tuple[float, Route]]]) -> str:
+    """The format whose best time is closest to the overall best at its worst M (ties: first)."""
+    rows = set.intersection(*(set(v) for v in per_format.values() if v)) if any(per_format.values()) else set()
+    usable = {f: v for f, v in per_format.items() if v and rows <= set(v)}
+    if not usable:
+        raise RuntimeError("no kernel passed the correctness check for this layer group")
+    fastest = {m: min(v[m][0] for v in usable.values()) for m in rows}
+    return min(usable, key=lambda f: max(usable[f][m][0] / fastest[m] for m in rows))
+
+
+def _label(sig: tuple) -> str:
+    if sig[0] == "dense":
+        return f"dense {sig[1]}x{sig[2]} {sig[3].replace('torch.', '')}"
+    _, bits, gs, n, k, zeros, gidx = sig
+    return f"w{bits}g{gs} {n}x{k}" + (" asym" if zeros else " sym") + (" act-order" if gidx else "")
+
+
+def _measure_group(srcs: list[TritonWeight], policy: str, dtype: torch.dtype, rows: list[int], quick: bool,
+                   timer: Callable, measure_bf16: bool, plan: GroupPlan) -> dict[str, dict[int, tuple[float, Route]]]:
+    per_layer = srcs[0].nbytes()
+    sample = srcs[: max(1, min(len(srcs), math.ceil(ROTATE_BYTES / max(per_layer, 1))))]
+    tuner = _Tuner(sample, dtype, timer)
+    sms = torch.cuda.get_device_properties(sample[0].qweight.device).multi_processor_count
+    per_format: dict[str, dict[int, tuple[float, Route]]] = {"gptq": _best_triton(tuner, rows, sms, quick, plan)}
+    w0 = srcs[0]
+    reason4 = int4.unsupported_reason(w0.bits, w0.group_size, w0.in_features, w0.out_features, w0.g_idx is None,
+                                      dtype, str(w0.qweight.device))
+    if policy in ("auto", "tinygemm", "tinygemm_triton"):
+        if reason4 is None:
+            per_format["tinygemm"] = _fixed(tuner, "tinygemm", [to_int4(s, dtype) for s in sample], rows, plan)
+        elif policy != "auto":
+            plan.note = f"tinygemm cannot take this group ({reason4}); chosen as auto"
+    if policy in ("auto", "int8pack"):
+        reason8 = int8_reason(w0)
+        if reason8 is None:
+            per_format["int8pack"] = _fixed(tuner, "int8pack", [to_int8(s, dtype) for s in sample], rows, plan)
+        elif policy == "int8pack":
+            plan.note = f"the int8 kernel cannot take this group ({reason8}); chosen as auto"
+    if measure_bf16:
+        plan.bf16_ms = {m: tuner.bf16_ms(m) for m in rows}
+    return per_format
+
+
+def decide(policy: str, per_format: dict[str, dict[int, tuple[float, Route]]]) -> tuple[list[str], list[Route]]:
+    """(formats to keep, routes) from per-format, per-M measurements (see module doc)."""
+    for preferred in ("tinygemm", "int8pack", "triton"):
+        fmt = "gptq" if preferred == "triton" else preferred
+        if policy == preferred and per_format.get(fmt):
+            return [fmt], routes_from(per_format[fmt])
+    if policy == "tinygemm_triton":
+        rows = sorted(set().union(*(v.keys() for v in per_format.values())))
+        best = {m: min((v[m] for v in per_format.values() if m in v), key=lambda t: t[0]) for m in rows}
+        routes = routes_from(best)
+        from stages.kernels.linear import FORMAT_OF
+
+        return sorted({FORMAT_OF[r.kind] for r in routes}), routes
+    fmt = pick_single_format(per_format)
+    return [fmt], routes_from(per_format[fmt])
+
+
+def _convert(src: Source, fmt: str, dtype: torch.dtype) -> Any:
+    if fmt in ("dense", "gptq"):
+        return src
+    return to_int4(src, dtype) if fmt == "tinygemm" else to_int8(src, dtype)
+
+
+def plan_group(srcs: list[Source], names: list[str], policy: str, dtype: torch.dtype, rows: list[int], quick: bool,
+               timer: Callable, measure_bf16: bool) -> tuple[list[str], list[Route], GroupPlan]:
+    """Decide formats and routes for one group of same-signature layers."""
+    sig = signature(srcs[0])
+    plan = GroupPlan(_label(sig), names, [], [], srcs[0].nbytes())
+    top = max(rows)
+    if sig[0] == "dense":
+        formats, routes = ["dense"], [Route(top, "dense")]
+    elif policy == "dequant" or not srcs[0].qweight.is_cuda:
+        formats, routes = ["gptq"], [Route(top, "dequant")]
+    else:
+        per_format = _measure_group(srcs, policy, dtype, rows, quick, timer, measure_bf16, plan)
+        try:
+            formats, routes = decide(policy, per_format)
+        except RuntimeError as exc:
+            formats, routes = ["gptq"], [Route(top, "dequant")]
+            plan.note = (plan.note + "; " if plan.note else "") + f"{exc}: dequant fallback"
+    plan.formats, plan.routes = formats, [r.label() for r in routes]
+    return formats, routes, plan
+
+
+def build_kernel_linears(sources: dict[str, tuple[Source, Optional[torch.Tensor]]], policy: str,
+                         dtype: torch.dtype, rows: list[int], quick: bool = False,
+                         timer: Callable = time_graph_ms, measure_bf16: bool = False,
+                         log: Callable[[str], None] = lambda m: None) -> tuple[dict[str, KernelLinear], list[GroupPlan]]:
+    """Turn every source weight into a `KernelLinear`, group by group (consumes `sources`).
+
+    Args:
+        sources: layer name -> (DenseWeight or TritonWeight on the target device, bias or None).
+        policy: one of POLICIES; rows: the row counts (batch sizes) to tune for.
+        quick: fewer Triton tiles per M; measure_bf16: also time a bf16 matmul of each shape.
+    Returns:
+        (name -> KernelLinear, one GroupPlan per group)
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown kernel policy {policy!r} (choose from {', '.join(POLICIES)})")
+    groups: dict[tuple, list[str]] = {}
+    for name, (src, _) in sources.items():
+        groups.setdefault(signature(src), []).append(name)
+    modules, plans = {}, []
+    for sig, names in groups.items():
+        formats, routes, plan = plan_group([sources[n][0] for n in names], names, policy, dtype, sorted(set(rows)),
+                                           quick, timer, measure_bf16)
+        log(f"[kernels] {plan.signature} x{len(names)}: {', '.join(plan.routes)}" + (f" ({plan.note})" if plan.note else ""))
+        for name in names:
+            src, bias = sources.pop(name)
+            modules[name] = KernelLinear({f: _convert(src, f, dtype) for f in formats}, routes, bias)
+        plans.append(plan)
+    return modules, plans
