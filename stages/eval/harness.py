@@ -122,4 +122,4 @@ def run_lm_eval(lm: Any, task_manager: Any, cfg: EvalConfig) -> dict[str, Any]:
 
     return lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
                                    limit=lm_eval_limit(cfg.limit), task_manager=task_manager,
-                                   log_samples=False, verbosity="WARNING")
+                                   log_samples=False)
