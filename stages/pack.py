@@ -1,0 +1,123 @@
+"""Pack stage: the quantize stage's codes/scales/zeros -> a loadable checkpoint folder + compatibility report.
+
+Artifact layout (under the stage's store folder):
+  checkpoint/    the Hugging Face folder (config.json with quantization_config, safetensors,
+                 tokenizer, quantize_config.json or quantization_config.json, packing.json)
+  compat.json    which engines/kernels load it (vLLM 0.26, ExLlama-style GPTQ, auto-round),
+                 the GPTQ v1 zero-point caveat when it occurs, and the sizes
+Downstream stages find the folder with `checkpoint_dir(ctx.inputs["pack"].path)`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline.context import StageContext, StageResult
+from pipeline.errors import ConfigError
+from pipeline.schema import PipelineConfig
+from pipeline.store import fingerprint
+from stages.formats import parse_size
+
+CHECKPOINT_DIR = "checkpoint"
+REPORT_FILE = "compat.json"
+MB = 10**6
+
+
+def checkpoint_dir(pack_artifact_path: Path) -> Path:
+    """The checkpoint folder inside a pack artifact (what evaluate/benchmark load)."""
+    return Path(pack_artifact_path) / CHECKPOINT_DIR
+
+
+def checkpoint_dtype(model_dtype: str, source_dtype: Any) -> Any:
+    """Dtype of the unquantized tensors: model.dtype, or with `auto` the source checkpoint's own dtype.
+
+    `auto` does not follow the device (bfloat16 on CUDA, float32 on CPU) so that the same
+    fingerprint always names the same files.
+    """
+    import torch
+
+    if model_dtype != "auto":
+        return getattr(torch, model_dtype)
+    return source_dtype or torch.float32
+
+
+def _qstate_digest(manifest: dict) -> Optional[str]:
+    shas = {o["path"]: o["sha256"] for o in manifest.get("outputs", [])}
+    if "qstate.safetensors" in shas and "layers.json" in shas:
+        return fingerprint([shas["qstate.safetensors"], shas["layers.json"]])
+    return None
+
+
+def size_metrics(result: Any) -> dict[str, float]:
+    """Sizes on disk and the quantized layers' bytes against their float16 size."""
+    quant, fp16 = result.quantized_bytes, result.fp16_bytes
+    return {
+        "size_mb": round(result.size_on_disk / MB, 3),
+        "quantized_mb": round(quant / MB, 3),
+        "quantized_fp16_mb": round(fp16 / MB, 3),
+        "compression_vs_fp16": round(fp16 / quant, 4) if quant else 0.0,
+        "bits_per_weight": round(8 * quant / (fp16 / 2), 4) if fp16 else 0.0,
+        "layers": float(len(result.layers)),
+    }
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Pack ctx.inputs["quantize"] for ctx.model into checkpoint/ and write compat.json."""
+    from stages.formats.compat import compatibility_report, summary_lines
+    from stages.formats.source import QStateReader, SourceModel
+    from stages.formats.writer import PackOptions, Recipe
+    from stages.registry import PACK_FORMATS, resolve
+
+    cfg = ctx.cfg.pack
+    quantize = ctx.inputs["quantize"]
+    qstate = QStateReader.open(quantize.path)
+    source = SourceModel.open(ctx.model.path, ctx.model.revision)
+    quant = quantize.manifest.get("config", {}).get("quant") or asdict(ctx.cfg.quant)
+    recipe = Recipe.from_quant_config(quant)
+    options = PackOptions(checkpoint_dtype(ctx.cfg.model.dtype, source.dtype()), parse_size(cfg.max_shard_size),
+                          cfg.packing_format)
+    identity = fingerprint({"qstate": _qstate_digest(quantize.manifest) or qstate.digest(),
+                            "model": source.identity(), "pack": asdict(cfg), "dtype": str(options.dtype)})
+    packer = resolve(PACK_FORMATS, "pack.format", cfg.format)
+    result = packer(qstate, source, checkpoint_dir(ctx.workdir), options, recipe, identity, ctx.log)
+    report = compatibility_report(result)
+    metrics = size_metrics(result)
+    record = {"checkpoint": CHECKPOINT_DIR, "identity": identity, "files": result.files, "metrics": metrics,
+              "quantization_config": result.quantization_config, **report}
+    (ctx.workdir / REPORT_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    lines = summary_lines(report)
+    ctx.log(f"[pack] {result.packing_format}: {metrics['size_mb']} MB on disk; vLLM 0.26: {lines['vllm']}; "
+            f"zero-point wrap: {lines['zero_wrap']}")
+    metrics.update({"vllm_loads": float(report["vllm"]["loads"]),
+                    "zero_wrap_groups": float(report["zero_point_wrap"]["groups"])})
+    summary = {"format": result.packing_format, "size_mb": metrics["size_mb"],
+               "vs_fp16": f"{metrics['compression_vs_fp16']}x smaller (quantized layers)", **lines}
+    return StageResult(metrics=metrics, summary=summary, artifacts=[REPORT_FILE, f"{CHECKPOINT_DIR}/config.json"])
+
+
+def preflight(cfg: PipelineConfig, model: Any, spec: Any) -> None:
+    """Config combinations the chosen format cannot express, before any stage runs."""
+    p, q = cfg.pack, cfg.quant
+    parse_size(p.max_shard_size)
+    if p.format != "auto_round" and p.packing_format != "auto":
+        raise ConfigError("pack.packing_format", p.packing_format, f"auto with pack.format={p.format}",
+                          "pack.packing_format applies to pack.format=auto_round; e.g. pack.packing_format=auto")
+    if p.format == "auto_round" and q.act_order:
+        raise ConfigError("pack.format", p.format, "gptq when quant.act_order=true (auto-round's format has no g_idx)",
+                          "e.g. pack.format=gptq or quant.act_order=false")
+    if p.packing_format == "auto_round:auto_awq":
+        widths = {q.bits} | {o.bits for o in q.overrides if o.bits is not None and not o.skip}
+        if widths != {4}:
+            raise ConfigError("pack.packing_format", p.packing_format,
+                              f"4-bit layers only (the run has {sorted(widths)}-bit layers)",
+                              "e.g. pack.packing_format=auto_round (any width) or pack.format=gptq")
+    if q.quantize_lm_head and model is not None:
+        from pipeline.models import load_config
+
+        if getattr(load_config(model), "tie_word_embeddings", False):
+            raise ConfigError("quant.quantize_lm_head", True, "false for this model (its lm_head is tied to the "
+                              "input embeddings; a packed checkpoint cannot quantize a tied head)",
+                              "e.g. quant.quantize_lm_head=false")
