@@ -122,11 +122,15 @@ class QuantConfig:
 
 @dataclass
 class PackConfig:
-    """Checkpoint format (`pack=` group)."""
+    """Checkpoint format (`pack=` group); see docs/formats.md."""
 
-    # Registry key in stages.pack.FORMATS: gptq | auto_round
+    # Registry key in stages.registry.PACK_FORMATS: gptq | auto_round
     format: str = "gptq"
+    # Safetensors shard size (Hugging Face units: 4GB = 4e9 bytes, 2GiB = 2^31); one shard when smaller.
     max_shard_size: str = "4GB"
+    # auto_round format only (stages.registry.PACKING_FORMATS): auto picks what auto-round does
+    # (sym -> auto_round:auto_gptq, asym 4-bit -> auto_round:auto_awq, else auto_round).
+    packing_format: str = "auto"
 
 
 @dataclass

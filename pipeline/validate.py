@@ -93,6 +93,12 @@ def _fraction(key: str, value: Any) -> None:
         raise ConfigError(key, value, "a number in (0, 1]", f"e.g. {key}=0.01")
 
 
+def _shard_size(key: str, value: Any) -> None:
+    from stages.formats import parse_size
+
+    parse_size(value, key)
+
+
 def _device(key: str, value: Any) -> None:
     if not isinstance(value, str) or not DEVICE_RE.match(value):
         raise ConfigError(key, value, "auto, cpu, cuda or cuda:N", f"e.g. {key}=auto")
@@ -142,6 +148,8 @@ FIELD_RULES: dict[str, Callable[[str, Any], None]] = {
     "quant.damp_percent": _fraction,
     "quant.block_columns": _int_at_least(1, 128),
     "pack.format": _choice(_registry("PACK_FORMATS"), "gptq"),
+    "pack.packing_format": _choice(_registry("PACKING_FORMATS"), "auto"),
+    "pack.max_shard_size": _shard_size,
     "eval.backend": _choice(_registry("EVAL_BACKENDS"), "hf"),
     "eval.task_source": _choice(_registry("EVAL_TASK_SOURCES"), "local"),
     "eval.tasks": _task_names,

@@ -45,6 +45,9 @@ PACK_FORMATS: dict[str, str] = {
     "auto_round": "stages.formats.auto_round:pack_auto_round",
 }
 
+# pack.packing_format (auto_round format only): tensor layouts auto-round writes
+PACKING_FORMATS: tuple[str, ...] = ("auto", "auto_round:auto_gptq", "auto_round:auto_awq", "auto_round")
+
 # eval.backend -> lm-eval model builder: (EvalTarget, EvalConfig) -> lm_eval LM
 EVAL_BACKENDS: dict[str, str] = {
     "hf": "stages.eval.harness:build_hf_lm",
