@@ -61,6 +61,7 @@ def make_gptq_layer(out_f: int, in_f: int, bits: int, group_size: int, sym: bool
         scale = torch.where(scale.abs() < 1e-5, torch.full_like(scale, 2 ** -16), scale)
     if zero_max is not None:
         zero = zero.clamp(max=zero_max)
+    zero = zero.clamp(min=1)  # GPTQ v1 stores zero - 1: a zero of 0 is not representable
     g_idx = group_index(in_f, group_size)
     if act_order:
         perm = torch.randperm(in_f, generator=gen)

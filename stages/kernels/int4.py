@@ -8,8 +8,9 @@ weight is ``W = scale * (q - zero)``, so ``s = scale`` and ``z = scale * (8 - ze
 What is exact (tests/test_kernels.py checks both cases):
 
 * sym (zero = 8 everywhere) with bfloat16-representable scales: the kernel's weights equal
-  the reference `qdq.dequantize(..., dtype=bfloat16)` bit for bit (z = 0; (q-8)*s is exact
-  in float32 and rounded once to bfloat16, on CPU and in CUDA's bf16 fma alike).
+  the reference `qdq.dequantize(..., dtype=bfloat16)` value for value, with identical bits
+  except that the reference's -0.0 (negative scale, q = 8) comes out as +0.0 (z = 0; (q-8)*s
+  is exact in float32 and rounded once to bfloat16, on CPU and in CUDA's bf16 fma alike).
 * otherwise the float16 scale is rounded to bfloat16 (relative error <= 2^-9) and, for asym,
   the zero term s*(8 - zero) too; per weight |W_kernel - W_ref| <= 2^-9 * (|W_kernel| + 16*|scale|)
   plus one bfloat16 rounding of W_ref (the test asserts this bound).

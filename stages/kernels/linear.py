@@ -56,7 +56,7 @@ def dequantize_weight(w: TritonWeight, dtype: torch.dtype) -> torch.Tensor:
     """W_hat [out, in] of a TritonWeight, bit-identical to `qdq.dequantize(..., dtype)`."""
     codes = unpack_qweight(w.qweight, w.bits, w.in_features).t()
     zero = w.zeros.t().float() if w.zeros is not None else torch.full_like(w.scales.t(), w.zero_const, dtype=torch.float32)
-    return dequantize(codes, w.scales.t().float(), zero, w.group_size, w.g_idx, dtype)
+    return dequantize(codes, w.scales.t().float(), zero, w.group_size, w.g_idx, dtype).contiguous()
 
 
 def zeros_of(w: TritonWeight) -> torch.Tensor:
