@@ -47,8 +47,8 @@ class CostColumn:
 COST_COLUMNS = (
     CostColumn("quantize_seconds", "quantize", r"^seconds$", "quant s"),
     CostColumn("peak_memory_mb", "quantize", r"peak.*(mem|memory)", "peak mem MB"),
-    CostColumn("size_mb", "pack", r"(^|[._])size(_on_disk)?_(mb|mib|gb|bytes)$", "size MB"),
-    CostColumn("tokens_per_s", "benchmark", r"(^|[._])(output_)?tokens_per_s$", "tok/s"),
+    CostColumn("size_mb", "pack", r"^size(_on_disk)?_(mb|mib|gb|bytes)$", "size MB"),
+    CostColumn("tokens_per_s", "benchmark", r"^(output_)?tokens_per_s$", "tok/s"),
 )
 # Conversions of a metric's unit suffix to MB.
 TO_MB = {"_gb": 1024.0, "_gib": 1024.0, "_mb": 1.0, "_mib": 1.0, "_bytes": 1.0 / 2 ** 20, "_b": 1.0 / 2 ** 20}
@@ -161,7 +161,7 @@ def _quantized_row(name: str, manifests: Mapping[str, dict], baseline: dict[str,
     for col in COST_COLUMNS:
         row[col.name] = _cost(manifests, col)
     bench = manifests.get("benchmark", {}).get("metrics", {})
-    found = pick_metric(bench, r"(^|[._])speedup(_vs_baseline)?$")
+    found = pick_metric(bench, r"^speedup(_vs_baseline)?$")
     row["speedup"] = None
     if found is not None:
         row["speedup"] = found[1]

@@ -35,7 +35,8 @@ def job_manifests(i: int, method: str, bits: int, full: bool = True) -> dict:
                                                          "lastword.acc_stderr": 0.01, "ppl.nll": 3.0,
                                                          "lastword.delta_vs_baseline": -0.1, "seconds": 2.0})
         out["pack"] = manifest("pack", f"p{i}", {"size_bytes": bits * 2 ** 20})
-        out["benchmark"] = manifest("benchmark", f"b{i}", {"tokens_per_s": 110.0 + i})
+        out["benchmark"] = manifest("benchmark", f"b{i}", {"tokens_per_s": 110.0 + i, "decode_tokens_per_s": 1.0,
+                                                           "tokens_per_s.b4": 2.0, "speedup_vs_baseline.b4": 9.0})
         out.update(baseline_manifests())
     return out
 
