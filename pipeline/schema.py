@@ -176,18 +176,29 @@ class EvalConfig:
 
 @dataclass
 class BenchConfig:
-    """Throughput benchmark (`bench=` group)."""
+    """Throughput benchmark (`bench=` group); see docs/benchmark.md."""
 
-    backend: str = "auto"  # auto | torch | vllm
+    # Registry key in stages.registry.BENCH_BACKENDS, or auto (vLLM when importable and on CUDA, else torch)
+    backend: str = "auto"
+    # Workload: prompts of input_len seeded random token ids, each generating exactly output_len
+    # tokens; per batch size B, ceil(num_prompts / B) batches of B requests make one pass.
     num_prompts: int = 16
     input_len: int = 32
     output_len: int = 32
     batch_sizes: List[int] = field(default_factory=lambda: [1])
-    warmup: int = 1
-    repeats: int = 3
-    compile: bool = True
-    gpu_memory_utilization: float = 0.85
+    warmup: int = 1  # untimed passes first
+    repeats: int = 3  # timed passes: median, min, max
     seed: int = 0
+    # torch backend. auto | on | off: auto = on for CUDA, off on the CPU; on needs CUDA.
+    compile: str = "auto"  # torch.compile the elementwise/attention glue
+    cuda_graphs: str = "auto"  # one CUDA graph per batch size for the decode step
+    # Registry key in stages.registry.BENCH_LINEAR_KERNELS: how quantized Linears are computed
+    linear_kernel: str = "auto"
+    kernel_tuning: str = "full"  # full | quick: Triton tiles timed per batch size
+    # vllm backend
+    gpu_memory_utilization: float = 0.85
+    vllm_enforce_eager: bool = False  # skip vLLM's torch.compile and CUDA graphs (faster start, slower decode)
+    vllm_timeout_s: int = 1800
 
 
 @dataclass

@@ -147,7 +147,12 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.bench
     name, why = resolve_backend(cfg.backend, ctx.device)
     options = resolve_options(cfg, ctx.device, ctx.dtype)
-    path = ctx.model.path if ctx.variant == "baseline" else str(ctx.inputs["pack"].path)
+    if ctx.variant == "baseline":
+        path = ctx.model.path
+    else:
+        from stages.pack import checkpoint_dir
+
+        path = str(checkpoint_dir(ctx.inputs["pack"].path))
     target = BenchTarget(path, ctx.variant, ctx.model.trust_remote_code)
     backend = registry.resolve(registry.BENCH_BACKENDS, "bench.backend", name)()
     extra = {"log_dir": ctx.workdir / "vllm"} if name == "vllm" else {}

@@ -60,10 +60,17 @@ EVAL_TASK_SOURCES: dict[str, str] = {
     "hub": "stages.eval.tasks:hub_task_manager",
 }
 
-# bench.backend -> benchmark runner ("auto" resolves to one of these)
+# bench.backend -> benchmark backend class ("auto" resolves to one of these; see stages.benchmark)
 BENCH_BACKENDS: dict[str, str] = {
-    "torch": "stages.benchmark:TorchBackend",
-    "vllm": "stages.benchmark:VLLMBackend",
+    "torch": "stages.bench.torch_backend:TorchBackend",
+    "vllm": "stages.bench.vllm_backend:VLLMBackend",
+}
+
+# bench.linear_kernel -> how the torch backend computes quantized Linears: every policy is one
+# mode of the planner (auto | triton | tinygemm | int8pack | tinygemm_triton | dequant; see its docstring)
+BENCH_LINEAR_KERNELS: dict[str, str] = {
+    name: "stages.kernels.planner:build_kernel_linears"
+    for name in ("auto", "triton", "tinygemm", "int8pack", "tinygemm_triton", "dequant")
 }
 
 

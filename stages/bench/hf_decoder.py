@@ -1,7 +1,7 @@
 """Take a loaded Hugging Face Llama-layout model apart for the decode engine.
 
-Plain `nn.Linear`s become `DenseWeight`s; quantized Linears (the loader's QuantLinear, or any
-module holding GPTQ `qweight`/`qzeros`/`scales`/`g_idx` with `bits` and `group_size`) become
+Plain `nn.Linear`s become `DenseWeight`s; quantized Linears (`stages.formats.qlinear.QuantLinear`:
+GPTQ-layout `qweight`/`qzeros`/`scales`/`g_idx` with `bits`, `group_size`, `zero_offset`) become
 `TritonWeight`s over the very same tensors, so the benchmark runs exactly the loaded packed
 checkpoint. q/k/v and gate/up are fused per layer; the HF modules are released as they are
 taken so peak memory stays near one model.
@@ -35,7 +35,8 @@ def source_of(module: nn.Module, dtype: torch.dtype) -> tuple[Source, Optional[t
         if bits is None or gs is None:
             raise InputError(f"quantized module {type(module).__name__} has no bits/group_size attributes")
         g_idx = getattr(module, "g_idx", None)
-        return from_gptq(module.qweight, module.qzeros, module.scales, g_idx, int(bits), int(gs)), bias
+        offset = int(getattr(module, "zero_offset", 1))  # stages.formats.qlinear.QuantLinear says; GPTQ v1 is 1
+        return from_gptq(module.qweight, module.qzeros, module.scales, g_idx, int(bits), int(gs), offset), bias
     if isinstance(module, nn.Linear):
         return DenseWeight(module.weight.detach().to(dtype)), bias
     raise InputError(f"cannot benchmark a {type(module).__name__} as a Linear layer")

@@ -45,7 +45,7 @@ def parse_vllm_log(text: str) -> dict[str, Any]:
     load = _LOAD_RE.findall(text)
     attn = _ATTN_RE.findall(text)
     notes = [ln.strip()[-300:] for ln in text.splitlines()
-             if ("WARNING" in ln or "ERROR" in ln or "INFO" in ln) and _NOTE_RE.search(ln) and "Using " not in ln]
+             if ("WARNING" in ln or "ERROR" in ln or "INFO" in ln) and _NOTE_RE.search(ln) and not _KERNEL_RE.search(ln)]
     return {"linear_kernels": kernels, "quantization_logged": quant[0] if quant else None,
             "weight_memory_gib": float(load[0]) if load else None, "attention_backend": attn[0] if attn else None,
             "quant_log_lines": notes[:12]}

@@ -47,11 +47,14 @@ def unpack_qweight(qweight: torch.Tensor, bits: int, in_features: int) -> torch.
     return unpack_bitstream(qweight, bits, in_features)
 
 
-def unpack_qzeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
-    """GPTQ qzeros int32 [groups, out*b/32] -> real zero points int32 [groups, out] (v1: stored + 1)."""
+def unpack_qzeros(qzeros: torch.Tensor, bits: int, out_features: int, zero_offset: int = 1) -> torch.Tensor:
+    """GPTQ qzeros int32 [groups, out*b/32] -> real zero points int32 [groups, out].
+
+    zero_offset: 1 for GPTQ v1 files (they store zero - 1), 0 for formats that store zeros as they are.
+    """
     stored = unpack_bitstream(qzeros.t().contiguous(), bits, out_features).t()
     # No wrap-around: a stored 2^b - 1 reads as zero 2^b, exactly as vLLM / exllama read v1 files.
-    return stored + 1
+    return stored + zero_offset
 
 
 def is_trivial_g_idx(g_idx: Optional[torch.Tensor], group_size: int, in_features: int) -> bool:

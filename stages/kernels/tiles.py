@@ -60,16 +60,17 @@ def words_per_block(bits: int) -> int:
 
 
 def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: Optional[torch.Tensor],
-              bits: int, group_size: int) -> TritonWeight:
+              bits: int, group_size: int, zero_offset: int = 1) -> TritonWeight:
     """Wrap one GPTQ Linear's tensors (on their device) for the Triton kernel.
 
     Args:
         qweight, qzeros, scales, g_idx: the GPTQ tensors; bits: 2, 3, 4 or 8; group_size: -1 or > 0.
+        zero_offset: what qzeros store below the real zero (1: GPTQ v1; 0: stored as is).
     Returns:
         TritonWeight sharing qweight and scales with the inputs.
     """
     in_f, out_f = qweight.shape[0] * 32 // bits, scales.shape[1]
-    zeros = unpack_qzeros(qzeros, bits, out_f)
+    zeros = unpack_qzeros(qzeros, bits, out_f, zero_offset)
     mid = 2 ** (bits - 1)
     if bool((zeros == mid).all()):
         zeros_t, zero_const = None, float(mid)
