@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -90,7 +87,7 @@ def local_run(tiny):
     from stages.evaluate import evaluate
 
     model, tokenizer, _ = tiny
-    cfg, _ = compose_config(["model=tiny_random", "eval.limit=4", "eval.batch_size=4",
+    cfg, _ = compose_config(["model=tiny_random", "eval.limit=3", "eval.batch_size=4",
                              "eval.perplexity.seqlen=64", "eval.perplexity.stride=32",
                              "eval.perplexity.max_windows=3"])
     text = taskdata.read_heldout_text()[:20000]
@@ -105,7 +102,7 @@ def test_local_tasks_end_to_end_keys(local_run):
                 "persuasion_nextsent.acc_norm", "ppl", "ppl.nll", "ppl.tokens", "ppl.windows"]:
         assert key in m and math.isfinite(m[key]), key
     for task in LOCAL_TASKS:
-        assert m[f"{task}.samples"] == 4
+        assert m[f"{task}.samples"] == 3
     assert 0 <= m["persuasion_nextsent.acc"] <= 1 and m["ppl.windows"] == 3
     # nearly uniform random model: perplexity close to the vocabulary size
     assert 0.5 * 49152 < m["ppl"] < 2 * 49152
@@ -117,7 +114,7 @@ def test_lm_eval_bits_per_byte_matches_perplexity_core(local_run, tiny):
     outcome, _ = local_run
     model, tokenizer, _ = tiny
     nll, n_bytes, words = 0.0, 0, 0
-    for rec in _records("persuasion_ppl", 4):
+    for rec in _records("persuasion_ppl", 3):
         ids = tokenize_text(tokenizer, rec["text"], add_bos=True)
         nll += perplexity(model, ids, seqlen=len(ids), stride=len(ids))["nll_sum"]
         n_bytes += len(rec["text"].encode("utf-8"))
@@ -300,38 +297,25 @@ def test_baseline_is_cached_on_second_run(tiny_overrides, compose):
     assert second[0].metrics["ppl"] == saved["metrics"]["ppl"]
 
 
-def test_quantized_variant_reports_deltas(tiny_overrides, compose, tiny, tmp_path, monkeypatch):
-    """The quantized path's wiring with a stand-in loader (the tiny model itself as the 'packed' checkpoint)."""
-    from pipeline.context import Artifact, StageContext
-    from stages import evaluate as stage
+def test_packed_checkpoint_is_scored_with_deltas(tiny_overrides, compose):
+    """calibrate -> quantize (RTN) -> pack -> evaluate scores the checkpoint loaded back from disk."""
+    from transformers import AutoTokenizer
 
-    model, tokenizer, handle = tiny
-    packed = tmp_path / "pack"
-    model.save_pretrained(packed)
-    tokenizer.save_pretrained(packed)
-    calls = []
+    from stages.evaluate import packed_folder
+    from stages.formats.qlinear import load_quantized_model
 
-    def load_quantized_model(path, device, dtype):
-        calls.append((path, device, dtype))
-        return model
-
-    monkeypatch.setitem(sys.modules, "stages.formats.qlinear",
-                        types.SimpleNamespace(load_quantized_model=load_quantized_model))
-    cfg, _ = compose(tiny_overrides + STAGE_EVAL + ["eval.tasks=[persuasion_lastword]"])
-    base_dir = tmp_path / "baseline"
-    base_dir.mkdir()
-    (base_dir / "metrics.json").write_text(json.dumps({"metrics": {"ppl": 1000.0, "persuasion_lastword.acc": 0.5}}))
-    work = tmp_path / "work"
-    work.mkdir()
-    ctx = StageContext(cfg=cfg, stage="evaluate", variant="quantized", workdir=work, resumed=False,
-                       inputs={"pack": Artifact("pack", packed, {"fingerprint": "p"}),
-                               "baseline_evaluate": Artifact("baseline_evaluate", base_dir, {"fingerprint": "b"})},
-                       model=handle, device="cpu", dtype="float32", progress=False, log=lambda m: None)
-    result = stage.run(ctx)
-    assert calls == [(str(packed), "cpu", torch.float32)]
-    m = result.metrics
-    assert m["ppl.delta_vs_baseline"] == pytest.approx(m["ppl"] - 1000.0)
-    assert m["persuasion_lastword.delta_vs_baseline"] == pytest.approx(m["persuasion_lastword.acc"] - 0.5)
-    assert sorted(result.artifacts) == ["lm_eval_results.json", "metrics.json", "summary.md"]
-    assert all((work / a).is_file() for a in result.artifacts)
-    assert "baseline" in (work / "summary.md").read_text()
+    overrides = tiny_overrides + STAGE_EVAL + ["quant=rtn", "eval.tasks=[persuasion_lastword]",
+                                               "run.stages=[calibrate,quantize,pack,baseline_evaluate,evaluate]"]
+    out = {o.name: o for o in _runner(overrides, compose).run()}
+    ev, base = out["evaluate"].metrics, out["baseline_evaluate"].metrics
+    folder = packed_folder(out["pack"].path)
+    model = load_quantized_model(folder, "cpu", torch.float32)
+    ids = tokenize_text(AutoTokenizer.from_pretrained(folder), taskdata.read_heldout_text())
+    assert ev["ppl"] == pytest.approx(perplexity(model, ids, 32, 32, batch_size=4, max_windows=2)["ppl"], rel=1e-6)
+    assert ev["ppl"] != base["ppl"]  # 4-bit weights, not the baseline's
+    assert ev["ppl.delta_vs_baseline"] == pytest.approx(ev["ppl"] - base["ppl"])
+    assert ev["persuasion_lastword.delta_vs_baseline"] == pytest.approx(
+        ev["persuasion_lastword.acc"] - base["persuasion_lastword.acc"])
+    files = sorted(p.name for p in out["evaluate"].path.iterdir())
+    assert {"lm_eval_results.json", "metrics.json", "summary.md"} <= set(files)
+    assert "| ppl " in (out["evaluate"].path / "summary.md").read_text()

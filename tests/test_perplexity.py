@@ -22,6 +22,18 @@ class BigramLM(torch.nn.Module):
         return SimpleNamespace(logits=self.table[input_ids])
 
 
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_store):
+    """(model, tokenizer) of the tiny random Llama, loaded once for this module."""
+    from conftest import compose_config
+    from pipeline.models import load_model, load_tokenizer, prepare_model
+    from pipeline.store import ArtifactStore
+
+    cfg, _ = compose_config(["model=tiny_random"])
+    handle = prepare_model(cfg.model, ArtifactStore(tiny_store), log=lambda m: None)
+    return load_model(handle, torch.float32, "cpu"), load_tokenizer(handle)
+
+
 def reference_perplexity(model, ids, seqlen, stride):
     """The textbook loop: each window, each scored position, one log-softmax at a time."""
     n = len(ids)
@@ -77,8 +89,8 @@ def test_bigram_perplexity_is_exact():
 
 
 @pytest.mark.parametrize("seqlen,stride,batch_size", [(16, 16, 1), (16, 16, 3), (16, 5, 2), (13, 7, 4), (8, 1, 8)])
-def test_matches_reference_on_tiny_llama(tiny_model, seqlen, stride, batch_size):
-    model, tokenizer, _ = tiny_model
+def test_matches_reference_on_tiny_llama(tiny_lm, seqlen, stride, batch_size):
+    model, tokenizer = tiny_lm
     ids = tokenize_text(tokenizer, "It was a truth universally acknowledged, that a single man in possession "
                         "of a good fortune, must be in want of a wife. However little known the feelings.")
     expected, count = reference_perplexity(model, ids, seqlen, stride)
@@ -88,9 +100,9 @@ def test_matches_reference_on_tiny_llama(tiny_model, seqlen, stride, batch_size)
     assert out["windows"] == len(make_windows(len(ids), seqlen, stride))
 
 
-def test_trimmed_logits_match_full_logits(tiny_model):
+def test_trimmed_logits_match_full_logits(tiny_lm):
     """The logits_to_keep fast path gives the same numbers as the full forward."""
-    model, tokenizer, _ = tiny_model
+    model, tokenizer = tiny_lm
     ids = tokenize_text(tokenizer, "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who, "
                         "for his own amusement, never took up any book but the Baronetage.")
     fast = perplexity(model, ids, seqlen=12, stride=5, batch_size=2)
@@ -98,8 +110,8 @@ def test_trimmed_logits_match_full_logits(tiny_model):
     assert fast["nll_sum"] == pytest.approx(full["nll_sum"], rel=1e-6)
 
 
-def test_tokenize_text_adds_bos_once(tiny_model):
-    _, tokenizer, _ = tiny_model
+def test_tokenize_text_adds_bos_once(tiny_lm):
+    _, tokenizer = tiny_lm
     plain = tokenize_text(tokenizer, "Anne Elliot", add_bos=False)
     with_bos = tokenize_text(tokenizer, "Anne Elliot", add_bos=True)
     assert with_bos[0].item() == tokenizer.bos_token_id
