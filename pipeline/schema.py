@@ -93,31 +93,31 @@ class LayerOverride:
 class QuantConfig:
     """Quantization method and scheme (`quant=` group)."""
 
-    # Registry key in stages.quant.registry.METHODS: rtn | gptq | autoround
+    # Registry key in stages.registry.QUANT_METHODS: rtn | gptq | autoround
     method: str = "autoround"
     bits: int = 4
     group_size: int = 128
     sym: bool = True
-    # AutoRound tuning
-    iters: int = 200
-    lr: Optional[float] = None  # None -> 1/iters
+    # AutoRound tuning (semantics of the reference auto-round 0.16.1, see stages/quant/autoround.py)
+    iters: int = 200  # 0 = plain RTN
+    lr: Optional[float] = None  # None -> 1/iters (2/iters for <= 3-bit layers when iters >= 1000)
     minmax_lr: Optional[float] = None  # None -> lr
     batch_size: int = 8
     grad_accum: int = 1
-    use_best_iter: bool = True
-    tune_minmax: bool = True
+    use_best_iter: bool = True  # keep the parameters of the lowest-loss iteration (else the last scored one)
+    tune_minmax: bool = True  # tune the per-group min/max clipping factors (else only the rounding offsets)
     amp: bool = True  # bf16 autocast on CUDA; tuning parameters stay fp32
-    low_gpu_mem: bool = False  # keep cached block inputs on the CPU, move per batch
-    compile: bool = False  # torch.compile the tuning step (CUDA)
+    low_gpu_mem: bool = False  # model and cached block inputs in (pinned) CPU memory; blocks and batches move per use
+    compile: bool = False  # torch.compile the fake-quant + block + loss step (autoround; pays off on CUDA)
     # GPTQ
     damp_percent: float = 0.01
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = True
     block_columns: int = 128
-    # Which layers
+    # Which layers: every Linear inside the decoder blocks; lm_head only when asked (RTN, untied only)
     quantize_lm_head: bool = False
-    overrides: List[LayerOverride] = field(default_factory=list)
+    overrides: List[LayerOverride] = field(default_factory=list)  # applied in order, later wins
 
 
 @dataclass

@@ -69,6 +69,9 @@ def build_buckets(weights: dict[str, torch.Tensor], schemes: dict[str, LayerSche
     keyed: dict[tuple[int, bool, int], list[str]] = {}
     for name, scheme in schemes.items():
         key = (scheme.bits, scheme.sym, group_len(scheme, weights[name].shape[1]))
+        if weights[name].shape[1] % key[2]:
+            raise ValueError(f"group_size {scheme.group_size} does not divide in_features "
+                             f"{weights[name].shape[1]} of {name}")
         keyed.setdefault(key, []).append(name)
     buckets = []
     for (bits, sym, glen), names in keyed.items():
