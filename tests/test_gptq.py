@@ -101,13 +101,16 @@ def test_identity_hessian_is_exactly_rtn(scheme, act_order):
 
 
 @pytest.mark.parametrize("act_order,static", [(False, False), (True, False), (True, True), (False, True)])
-def test_exported_codes_reproduce_the_swept_values_bit_for_bit(monkeypatch, act_order, static):
+def test_exported_layer_dequantizes_to_the_values_the_error_feedback_used(monkeypatch, act_order, static):
     swept = {}
     original = gptq._export
 
-    def spy(w_hat, params, perm, scheme):
-        swept["w"] = (w_hat if perm is None else w_hat[:, torch.argsort(perm)]).clone()
-        return original(w_hat, params, perm, scheme)
+    def spy(kt, params, perm, scheme):
+        cols = kt.shape[0]
+        qp, groups = params.tables(cols, 32)
+        used = kt.t() * qp.scale[:, groups]  # err = w - scale * k inside the sweep
+        swept["w"] = used if perm is None else used[:, torch.argsort(perm)]
+        return original(kt, params, perm, scheme)
 
     monkeypatch.setattr(gptq, "_export", spy)
     w, x = linear_case()
@@ -365,6 +368,14 @@ def test_quantize_stage_runs_gptq_with_act_order(compose, tiny_overrides, one_th
     assert down.g_idx is not None and down.g_idx.shape == (128,) and sorted(down.g_idx.tolist()) == \
         sorted((torch.arange(128) // 32).tolist())
     assert int(down.codes.max()) <= 7 and torch.isfinite(down.dequantize()).all()
+    # The GPTQ checkpoint layout stores what the stage wrote, g_idx included.
+    from stages.formats.gptq import GPTQLayout, unpack_layer_tensors
+    from stages.formats.source import QStateReader
+
+    name = "model.layers.1.mlp.down_proj"
+    tensors, _ = GPTQLayout().pack_layer(name, QStateReader.open(q.path).layer(name))
+    back = unpack_layer_tensors({k[len(name) + 1:]: v for k, v in tensors.items()}, down.scheme)
+    assert torch.equal(back.g_idx, down.g_idx) and torch.equal(back.codes, down.codes)
     blocks = json.loads((q.path / "block_metrics.json").read_text())
     assert [b["block"] for b in blocks] == [0, 1]
     assert all(b["layer_mse_gptq"] < b["layer_mse_rtn"] and b["rtn_fallbacks"] == 0 for b in blocks)

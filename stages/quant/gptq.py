@@ -1,41 +1,21 @@
 """GPTQ: per-Linear quantization with Hessian-based error feedback, true-sequential per block.
 
-Per Linear with weight W [rows, cols] and calibration inputs X [N tokens, cols]:
+Per Linear W [rows, cols] with calibration inputs X [N tokens, cols]: H = 2/N · XᵀX in float32
+(accumulated batch by batch by forward pre-hooks). Dead inputs (H_ii = 0) get H_ii = 1 and a
+zero weight column (as the reference); inputs with NaN/inf activations are decoupled (no error
+feedback, weights kept). λ = damp_percent · mean(diag H) dampens H; a failed Cholesky is retried
+with 10x λ up to mean(diag H), then the layer falls back to RTN (logged and counted). Columns are
+rounded one at a time (descending diag(H) with act_order), each error pushed onto the columns
+not rounded yet through U = chol((H + λI)⁻¹)ᵀ; updates are lazy per batch of columns, and a
+batch ends every block_columns and at every group start, so a group's scale/zero
+(qdq.compute_qparams) come from its fully updated weights (static_groups: from the original
+weights, natural groups). act_order writes g_idx[i] = group of original column i.
 
-* H = 2/N · XᵀX, accumulated in float32 batch by batch while the block runs (bf16/fp16
-  activations on CUDA use a float32-output matmul: exact products, fp32 accumulation).
-* Dead inputs (H_ii = 0, the input is always zero) get H_ii = 1 and a zero weight column, as
-  the reference GPTQ does. Inputs whose Hessian row is not finite (NaN/inf activations) are
-  decoupled (row and column zeroed, H_ii = 1): they are quantized without error feedback and
-  their weights are kept. Neither ever raises.
-* Dampening adds damp_percent · mean(diag H) to the diagonal. When a Cholesky factorisation
-  fails it is retried with 10x the dampening up to mean(diag H) (logged, counted in the block
-  metrics as `damp_retries`); a layer that still fails is quantized by RTN (`rtn_fallbacks`).
-* Columns are quantized one at a time (in descending diag(H) order with act_order) and each
-  column's rounding error e_i = w_i - q_i is spread onto the columns not quantized yet through
-  the upper Cholesky factor U of H⁻¹: w_j -= e_i · U_ij / U_ii. Updates are lazy: exact inside
-  a batch of columns, applied to the rest of the matrix once per batch with one matmul.
-  Batches end every `block_columns` columns and at every group start, so a group's scale and
-  zero (stages.quant.qdq.compute_qparams, the same asym/sym conventions as RTN and AutoRound)
-  come from the group's fully error-updated weights. With static_groups every group's
-  parameters come from the original weights, up front, in natural column order.
-* act_order: g_idx[i] = the group of original column i (its position in the processing order
-  // group_size), so packing (GPTQ desc_act) stays correct; with static_groups the groups
-  are the natural ones and g_idx is left out.
-
-Within a block (true_sequential): one probe forward of one sample finds the order in which the
-Linears run and which of them read the same input tensor (q/k/v; gate/up). Such a family
-shares one Hessian and is quantized as one stacked matrix (GPTQ treats rows independently, so
-this equals quantizing each layer alone). Families are quantized in call order; before each,
-the block runs over all samples with the families before it already quantized, stopping as soon
-as the family's layers have seen their inputs. With true_sequential=false all Hessians come
-from one pass of the unquantized block. The driver feeds the quantized block's outputs to the
-next block.
-
-Block metrics: `layer_mse_gptq` / `layer_mse_rtn` (sum over the block's layers of the mean
-squared output error on the calibration inputs, computed from H, for GPTQ and for RTN of the
-same weights), `damp_retries`, `dead_columns`, `nonfinite_columns`, `rtn_fallbacks`,
-`hessian_seconds`, `solve_seconds`.
+Per block, a one-sample probe finds the Linears' call order and which read the same input
+tensor (q/k/v, gate/up): a family shares one Hessian and is solved as one stacked matrix (rows
+are independent in GPTQ). Families are quantized in call order (true_sequential), each on
+inputs from the block with the earlier families already quantized; the Hessian passes stop as
+soon as the family has seen its inputs. See docs/gptq.md (also for the block metrics).
 """
 
 from __future__ import annotations
@@ -54,7 +34,7 @@ from pipeline.errors import InputError
 from pipeline.schema import QuantConfig
 from stages.quant.base import BlockInputs, BlockResult, LayerScheme, QuantizedLayer
 from stages.quant.blocks import batches, run_block
-from stages.quant.qdq import QParams, compute_qparams, group_index, quantize
+from stages.quant.qdq import QParams, compute_qparams, group_index
 from stages.quant.rtn import rtn_layer
 
 log = logging.getLogger(__name__)
@@ -184,29 +164,31 @@ def batch_bounds(cols: int, group_size: int, block_columns: int, static_groups: 
 
 
 def quantize_columns(wb: torch.Tensor, un: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                     err: torch.Tensor) -> None:
-    """GPTQ's inner loop over one batch of columns, in place (transposed layout: a column is a row).
+                     err: torch.Tensor, k: torch.Tensor) -> None:
+    """GPTQ's inner loop over one batch of columns (transposed layout: a column is a row), in place.
 
     Args:
-        wb: [B, rows] the batch's current weights; on return the dequantized values.
+        wb: [B, rows] the batch's current weights (updated by the in-batch error feedback).
         un: [B, B] U_ij / U_ii for the batch's columns.
         scale, lo, hi: [B, rows] per column: scale and the code range minus the zero point
             (lo = -zero, hi = maxq - zero); broadcast views are fine.
-        err: [B, rows] receives each column's rounding error w - q.
+        err: [B, rows] receives each column's rounding error w - scale * k.
+        k: [B, rows] receives code - zero per column (integers): the rounded value is scale * k,
+            exact in float32 (fp16 scale times a small integer), so err is exact too.
     """
     n = wb.shape[0]
     for i in range(n):
         w = wb[i]
-        q = torch.round(torch.div(w, scale[i])).clamp_(lo[i], hi[i]).mul_(scale[i])  # (in-place round_ is slow on CPU)
-        torch.sub(w, q, out=err[i])
-        w.copy_(q)
+        torch.round(torch.div(w, scale[i]), out=k[i])
+        k[i].clamp_(lo[i], hi[i])
+        torch.addcmul(w, k[i], scale[i], value=-1.0, out=err[i])
         if i + 1 < n:
             wb[i + 1:].addr_(un[i, i + 1:], err[i], alpha=-1.0)
 
 
 @dataclass
 class _GroupParams:
-    """Per-column scale / code range in processing order, and what the layer exports."""
+    """Scale / zero per group and the group of each column, in processing order."""
 
     scheme: LayerScheme
     static: Optional[QParams]  # natural-order params (static_groups)
@@ -215,6 +197,7 @@ class _GroupParams:
     zeros: list[torch.Tensor] = field(default_factory=list)
 
     def for_batch(self, wt: torch.Tensor, i1: int, i2: int, gs: int) -> tuple[torch.Tensor, ...]:
+        """[B, rows] scale, lo, hi for columns [i1, i2) (a new group's params are computed here)."""
         maxq = 2 ** self.scheme.bits - 1
         if self.static is not None:
             idx = self.static_cols[i1:i2]
@@ -228,10 +211,17 @@ class _GroupParams:
         s, z = self.scales[-1], self.zeros[-1]
         return s.expand(shape), (-z).expand(shape), (maxq - z).expand(shape)
 
+    def tables(self, cols: int, gs: int) -> tuple[QParams, torch.Tensor]:
+        """(scale/zero [rows, groups] as exported, group of each processing position)."""
+        if self.static is not None:
+            return self.static, self.static_cols
+        qp = QParams(torch.stack(self.scales, 1), torch.stack(self.zeros, 1))
+        return qp, torch.arange(cols, device=qp.scale.device) // gs
+
 
 def _solve(w: torch.Tensor, upper: torch.Tensor, perm: Optional[torch.Tensor], scheme: LayerScheme,
-           opts: GPTQOptions) -> QuantizedLayer:
-    """The lazy-batch GPTQ sweep over W (dead columns already zeroed) given U; returns the layer."""
+           opts: GPTQOptions) -> Optional[QuantizedLayer]:
+    """The lazy-batch GPTQ sweep over W (dead columns zeroed) given U; None if it went non-finite."""
     rows, cols = w.shape
     gs = cols if scheme.group_size == -1 else scheme.group_size
     wt = (w if perm is None else w[:, perm]).t().contiguous()  # [cols, rows], processing order
@@ -242,32 +232,34 @@ def _solve(w: torch.Tensor, upper: torch.Tensor, perm: Optional[torch.Tensor], s
         static_cols = group_index(cols, scheme.group_size, w.device).long()
         static_cols = static_cols if perm is None else static_cols[perm]
     params = _GroupParams(scheme, static, static_cols)
-    err = torch.empty(min(opts.block_columns, cols), rows, dtype=torch.float32, device=w.device)
+    width = min(opts.block_columns, cols)
+    err, k = (torch.empty(width, rows, dtype=torch.float32, device=w.device) for _ in range(2))
     for i1, i2 in batch_bounds(cols, scheme.group_size, opts.block_columns, opts.static_groups):
         s, lo, hi = params.for_batch(wt, i1, i2, gs)
-        e = err[:i2 - i1]
-        quantize_columns(wt[i1:i2], un[i1:i2, i1:i2], s, lo, hi, e)
+        n = i2 - i1
+        quantize_columns(wt[i1:i2], un[i1:i2, i1:i2], s, lo, hi, err[:n], k[:n])
         if i2 < cols:
-            wt[i2:].addmm_(un[i1:i2, i2:].t(), e, alpha=-1.0)
-    return _export(wt.t(), params, perm, scheme)
+            wt[i2:].addmm_(un[i1:i2, i2:].t(), err[:n], alpha=-1.0)
+        wt[i1:i2].copy_(k[:n])  # from here on wt holds code - zero for the finished columns
+    if not bool(torch.isfinite(wt).all()):
+        return None
+    return _export(wt, params, perm, scheme)
 
 
-def _export(w_hat: torch.Tensor, params: _GroupParams, perm: Optional[torch.Tensor],
+def _export(kt: torch.Tensor, params: _GroupParams, perm: Optional[torch.Tensor],
             scheme: LayerScheme) -> QuantizedLayer:
-    """Codes / scale / zero (/ g_idx) that dequantize exactly to w_hat (processing order in, natural out)."""
-    cols = w_hat.shape[1]
-    inv = None if perm is None else torch.argsort(perm)
-    if params.static is not None:
-        natural = w_hat if inv is None else w_hat[:, inv]
-        codes = quantize(natural, params.static, scheme.bits, scheme.group_size)
-        return QuantizedLayer(codes, params.static.scale, params.static.zero, scheme)
-    qp = QParams(torch.stack(params.scales, 1), torch.stack(params.zeros, 1))
-    codes = quantize(w_hat, qp, scheme.bits, scheme.group_size)  # w_hat = scale * k exactly: codes are exact
-    if inv is None:
+    """The layer from code - zero per column ([cols, rows], processing order) in natural column order."""
+    cols = kt.shape[0]
+    gs = cols if scheme.group_size == -1 else scheme.group_size
+    qp, groups = params.tables(cols, gs)
+    codes = (kt.t() + qp.zero[:, groups]).to(torch.uint8)
+    if perm is None:
         return QuantizedLayer(codes, qp.scale, qp.zero, scheme)
-    natural_groups = group_index(cols, scheme.group_size, w_hat.device)
-    g_idx = natural_groups[inv]
-    g_idx = None if torch.equal(g_idx, natural_groups) else g_idx
+    inv = torch.argsort(perm)
+    g_idx = None
+    if params.static is None:
+        natural = group_index(cols, scheme.group_size, kt.device)
+        g_idx = None if torch.equal(natural[inv], natural) else natural[inv]
     return QuantizedLayer(codes[:, inv].contiguous(), qp.scale, qp.zero, scheme, g_idx)
 
 
@@ -304,10 +296,9 @@ def gptq_quantize(weight: torch.Tensor, h: torch.Tensor, scheme: LayerScheme, op
     rtn = rtn_layer(w0, scheme)
     layer, fallback = rtn, True
     if upper is not None:
-        layer = _solve(w, upper, perm, scheme, opts)
+        solved = _solve(w, upper, perm, scheme, opts)
         del upper
-        fallback = not bool(torch.isfinite(layer.scale).all())
-        layer = rtn if fallback else layer
+        layer, fallback = (rtn, True) if solved is None else (solved, False)
     err, err_rtn = _row_errors(w0, [layer.dequantize(), rtn.dequantize()], h, perm, dead | nonfinite)
     return GPTQOutcome(layer, err, err_rtn, damp, retries, int(dead.sum()), int(nonfinite.sum()), fallback)
 
