@@ -105,6 +105,14 @@ def _offline(cfg: PipelineConfig) -> bool:
     return cfg.run.offline or is_offline()
 
 
+def _planned_device(requested: str) -> str:
+    if requested == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
 def preflight(cfg: PipelineConfig, model: Optional[ModelHandle], spec: Any) -> None:
     """Checks before any stage runs: tasks exist and can run here, the text, the backend, the tokenizer."""
     e = cfg.eval
@@ -115,7 +123,7 @@ def preflight(cfg: PipelineConfig, model: Optional[ModelHandle], spec: Any) -> N
     if e.perplexity.enabled:
         check_text_source(e.perplexity, _offline(cfg))
     if e.tasks and e.backend == "vllm":
-        check_vllm_available("cpu" if cfg.run.device == "cpu" else "cuda")
+        check_vllm_available(_planned_device(cfg.run.device))
     if getattr(spec, "variant", "quantized") == "baseline":
         if model is not None:
             check_tokenizer_files(model.path, "model folder")
@@ -154,10 +162,11 @@ def _target(ctx: StageContext) -> EvalTarget:
     def load() -> Any:
         from stages.formats.qlinear import load_quantized_model
 
-        return load_quantized_model(str(folder), ctx.device, ctx.torch_dtype()).eval()
+        return load_quantized_model(str(folder), ctx.device, ctx.torch_dtype(),
+                                    trust_remote_code=ctx.model.trust_remote_code).eval()
 
     return EvalTarget(str(folder), load, lambda: AutoTokenizer.from_pretrained(folder), ctx.device, ctx.dtype,
-                      quantized=True)
+                      quantized=True, trust_remote_code=ctx.model.trust_remote_code)
 
 
 @contextlib.contextmanager

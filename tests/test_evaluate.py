@@ -214,6 +214,19 @@ def test_hub_task_offline_says_it_needs_network():
     check_task_names(["winogrande", "persuasion_ppl"], "hub", offline=False)  # allowed online
 
 
+@pytest.mark.parametrize("preset", ["paper", "wikitext"])
+def test_hub_presets_compose_and_refuse_offline(compose, preset):
+    from pipeline.dag import SPECS
+    from pipeline.validate import validate_config
+    from stages.evaluate import preflight
+
+    cfg, _ = compose(["model=tiny_random", f"eval={preset}"])
+    validate_config(cfg)
+    assert cfg.eval.task_source == "hub" and cfg.eval.num_fewshot == 0
+    with pytest.raises(ConfigError, match=r"needs network.*eval=local"):
+        preflight(cfg, None, SPECS["baseline_evaluate"])
+
+
 def test_hub_dataset_text_offline_needs_network(compose):
     from stages.eval.texts import check_text_source
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -120,3 +121,17 @@ def test_tokenize_text_adds_bos_once(tiny_lm):
 
 def test_bits_per_byte():
     assert bits_per_byte(100 * math.log(2), 50) == pytest.approx(2.0)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(tiny_lm):
+    """Same numbers on CUDA (float32 exactly to tolerance; bfloat16 within 2%)."""
+    model, tokenizer = tiny_lm
+    ids = tokenize_text(tokenizer, "Captain Wentworth had no fortune. He had been lucky in his profession; "
+                        "but spending freely what had come freely, had realized nothing.")
+    cpu = perplexity(model, ids, seqlen=16, stride=8, batch_size=2)
+    on_gpu = copy.deepcopy(model).to("cuda")  # a copy: the module-scoped model stays float32 on the CPU
+    gpu = perplexity(on_gpu, ids, seqlen=16, stride=8, batch_size=2, device="cuda")
+    assert gpu["ppl"] == pytest.approx(cpu["ppl"], rel=1e-4)
+    bf16 = perplexity(on_gpu.to(torch.bfloat16), ids, seqlen=16, stride=8, batch_size=2, device="cuda")
+    assert bf16["ppl"] == pytest.approx(cpu["ppl"], rel=2e-2)
