@@ -27,5 +27,6 @@ def format_summary(outcomes: list) -> str:
     for o in outcomes:
         shown = o.summary or {k: v for k, v in o.metrics.items() if k != "seconds"}
         metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in list(shown.items())[:6])
-        rows.append([o.name, o.status, f"{o.seconds:.1f}", metrics, os.path.relpath(o.path)])
+        rel = os.path.relpath(o.path)
+        rows.append([o.name, o.status, f"{o.seconds:.1f}", metrics, str(o.path) if rel.startswith("..") else rel])
     return format_table(["stage", "status", "seconds", "key metrics", "artifact"], rows)
