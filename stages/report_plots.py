@@ -185,6 +185,6 @@ def draw_plots(report: Any, block_losses: dict[str, list[dict]], out_dir: Path) 
     if plot_block_losses(block_losses, out_dir / "block_losses.png") is not None:
         files.append(out_dir / "block_losses.png")
     else:
-        notes.append("per-block losses: no quantize artifact holds a per-block loss file "
-                     f"({' / '.join(BLOCK_FILES)})")
+        notes.append(f"per-block losses: no job's quantize artifact has per-block mse/loss values ({BLOCK_FILES[0]}; "
+                     "methods that use no calibration data, such as RTN, record none)")
     return files, notes

@@ -37,8 +37,8 @@ defaults:
   - override /model: tiny_random
 calib: {nsamples: 8, seqlen: 32}
 quant: {iters: 2, batch_size: 4, group_size: 32}
-eval: {limit: 4, batch_size: 4, max_length: 64, perplexity: {seqlen: 32, stride: 32, max_windows: 4}}
-bench: {num_prompts: 2, input_len: 8, output_len: 4, warmup: 0, repeats: 1, compile: false}
+eval: {limit: 4, batch_size: 4, max_length: 64, perplexity: {seqlen: 32, stride: 32, max_windows: 2}}
+bench: {num_prompts: 2, input_len: 8, output_len: 4, warmup: 0, repeats: 1}
 run: {device: cpu, progress: false}
 tracking: {enabled: false}
 """

@@ -159,7 +159,7 @@ def test_plots_degrade_with_notes(tmp_path):
     files = write_report(build_report(nine_jobs(full=False)), tmp_path)
     assert sorted(p.name for p in files) == ["report.csv", "report.md"]
     md = (tmp_path / "report.md").read_text()
-    assert "score vs bits: no evaluate metrics" in md and "per-block losses: no quantize artifact" in md
+    assert "score vs bits: no evaluate metrics" in md and "per-block losses: no job's quantize artifact has per-block mse/loss" in md
 
 
 def test_read_block_losses_formats(tmp_path):
