@@ -210,15 +210,19 @@ def test_dvc_repro_of_the_first_stage_exports_artifact_and_metrics(dvc_repo):
 
 
 def test_dvc_restored_output_is_linked_back_into_the_store(dvc_repo):
-    dvc(dvc_repo, "repro", "calibrate")
-    shutil.rmtree(dvc_repo / "outputs" / "store" / "calibrate")  # a fresh clone has no store
-    manifest = json.loads((dvc_repo / EXPORT / "calibrate" / "manifest.json").read_text())
     from pipeline.store import ArtifactStore, import_exported
 
-    entry = ArtifactStore(dvc_repo / "outputs" / "store").entry("calibrate", manifest["fingerprint"])
-    assert import_exported(dvc_repo / EXPORT / "calibrate", entry) and entry.is_complete()
+    dvc(dvc_repo, "repro", "calibrate")
+    manifest = json.loads((dvc_repo / EXPORT / "calibrate" / "manifest.json").read_text())
+    shutil.rmtree(dvc_repo / "outputs" / "store" / "calibrate")  # as in a fresh clone after `dvc pull`
     other = ArtifactStore(dvc_repo / "outputs" / "store").entry("calibrate", "0" * 16)
     assert not import_exported(dvc_repo / EXPORT / "calibrate", other)  # a different fingerprint is not taken
+    proc = dvc(dvc_repo, "repro", "quantize")
+    assert "Stage 'calibrate' didn't change, skipping" in proc.stdout
+    assert "[calibrate] imported from outputs/dvc/calibrate (restored by DVC)" in proc.stdout + proc.stderr
+    quant = json.loads((dvc_repo / EXPORT / "quantize" / "manifest.json").read_text())
+    assert quant["inputs"]["calibrate"] == manifest["fingerprint"]
+    assert (dvc_repo / "outputs" / "store" / "calibrate" / manifest["fingerprint"] / "manifest.json").is_file()
 
 
 @pytest.mark.slow
