@@ -8,8 +8,9 @@ Stage I/O (`run`):
   it completes (written to a temporary name, then renamed), so a crash or kill resumes at
   the first unfinished block;
 * writes `qstate.safetensors` + `layers.json` (stages.quant.qstate), `block_metrics.json`,
-  then removes `blocks/`; logs per-block step metrics (`block_loss_init`, `block_loss_best`,
-  `block_best_iter`, `block_mse`, `block_seconds`) with the block index as the step.
+  then removes `blocks/`; logs per-block step metrics (`block_loss` = best tuned loss or the
+  block MSE, `block_loss_init` (the RTN loss of iteration 0), `block_loss_best`, `block_best_iter`,
+  `block_mse` (quantized block vs fp targets on all samples), `block_seconds`), step = block index.
 `preflight` builds the model on the meta device and checks every layer's scheme (group
 sizes against input dims, overrides) before any stage runs.
 """
@@ -85,6 +86,9 @@ def _log_block(ctx: "StageContext", index: int, metrics: dict) -> None:
     for key, name in STEP_METRICS.items():
         if key in metrics and metrics[key] is not None:
             ctx.log_metric(name, float(metrics[key]), index)
+    loss = metrics.get("loss_best", metrics.get("mse"))
+    if loss is not None:  # one comparable curve per run: the tuned loss, or the block MSE for untuned methods
+        ctx.log_metric("block_loss", float(loss), index)
 
 
 def _calibration(ctx: "StageContext") -> "torch.Tensor":
