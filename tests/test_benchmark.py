@@ -286,14 +286,16 @@ def test_output_parsing_counts_tokens():
         parse_outputs(outs, 4)
 
 
-# -- CUDA ---------------------------------------------------------------------------------------------------
+# -- CUDA (run with -m gpu on the GPU machine; needs no hub, hydra or GGUF package) ---------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graphs_and_compile_give_the_eager_tokens(tiny_packed):
+def test_cuda_graphs_and_compile_give_the_eager_tokens(tmp_path):
     from stages.formats.qlinear import load_quantized_model
 
-    _, w4, _ = tiny_packed
-    ids = torch.randint(3, 1000, (2, 5), generator=torch.Generator().manual_seed(2)).cuda()
+    src = tmp_path / "model"
+    _tiny_hf("llama").save_pretrained(src)
+    w4 = pack_checkpoint(str(src), tmp_path / "w4", 4, 32, True)
+    ids = torch.randint(3, 200, (2, 5), generator=torch.Generator().manual_seed(2)).cuda()
     outs = []
     for fast in (False, True):
         model = load_quantized_model(w4, "cuda", torch.bfloat16)

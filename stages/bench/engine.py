@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +128,7 @@ class DecodeEngine:
             raise ValueError(f"max_len {max_len} exceeds the rotary table ({spec.cos.shape[0]} positions)")
         self.spec, self.lin = spec, linears
         self.max_batch, self.max_len = max_batch, max_len
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs, self.compiled = cuda_graphs, compile_glue
         dev, dt = spec.embed.device, spec.embed.dtype
         shape = (spec.n_layers, max_batch, spec.n_kv_heads, max_len, spec.head_dim)
         self.k_cache = torch.zeros(shape, device=dev, dtype=dt)
@@ -145,6 +145,7 @@ class DecodeEngine:
                 attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         s = self.spec
         h, residual = self._norm(x, s.norms[0][0], s.eps), x
+        delta = x  # replaced by each layer's MLP output; layer 0 normalises x itself
         for i in range(s.n_layers):
             if i:
                 h, residual = self._add_norm(delta, residual, s.norms[i][0], s.eps)

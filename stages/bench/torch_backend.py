@@ -47,13 +47,45 @@ def weight_bytes(spec, linears: dict) -> dict[str, int]:
             continue
         lin += mod.weight_nbytes()
     quant = sum(m.weight_nbytes() for m in linears.values() if "dense" not in m.formats)
-    return {"weight_memory_bytes": spec.nbytes() + lin, "quantized_linear_bytes": quant}
+    decoder = sum(m.weight_nbytes() for n, m in linears.items() if n != "lm_head")
+    return {"weight_memory_bytes": spec.nbytes() + lin, "quantized_linear_bytes": quant,
+            "decoder_linear_bytes": decoder}
 
 
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     return platform.processor() or platform.machine()
+
+
+def build_engine(spec, linears: dict, workload: Workload, options: BenchOptions, prompts: torch.Tensor,
+                 log: Callable[[str], None]) -> tuple[DecodeEngine, list[str]]:
+    """The engine, warmed up on every batch size (captures its CUDA graph); if torch.compile or CUDA
+    graphs fail on this machine, the engine is rebuilt without them and the failure is recorded."""
+    notes: list[str] = []
+    attempts = [(options.compile, options.cuda_graphs)]
+    if options.compile:
+        attempts.append((False, options.cuda_graphs))
+    if options.cuda_graphs:
+        attempts.append((False, False))
+    for i, (comp, graphs) in enumerate(attempts):
+        engine = DecodeEngine(spec, linears, max(workload.batch_sizes), workload.max_len, compile_glue=comp,
+                              cuda_graphs=graphs)
+        try:
+            for b in workload.batch_sizes:
+                idx = [j % prompts.shape[0] for j in range(b)]
+                engine.generate(prompts[idx], workload.output_len)
+            return engine, notes
+        except Exception as exc:  # compile / capture problems of this machine: record them, fall back
+            if i == len(attempts) - 1:
+                raise
+            msg = f"compile={comp} cuda_graphs={graphs} failed ({type(exc).__name__}: {str(exc)[:300]}); retrying"
+            log(f"[bench] {msg}")
+            notes.append(msg)
+            del engine
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    raise AssertionError("unreachable")
 
 
 class TorchBackend:
@@ -64,9 +96,14 @@ class TorchBackend:
     def run(self, target: BenchTarget, workload: Workload, options: BenchOptions,
             log: Callable[[str], None] = print) -> dict[str, Any]:
         """Load, convert, measure every batch size; returns the backend's part of the record."""
+        model = load_target(target, options.device, getattr(torch, options.dtype))
+        return self.run_loaded(model, workload, options, log)
+
+    def run_loaded(self, model: torch.nn.Module, workload: Workload, options: BenchOptions,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+        """Same as `run` for a model already loaded on options.device (its Linears are consumed)."""
         dtype = getattr(torch, options.dtype)
         cuda = options.device.startswith("cuda")
-        model = load_target(target, options.device, dtype)
         exclude = special_token_ids(model.config.to_dict())
         spec, sources = decoder_from_hf(model, dtype, workload.max_len)
         del model
@@ -76,9 +113,8 @@ class TorchBackend:
         linears, plans = build_kernel_linears(sources, options.linear_kernel, dtype, list(workload.batch_sizes),
                                               quick=options.kernel_tuning == "quick",
                                               measure_bf16=options.measure_bf16_kernels, log=log)
-        engine = DecodeEngine(spec, linears, max(workload.batch_sizes), workload.max_len,
-                              compile_glue=options.compile, cuda_graphs=options.cuda_graphs)
         prompts = prompt_token_ids(workload, spec.vocab_size, exclude).to(options.device)
+        engine, notes = build_engine(spec, linears, workload, options, prompts, log)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
 
@@ -93,11 +129,11 @@ class TorchBackend:
                                    on_pass=lambda what, m: log(f"[bench] {what}: {m['output_tokens_per_s']:.1f} tok/s")))
         record = {
             "backend": self.name, "device": options.device, "device_name": device_name(options.device),
-            "dtype": options.dtype, "compile": options.compile, "cuda_graphs": options.cuda_graphs,
+            "dtype": options.dtype, "compile": engine.compiled, "cuda_graphs": engine.cuda_graphs,
             "linear_kernel": options.linear_kernel, "results": results,
             "kernels": [asdict(p) for p in plans],
             "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-            "torch_version": torch.__version__,
+            "torch_version": torch.__version__, "engine_notes": notes,
             **weight_bytes(spec, linears),
         }
         if not cuda:

@@ -39,8 +39,11 @@ def build_requests(prompts: list[list[int]], output_len: int, seed: int) -> tupl
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(n=1, temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False,
-                            seed=seed)
+    try:
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False,
+                                seed=seed)
+    except TypeError:  # a vLLM without the detokenize switch: no tokenizer is loaded anyway
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=output_len, ignore_eos=True, seed=seed)
     return [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts], params
 
 

@@ -34,8 +34,8 @@ def unpack_bitstream(packed: torch.Tensor, bits: int, count: int) -> torch.Tenso
     bit = torch.arange(count, device=packed.device, dtype=torch.int64) * bits
     idx, shift = bit // 32, (bit % 32).unsqueeze(1)
     lo = words.index_select(0, idx) >> shift
-    crossing = (bit % 32) + bits > 32
-    if bool(crossing.any()):
+    if 32 % bits:  # only widths that do not divide 32 straddle words (decided on the host: graph-safe)
+        crossing = (bit % 32) + bits > 32
         nxt = words.index_select(0, (idx + 1).clamp(max=packed.shape[0] - 1))
         hi = torch.where(crossing.unsqueeze(1), nxt << (32 - shift), torch.zeros_like(nxt))
         lo = lo | hi

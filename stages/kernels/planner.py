@@ -128,6 +128,7 @@ class _Tuner:
     sample: list[TritonWeight]
     dtype: torch.dtype
     timer: Callable[[list[Callable[[], Any]]], float] = time_graph_ms
+    _wref: Optional[torch.Tensor] = None  # reference weight of sample[0], computed once
 
     def inputs(self, m: int) -> torch.Tensor:
         gen = torch.Generator(device=self.sample[0].qweight.device).manual_seed(m)
@@ -142,8 +143,9 @@ class _Tuner:
             y = fns[0](x)
         except Exception as exc:  # a kernel that fails to compile or launch is reported, not fatal
             return math.inf, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        ref = x.float() @ dequantize_weight(self.sample[0], torch.float32).t()
-        err = _rel_err(y, ref)
+        if self._wref is None:
+            self._wref = dequantize_weight(self.sample[0], torch.float32)
+        err = _rel_err(y, x.float() @ self._wref.t())
         if not math.isfinite(err) or err > MAX_REL_ERR:
             return math.inf, f"relative error {err:.3g} vs the reference dequantization"
         return self.timer([lambda f=f: f(x) for f in fns]), ""

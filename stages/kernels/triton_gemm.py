@@ -61,7 +61,7 @@ def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
                       group_size, zero_const, tiles_per_split,
                       BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr,
                       GROUP_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      ROWS: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr):
+                      ROWS: tl.constexpr, USE_DOT: tl.constexpr):
     VPB: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     WPB: tl.constexpr = 3 if BITS == 3 else 1
     BK: tl.constexpr = ROWS * VPB
@@ -175,7 +175,7 @@ def matmul(x: torch.Tensor, w: TritonWeight, cfg: TileConfig) -> torch.Tensor:
         n, m * n, w.group_size, float(w.zero_const), per_split,
         BITS=w.bits, HAS_ZEROS=w.zeros is not None, HAS_GIDX=w.g_idx is not None,
         GROUP_TILE=group_tile(w, cfg), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ROWS=cfg.rows,
-        SPLIT_K=split, USE_DOT=cfg.use_dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_DOT=cfg.use_dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
         block = 1024
