@@ -215,7 +215,8 @@ def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     calib = calibration(tokenizer, args.nsamples, args.seqlen)
     ppl_ids = heldout_ids(tokenizer)
     fp_ppl = held_out_ppl(base_model, ppl_ids, device, args.ppl_windows)
-    rows: list[dict[str, Any]] = [{"part": "model", "model": handle.name, "cell": "fp", "method": "none", "ppl": fp_ppl}]
+    rows: list[dict[str, Any]] = [{"part": "model", "model": handle.name, "cell": "fp", "method": "none",
+                                   "ppl": fp_ppl}]
     print(f"[model] {handle.name} unquantized ppl {fp_ppl:.3f}", flush=True)
     for label, bits, gs, sym in CELLS:
         if args.cells and label not in args.cells:
@@ -245,7 +246,8 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def block_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| block shape | variant | seconds | Hessian passes s | solve s | peak GiB | layer MSE GPTQ | layer MSE RTN |",
+    lines = ["| block shape | variant | seconds | Hessian passes s | solve s | peak GiB | layer MSE GPTQ "
+             "| layer MSE RTN |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["shape"]

@@ -24,7 +24,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -422,7 +422,8 @@ class _BlockStats:
                 "solve_seconds": self.solve_seconds}
 
 
-def _split_rows(outcome: GPTQOutcome, names: list[str], sizes: list[int]) -> dict[str, tuple[QuantizedLayer, float, float]]:
+def _split_rows(outcome: GPTQOutcome, names: list[str], sizes: list[int]
+                ) -> dict[str, tuple[QuantizedLayer, float, float]]:
     """Per member of a stacked weight: (its QuantizedLayer, its GPTQ output MSE, its RTN output MSE)."""
     out, r0, lay = {}, 0, outcome.layer
     for name, rows in zip(names, sizes):
@@ -511,8 +512,8 @@ class GPTQQuantizer:
             log.warning("gptq: %s: Cholesky failed %d time(s); used damp_percent=%g", shown, outcome.retries,
                         outcome.damp_percent)
         if outcome.fallback:
-            log.warning("gptq: %s: Hessian not invertible even at damp_percent=%g; quantized by RTN", shown,
-                        outcome.damp_percent)
+            log.warning("gptq: %s: no finite GPTQ solution (Cholesky still failing at damp_percent=%g, or "
+                        "non-finite values); quantized by RTN", shown, outcome.damp_percent)
             stats.fallbacks += len(names)
         if outcome.dead or outcome.nonfinite:
             log.warning("gptq: %s: %d dead input column(s) (weights zeroed), %d with non-finite activations "
