@@ -6,10 +6,12 @@ and are written with stages.quant.qstate.save_qstate.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Callable, Optional
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -20,6 +22,25 @@ from stages.quant.qdq import quantize_weight
 from stages.quant.qstate import save_qstate
 
 BLOCKS = "model.layers"
+
+
+@pytest.fixture(scope="module")
+def tiny_once(tiny_store):
+    """The tiny random Llama loaded once per test module (float32, CPU)."""
+    from conftest import compose_config
+    from pipeline.models import load_model, load_tokenizer, prepare_model
+    from pipeline.store import ArtifactStore
+
+    cfg, _ = compose_config(["model=tiny_random"])
+    handle = prepare_model(cfg.model, ArtifactStore(tiny_store), log=lambda m: None)
+    return load_model(handle, torch.float32, "cpu"), load_tokenizer(handle), handle
+
+
+@pytest.fixture
+def tiny_model(tiny_once):
+    """Overrides conftest's tiny_model in the packing tests: a fresh copy (tests fake-quantize it in place)."""
+    model, tok, handle = tiny_once
+    return copy.deepcopy(model), tok, handle
 
 
 def block_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:

@@ -18,6 +18,7 @@ from stages.formats.gptq import pack_gptq, pack_layer_tensors
 from stages.formats.qlinear import load_quantized_model
 from stages.quant.base import LayerScheme, QuantizedLayer
 from stages.quant.qdq import quantize_weight
+from _formats_helpers import tiny_model, tiny_once  # noqa: F401  (fixtures)
 from _formats_helpers import (
     act_order_layer, fake_quantize, logits, options, quantize_linears, random_ids, recipe, save_test_qstate, source,
 )

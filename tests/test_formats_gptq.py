@@ -18,6 +18,7 @@ from stages.formats.gptq import (
 from stages.formats.qlinear import load_quantized_model
 from stages.quant.base import LayerScheme, QuantizedLayer
 from stages.quant.qdq import dequantize, quantize_weight
+from _formats_helpers import tiny_model, tiny_once  # noqa: F401  (fixtures)
 from _formats_helpers import (
     fake_quantize, logits, make_llama_folder, options, quantize_linears, random_ids, recipe, save_test_qstate, source,
     tensor_bytes_in_file,
@@ -315,3 +316,40 @@ def test_dequantize_of_packed_tensors_equals_qdq_with_act_order_g_idx():
     back = unpack_layer_tensors(t, layer.scheme)
     assert torch.equal(back.g_idx, layer.g_idx)
     assert torch.equal(dequantize(back.codes, back.scale, back.zero, 32, back.g_idx), layer.dequantize())
+
+
+def _result(records, skipped=(), packing="gptq", bits=4, sym=True):
+    from stages.formats.writer import PackResult
+
+    return PackResult(None, [], {"bits": bits, "sym": sym}, records, packing, 0, 0, extras={"skipped": list(skipped)})
+
+
+def _llama3_8b_block(scheme, overrides=None):
+    from stages.formats.writer import LayerRecord
+
+    shapes = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (1024, 4096), "self_attn.v_proj": (1024, 4096),
+              "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (14336, 4096), "mlp.up_proj": (14336, 4096),
+              "mlp.down_proj": (4096, 14336)}
+    return {f"model.layers.0.{rel}": LayerRecord((overrides or {}).get(rel, scheme), False, shape, 0)
+            for rel, shape in shapes.items()}
+
+
+def test_vllm_kernel_prediction_for_a_llama3_8b_block():
+    from stages.formats.compat import vllm_report
+
+    # fused q/k/v [6144, 4096], o, fused gate/up [28672, 4096], down [4096, 14336]
+    assert vllm_report(_result(_llama3_8b_block(LayerScheme(4, 128, True))))["kernels"] == {"Machete": 4}
+    assert vllm_report(_result(_llama3_8b_block(LayerScheme(8, -1, True))))["kernels"] == {"Machete": 4}
+    assert vllm_report(_result(_llama3_8b_block(LayerScheme(4, 32, True))))["kernels"] == {"Marlin": 4}
+    refused = vllm_report(_result(_llama3_8b_block(LayerScheme(4, 256, True))))
+    assert not refused["loads"] and "Marlin does not support group_size = 256" in refused["reason"]
+    mixed = _llama3_8b_block(LayerScheme(4, 128, True), {"self_attn.q_proj": LayerScheme(8, 128, True)})
+    assert "qkv_proj fuses" in vllm_report(_result(mixed))["reason"]
+    partial = _llama3_8b_block(LayerScheme(4, 128, True))
+    del partial["model.layers.0.self_attn.v_proj"]
+    report = vllm_report(_result(partial, skipped=["model.layers.0.self_attn.v_proj"]))
+    assert not report["loads"] and "some but not all shards are quantized" in report["reason"]
+    asym = vllm_report(_result(_llama3_8b_block(LayerScheme(4, 128, False)), sym=False))
+    assert not asym["loads"] and "bits=4, sym=False" in asym["reason"]
+    awq = vllm_report(_result(_llama3_8b_block(LayerScheme(4, 128, False)), packing="auto_round:auto_awq", sym=False))
+    assert awq["loads"] and awq["quantization"] == "inc" and awq["kernels"] == {"Machete": 4}

@@ -14,6 +14,7 @@ from pipeline.validate import validate_config
 from stages.formats.gptq import gptq_layer_bytes
 from stages.formats.qlinear import iter_quant_linears, load_quantized_model
 from stages.pack import REPORT_FILE, checkpoint_dir, preflight, run
+from _formats_helpers import tiny_model, tiny_once  # noqa: F401  (fixtures)
 from _formats_helpers import fake_quantize, logits, quantize_linears, random_ids, save_test_qstate
 
 

@@ -13,6 +13,7 @@ from pipeline.errors import InputError
 from stages.formats.gptq import pack_gptq
 from stages.formats.qlinear import QuantLinear, iter_quant_linears, load_quantized_model
 from stages.quant.base import LayerScheme
+from _formats_helpers import tiny_model, tiny_once  # noqa: F401  (fixtures)
 from _formats_helpers import (
     act_order_layer, fake_quantize, logits, make_llama_folder, options, quantize_linears, random_ids, recipe,
     save_test_qstate, source,

@@ -23,10 +23,16 @@ MACHETE_BLOCK = (64, 128)  # in_features % 64, out_features % 128
 MARLIN_SYM_BITS = (4, 8)  # uint4b8, uint8b128 (no runtime zero points)
 
 
-def _vllm_units(layers: dict[str, LayerRecord]) -> tuple[dict[str, tuple[LayerScheme, bool, int, int]], list[str]]:
-    """vLLM's linear layers: q/k/v and gate/up fused into one (in, sum of outs); mixed schemes inside a family are problems."""
+def _vllm_units(layers: dict[str, LayerRecord], skipped: list[str]
+                ) -> tuple[dict[str, tuple[LayerScheme, bool, int, int]], list[str]]:
+    """vLLM's linear layers: q/k/v and gate/up fused into one (in, sum of outs).
+
+    A family mixing schemes, or quantized and unquantized members, is a problem: vLLM gives a
+    fused layer one quantization method.
+    """
     units: dict[str, tuple[LayerScheme, bool, int, int]] = {}
     problems: list[str] = []
+    skipped_set = set(skipped)
     members: dict[str, list[str]] = defaultdict(list)
     leaf_to_family = {leaf: fused for fused, leaves in FUSED_FAMILIES.items() for leaf in leaves}
     for name in layers:
@@ -38,6 +44,11 @@ def _vllm_units(layers: dict[str, LayerRecord]) -> tuple[dict[str, tuple[LayerSc
             r = layers[name]
             units[name] = (r.scheme, r.act_order, r.shape[1], r.shape[0])
     for unit, names in members.items():
+        parent, _, fused = unit.rpartition(".")
+        left_out = [f"{parent}.{leaf}" for leaf in FUSED_FAMILIES[fused] if f"{parent}.{leaf}" in skipped_set]
+        if left_out:
+            problems.append(f"{unit}: some but not all shards are quantized ({', '.join(left_out)} left unquantized)")
+            continue
         schemes = {(layers[n].scheme, layers[n].act_order) for n in names}
         if len(schemes) > 1:
             problems.append(f"{unit} fuses {', '.join(sorted(names))} with different schemes")
@@ -74,7 +85,7 @@ def vllm_report(result: PackResult) -> dict[str, Any]:
         return {"loads": False, "quantization": method, "kernels": {},
                 "reason": f"Unsupported packing_format: {AUTO_ROUND} (vLLM's INC config takes only "
                           f"{AUTO_GPTQ} and {AUTO_AWQ}); use pack.packing_format=auto for sym or 4-bit asym"}
-    units, problems = _vllm_units(result.layers)
+    units, problems = _vllm_units(result.layers, result.extras.get("skipped", []))
     qc = result.quantization_config
     if fmt == "gptq" and (int(qc["bits"]) not in MARLIN_SYM_BITS or not qc["sym"]):
         problems.insert(0, f"Unsupported quantization config: bits={qc['bits']}, sym={qc['sym']} (the checkpoint "

@@ -55,6 +55,11 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     k_dim, n_dim = values.shape
     if k_dim % 32:
         raise ValueError(f"packed dimension {k_dim} is not a multiple of 32")
+    if 32 % bits == 0:  # whole values per word: one vectorised shift-and-sum
+        per_word = 32 // bits
+        shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=values.device).view(1, per_word, 1)
+        words = (values.to(torch.int64).reshape(k_dim // per_word, per_word, n_dim) << shifts).sum(dim=1)
+        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     v = values.to(torch.int64).reshape(k_dim // 32, 32, n_dim)
     words = torch.zeros(k_dim // 32, bits, n_dim, dtype=torch.int64, device=values.device)
     for k, (w, s) in enumerate(_word_positions(bits)):
@@ -71,9 +76,12 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     rows, n_dim = packed.shape
     if rows % bits:
         raise ValueError(f"{rows} packed rows do not hold whole 32-value blocks of {bits}-bit values")
+    mask = 2**bits - 1
+    if 32 % bits == 0:  # arithmetic shifts are fine: the mask drops the sign-extended bits
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device).view(1, 32 // bits, 1)
+        return ((packed.unsqueeze(1) >> shifts) & mask).to(torch.uint8).reshape(rows * 32 // bits, n_dim)
     words = packed.to(torch.int64).reshape(rows // bits, bits, n_dim) & _MASK32
     out = torch.empty(rows // bits, 32, n_dim, dtype=torch.uint8, device=packed.device)
-    mask = 2**bits - 1
     for k, (w, s) in enumerate(_word_positions(bits)):
         v = words[:, w] >> s
         if s + bits > 32:

@@ -262,4 +262,5 @@ def write_checkpoint(layout: Layout, qstate: QStateReader, source: SourceModel, 
             shutil.rmtree(tmp, ignore_errors=True)
     names = sorted(p.name for p in out.iterdir() if p.is_file())
     size = sum((out / n).stat().st_size for n in names)
-    return PackResult(out, names, qconfig, records, getattr(layout, "packing_format", layout.name), total, size)
+    return PackResult(out, names, qconfig, records, getattr(layout, "packing_format", layout.name), total, size,
+                      extras={"skipped": qstate.skipped, "dtype": str(options.dtype).removeprefix("torch.")})
