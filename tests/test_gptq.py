@@ -22,6 +22,13 @@ from stages.quant.rtn import RTNQuantizer, rtn_layer
 from _quant_helpers import block_case, one_thread  # noqa: F401
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(one_thread):  # noqa: F811
+    """Many tiny ops: one thread is much faster on the shared 2-core machine."""
+    yield
+
 SCHEMES = [LayerScheme(4, 64, True), LayerScheme(3, 64, False), LayerScheme(2, 32, False), LayerScheme(4, -1, False),
            LayerScheme(8, 32, True)]
 
