@@ -205,8 +205,11 @@ def torch_part(args) -> dict:
     records["baseline"]["workload"] = wl.to_dict()
     del model
     free_cuda()
-    for name, info in ckpts.items():
-        opts = replace(options, kernel_tuning="full" if info["bits"] == 4 else "quick")
+    runs = [(name, info, args.linear_kernel) for name, info in ckpts.items()]
+    if args.dual and cuda and "w4g128" in ckpts:  # batch-aware tinygemm + Triton, both formats kept (2x the W4 memory)
+        runs.insert(1, ("w4g128_dual", ckpts["w4g128"], "tinygemm_triton"))
+    for name, info, policy in runs:
+        opts = replace(options, kernel_tuning="full" if info["bits"] == 4 else "quick", linear_kernel=policy)
         start = time.perf_counter()
         try:
             rec = TorchBackend().run(BenchTarget(info["path"], "quantized"), wl, opts, log)
@@ -218,7 +221,7 @@ def torch_part(args) -> dict:
         rec["wall_s"] = time.perf_counter() - start
         records[name] = rec
         free_cuda()
-        if not args.keep:
+        if not args.keep and not any(r[1] is info for r in runs[runs.index((name, info, policy)) + 1:]):
             shutil.rmtree(info["path"], ignore_errors=True)
         log(f"{name} done in {rec['wall_s']:.1f} s: speedups {rec.get('speedup_vs_baseline')}")
     return {"part": "torch", "device_name": records["baseline"].get("device_name"), "model": dims,
@@ -321,6 +324,8 @@ def main(argv=None) -> int:
     ap.add_argument("--linear-kernel", default="auto", help="bench.linear_kernel policy for the torch part")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.8)
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints in --work")
+    ap.add_argument("--no-dual", dest="dual", action="store_false",
+                    help="skip the extra W4 run with both tinygemm and Triton formats (bench.linear_kernel=tinygemm_triton)")
     ap.add_argument("--report", nargs="+", metavar="DIR", help="only merge earlier results into one table")
     args = ap.parse_args(argv)
     args.bits = [int(b) for b in args.bits.split(",")]
@@ -336,7 +341,7 @@ def main(argv=None) -> int:
         for part in ("torch", "vllm"):
             cmd = [sys.executable, __file__, "--part", part, "--out", str(out / part), "--work", args.work,
                    "--bits", ",".join(map(str, args.bits)), "--linear-kernel", args.linear_kernel,
-                   "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+                   "--gpu-memory-utilization", str(args.gpu_memory_utilization)] + ([] if args.dual else ["--no-dual"])
             subprocess.run(cmd, check=False)
         write_outputs(out, load_parts([str(out / "torch"), str(out / "vllm")]))
         return 0

@@ -69,22 +69,31 @@ def _split(m: int, n: int, block_m: int, block_n: int, tiles: int, sms: int) -> 
 
 
 def candidate_configs(m: int, w: TritonWeight, sms: int, quick: bool = False) -> list[TileConfig]:
-    """Tiles worth timing for M rows of `w` (GEMV for M <= 4, tensor-core tiles above)."""
+    """Tiles worth timing for M rows of `w`: GEMV tiles for M <= 4 (128 or 256 input values per step),
+    tensor-core tiles (BLOCK_M >= 16) otherwise; split-K sized to give about 4 programs per SM."""
     vpb, n = values_per_block(w.bits), w.out_features
     blocks = w.in_features // vpb
     out: list[TileConfig] = []
     if m <= 4:
-        rows = max(1, 128 // vpb)
         bm = _pow2_floor(m) * (2 if m & (m - 1) else 1)
-        for bn in ((64, 128) if quick else (64, 128, 32)):
-            out.append(TileConfig(bm, bn, rows, _split(m, n, bm, bn, math.ceil(blocks / rows), sms), False))
-    shapes = [(16, 64), (16, 128)] if m <= 16 else [(32, 64), (64, 128)] if m <= 64 else [(64, 128), (128, 128)]
-    for bm, bn in shapes[: (1 if quick and m <= 4 else 2)]:
+        rows0 = max(1, 128 // vpb)
+        shapes = [(64, rows0), (128, rows0)] if quick else [(64, rows0), (128, rows0), (32, rows0),
+                                                             (64, 2 * rows0), (128, 2 * rows0), (32, 2 * rows0)]
+        for bn, rows in shapes:
+            if bm * rows * bn <= 8192:  # the GEMV accumulator [bm, rows, bn] stays in registers (<= 64 per thread)
+                out.append(TileConfig(bm, bn, rows, _split(m, n, bm, bn, math.ceil(blocks / rows), sms), False))
+    if m <= 16:
+        shapes = [(16, 64, 16)] if quick and m <= 4 else [(16, 64, 16), (16, 128, 16)] + ([] if quick else [(16, 64, 32)])
+    elif m <= 64:
+        shapes = [(32, 64, 16), (64, 128, 16)]
+    else:
+        shapes = [(64, 128, 16), (128, 128, 16)]
+    for bm, bn, rows in shapes:
         warps = 8 if bm * bn >= 128 * 128 else 4
-        split = _split(m, n, bm, bn, math.ceil(blocks / 16), sms)
-        out.append(TileConfig(bm, bn, 16, split, True, warps))
+        split = _split(m, n, bm, bn, math.ceil(blocks / rows), sms)
+        out.append(TileConfig(bm, bn, rows, split, True, warps))
         if not quick and split > 1:
-            out.append(TileConfig(bm, bn, 16, max(1, split // 4), True, warps))
+            out.append(TileConfig(bm, bn, rows, max(1, split // 4), True, warps))
     return list(dict.fromkeys(out))
 
 
