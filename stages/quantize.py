@@ -121,7 +121,7 @@ def run(ctx: "StageContext") -> "StageResult":
     from pipeline.context import StageResult
     from pipeline.models import load_model
     from stages.quant.driver import quantize_model, quantizer_class
-    from stages.quant.qstate import LAYERS_FILE, QSTATE_FILE, save_qstate
+    from stages.quant.qstate import LAYERS_FILE, save_qstate
 
     cfg = ctx.cfg.quant
     workdir = Path(ctx.workdir)
@@ -147,8 +147,9 @@ def run(ctx: "StageContext") -> "StageResult":
     shutil.rmtree(workdir / PROGRESS_DIR, ignore_errors=True)
     summary = {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
                "layers": len(result.layers), "skipped": len(result.meta["skipped"])}
+    # qstate.safetensors is the big output (a byte per weight): attach only the small files to MLflow
     return StageResult(metrics=_summary_metrics(result.block_metrics, result.metrics), summary=summary,
-                       artifacts=[LAYERS_FILE, BLOCK_METRICS_FILE] + ([] if len(result.layers) > 2000 else [QSTATE_FILE]))
+                       artifacts=[LAYERS_FILE, BLOCK_METRICS_FILE])
 
 
 def meta_model(model: "ModelHandle"):

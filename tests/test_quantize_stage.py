@@ -194,3 +194,35 @@ def test_cuda_low_gpu_mem_matches_device_resident_tuning(compile_):
     for a, b in zip(dense.block_metrics, low.block_metrics):
         assert a["loss_init"] == pytest.approx(b["loss_init"], rel=1e-3)
         assert b["mse"] < 0.7 * b["loss_init"] and a["mse"] < 0.7 * a["loss_init"]
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_quantize", Path(__file__).parent.parent / "benchmarks"
+                                                  / "bench_quantize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_small_block_part_runs_on_cpu(tmp_path, one_thread):
+    bench = _bench()
+    assert bench.main(["--small", "--parts", "block", "--compile", "off", "--iters", "3", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "quantize_small_cpu.json").read_text())
+    (row,) = data["rows"]
+    assert row["part"] == "block" and row["iters"] == 3 and row["seconds"] > 0
+    assert row["loss_best"] <= row["loss_init"]
+    assert "| h256/i768, 16x128, 3 it, bs 4 | False | False |" in (tmp_path / "quantize_small_cpu.md").read_text()
+
+
+@pytest.mark.slow
+def test_benchmark_small_model_part_runs_on_cpu(tmp_path, one_thread):
+    bench = _bench()
+    out = tmp_path / "out"
+    assert bench.main(["--small", "--parts", "model", "--compile", "off", "--iters", "2", "--out", str(out),
+                       "--store", str(tmp_path / "store")]) == 0
+    rows = json.loads((out / "quantize_small_cpu.json").read_text())["rows"]
+    assert [(r["cell"], r["method"]) for r in rows][:3] == [("fp", "none"), ("W2G64 asym", "rtn"),
+                                                            ("W2G64 asym", "autoround")]
+    assert all(r["ppl"] > 1 for r in rows)

@@ -122,7 +122,8 @@ def _amp(cfg: QuantConfig, device: torch.device) -> Optional[torch.dtype]:
 
 
 def quantize_model(model: nn.Module, input_ids: Optional[torch.Tensor], cfg: QuantConfig, device: torch.device | str,
-                   *, seed: int = 0, progress: bool = False, done: Optional[dict[int, dict[str, QuantizedLayer]]] = None,
+                   *, seed: int = 0, progress: bool = False,
+                   done: Optional[dict[int, dict[str, QuantizedLayer]]] = None,
                    on_block_done: Optional[Callable[[int, BlockResult, float], None]] = None,
                    log: Callable[[str], None] = lambda m: None) -> QuantizeResult:
     """Quantize every decoder block of a causal LM, one block at a time.
