@@ -202,6 +202,9 @@ def _bench():
     spec = importlib.util.spec_from_file_location("bench_quantize", Path(__file__).parent.parent / "benchmarks"
                                                   / "bench_quantize.py")
     module = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules["bench_quantize"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
