@@ -353,3 +353,36 @@ def test_vllm_kernel_prediction_for_a_llama3_8b_block():
     assert not asym["loads"] and "bits=4, sym=False" in asym["reason"]
     awq = vllm_report(_result(_llama3_8b_block(LayerScheme(4, 128, False)), packing="auto_round:auto_awq", sym=False))
     assert awq["loads"] and awq["quantization"] == "inc" and awq["kernels"] == {"Machete": 4}
+
+
+@pytest.mark.gpu
+def test_vllm_0_26_agrees_with_the_compat_rules():
+    """On the GPU machine: vLLM's own config classes and kernel chooser give what stages.formats.compat predicts."""
+    pytest.importorskip("vllm")
+    from vllm.model_executor.kernels.linear import MPLinearLayerConfig, choose_mp_linear_kernel
+    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig, AutoGPTQLinearMethod
+    from vllm.model_executor.layers.quantization.inc import INCConfig
+    from vllm.scalar_type import scalar_types
+
+    from stages.formats.compat import hopper_kernel, vllm_report
+
+    for bits, gs, sym in [(4, 128, True), (8, -1, True), (4, 32, True), (4, 256, True), (2, 64, True), (4, 128, False)]:
+        predicted = vllm_report(_result(_llama3_8b_block(LayerScheme(bits, gs, sym)), bits=bits, sym=sym))["loads"]
+        try:
+            cfg = AutoGPTQConfig.from_config({"quant_method": "gptq", "bits": bits, "group_size": gs, "sym": sym,
+                                              "desc_act": False})
+            AutoGPTQLinearMethod(cfg)
+            loads = True
+        except ValueError:
+            loads = False
+        assert loads == predicted, (bits, gs, sym)
+    with pytest.raises(ValueError, match="Unsupported packing_format"):
+        INCConfig.from_config({"quant_method": "auto-round", "bits": 3, "group_size": 32, "sym": False,
+                               "packing_format": "auto_round"})
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("kernel choice is predicted for Hopper (SM90)")
+    shapes = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (576, 960), (576, 3072), (1536, 576)]
+    for (in_f, out_f), gs in [(s, g) for s in shapes for g in (32, 64, 128)]:
+        c = MPLinearLayerConfig((in_f, out_f), (in_f, out_f), scalar_types.uint4b8, torch.bfloat16, gs, False, False)
+        chosen = choose_mp_linear_kernel(c).__name__.removesuffix("LinearKernel")
+        assert chosen == hopper_kernel(LayerScheme(4, gs, True), in_f, out_f), (in_f, out_f, gs)

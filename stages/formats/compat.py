@@ -85,11 +85,13 @@ def vllm_report(result: PackResult) -> dict[str, Any]:
         return {"loads": False, "quantization": method, "kernels": {},
                 "reason": f"Unsupported packing_format: {AUTO_ROUND} (vLLM's INC config takes only "
                           f"{AUTO_GPTQ} and {AUTO_AWQ}); use pack.packing_format=auto for sym or 4-bit asym"}
-    units, problems = _vllm_units(result.layers, result.extras.get("skipped", []))
     qc = result.quantization_config
     if fmt == "gptq" and (int(qc["bits"]) not in MARLIN_SYM_BITS or not qc["sym"]):
-        problems.insert(0, f"Unsupported quantization config: bits={qc['bits']}, sym={qc['sym']} (the checkpoint "
-                           "default; vLLM checks it before any layer)")
+        return {"loads": False, "quantization": method, "kernels": {},
+                "reason": f"Unsupported quantization config: bits={qc['bits']}, sym={qc['sym']} (vLLM {VLLM_VERSION} "
+                          "serves GPTQ weights only as sym 4/8-bit through Marlin-family kernels; asym 4-bit: "
+                          "pack=auto_round)"}
+    units, problems = _vllm_units(result.layers, result.extras.get("skipped", []))
     kernels: dict[str, int] = defaultdict(int)
     for unit, (s, act, in_f, out_f) in sorted(units.items()):
         refusal = _marlin_refusal(s, fmt == AUTO_AWQ)

@@ -220,7 +220,10 @@ def _build_quant_linear(spec: QuantSpec, name: str, linear: nn.Module, tensors: 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
     module_name, _, attr = key.rpartition(".")
-    module = model.get_submodule(module_name)
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError as exc:
+        raise InputError(f"checkpoint tensor {key} has no place in this architecture") from exc
     if attr in module._parameters:
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
     elif attr in module._buffers:
@@ -230,16 +233,23 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
 
 
 def _materialise_buffers(model: nn.Module, device: str) -> None:
-    """Non-persistent buffers (rotary inv_freq) are not in checkpoints: recompute them on `device`."""
+    """Non-persistent buffers (rotary inv_freq) are not in checkpoints: rebuild them on `device`.
+
+    The rotary module is constructed again from its config, as transformers does when it
+    builds the model, and its buffers replace the meta ones (same values as a normal load).
+    """
     owners = {}
     for key, buf in model.named_buffers():
         if buf.is_meta:
-            module_name, _, attr = key.rpartition(".")
-            module = model.get_submodule(module_name)
-            module._buffers[attr] = torch.empty_like(buf, device=device)
-            owners[module_name] = module
-    for module in owners.values():
-        model._init_weights(module)  # transformers' own initialiser recomputes rotary buffers
+            owners[key.rpartition(".")[0]] = model.get_submodule(key.rpartition(".")[0])
+    for name, module in owners.items():
+        if "RotaryEmbedding" not in type(module).__name__ or not hasattr(module, "config"):
+            raise InputError(f"cannot rebuild the non-persistent buffers of {name} ({type(module).__name__}); "
+                             "this loader supports architectures whose only such buffers are rotary tables")
+        fresh = type(module)(module.config)  # config-only construction works across transformers 4.4x-5.x
+        for attr, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_meta:
+                module._buffers[attr] = getattr(fresh, attr).to(device=device, dtype=buf.dtype)
 
 
 def load_quantized_model(path: str | Path, device: str = "cpu", dtype: Optional[torch.dtype] = None,
@@ -273,7 +283,11 @@ def load_quantized_model(path: str | Path, device: str = "cpu", dtype: Optional[
     for name in quantized:
         keys = [f"{name}.{k}" for k in (*PACKED_KEYS, "bias") if f"{name}.{k}" in headers]
         owned.update(keys)
-        module = _build_quant_linear(spec, name, model.get_submodule(name), _read(path, headers, keys, device), dtype)
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError as exc:
+            raise InputError(f"{path}: packed tensors for {name}, which this architecture does not have") from exc
+        module = _build_quant_linear(spec, name, linear, _read(path, headers, keys, device), dtype)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, module)
     rest = [k for k in headers if k not in owned]

@@ -214,6 +214,24 @@ def check_output_folder(out: Path, identity: str) -> None:
                          f"{identity}); choose an empty folder or remove it first")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_tmp(out: Path) -> None:
+    """Temporary folders of crashed earlier attempts (their process is gone) are deleted."""
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _commit(tmp: Path, out: Path) -> None:
     """Put the finished folder in place; an older copy of the same checkpoint is replaced."""
     if out.exists():
@@ -240,8 +258,7 @@ def write_checkpoint(layout: Layout, qstate: QStateReader, source: SourceModel, 
     layout.check(qstate, source)
     qconfig = layout.quantization_config(qstate, recipe)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    _remove_stale_tmp(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.mkdir()
     try:
