@@ -35,13 +35,22 @@ def read_block_losses(artifact_dir: Path) -> Optional[list[dict]]:
 
 
 def _figure(n_panels: int = 1):
+    """A figure with n panels: one row up to two, then two columns."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.2 * n_panels, 4.0), layout="constrained")
+    cols = min(n_panels, 2)
+    rows = (n_panels + cols - 1) // cols
+    fig = Figure(figsize=(5.6 * cols, 4.2 * rows), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(1, n_panels, i + 1) for i in range(n_panels)]
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
     return fig, axes
+
+
+def _maybe_log(ax: Any, values: list[float]) -> None:
+    """Log y only when the values are positive and span more than a factor of 3."""
+    if values and min(values) > 0 and max(values) / min(values) > 3:
+        ax.set_yscale("log")
 
 
 def _is_lower_better(metric: str) -> bool:
@@ -65,13 +74,22 @@ def _series_key(row: dict, keys: tuple[str, ...]) -> str:
 
 
 def _varying(rows: list[dict], keys: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(k for k in keys if len({str(r.get(k)) for r in rows}) > 1)
+    """The keys whose value differs between rows of the same method (they split a method's line)."""
+    out = []
+    for k in keys:
+        per_method: dict[str, set] = defaultdict(set)
+        for r in rows:
+            per_method[str(r.get("method"))].add(str(r.get(k)))
+        if any(len(v) > 1 for v in per_method.values()):
+            out.append(k)
+    return tuple(out)
 
 
 def plot_score_vs_bits(report: Any, out: Path) -> Optional[Path]:
     """Each quality metric against bits; one line per method (+ whichever of group/sym/iters vary)."""
     rows = [r for r in report.quantized_rows() if r.get("bits") is not None]
-    metrics = [m for m in report.quality if any(r.get(f"eval.{m}") is not None for r in rows)][:MAX_QUALITY_PANELS]
+    ordered = sorted(report.quality, key=lambda m: m != report.ppl_key)  # perplexity first
+    metrics = [m for m in ordered if any(r.get(f"eval.{m}") is not None for r in rows)][:MAX_QUALITY_PANELS]
     if not metrics:
         return None
     extra = _varying(rows, ("group_size", "sym", "iters"))
@@ -87,8 +105,8 @@ def plot_score_vs_bits(report: Any, out: Path) -> Optional[Path]:
         for b in report.baseline_rows():
             if b.get(f"eval.{metric}") is not None:
                 ax.axhline(b[f"eval.{metric}"], color="gray", linestyle="--", label="baseline")
-        if _is_lower_better(metric) and all(p[1] > 0 for s in series.values() for p in s):
-            ax.set_yscale("log")
+        if _is_lower_better(metric):
+            _maybe_log(ax, [p[1] for s in series.values() for p in s])
         ax.set_xlabel("bits")
         ax.set_ylabel(metric)
         ax.set_xticks(sorted({r["bits"] for r in rows}))
@@ -115,8 +133,7 @@ def plot_ppl_vs_iters(report: Any, out: Path) -> Optional[Path]:
     for b in report.baseline_rows():
         if b.get(f"eval.{key}") is not None:
             ax.axhline(b[f"eval.{key}"], color="gray", linestyle="--", label="baseline")
-    if all(p[1] > 0 for s in series.values() for p in s):
-        ax.set_yscale("log")
+    _maybe_log(ax, [p[1] for s in series.values() for p in s])
     ax.set_xlabel("iters (0 = no tuning)")
     ax.set_ylabel(key)
     ax.set_title(f"{key} vs iters")
@@ -132,18 +149,17 @@ def _numeric_field(records: list[dict], name: str) -> list[tuple[int, float]]:
 
 def _draw_curves(ax: Any, curves: dict[str, list[dict]], fields: tuple[str, ...], ylabel: str, title: str) -> None:
     styles = ["-", "--", ":", "-."]
-    positive = True
+    values: list[float] = []
     for i, (label, records) in enumerate(sorted(curves.items())):
         for j, name in enumerate(fields):
             pts = _numeric_field(records, name)
             if not pts:
                 continue
-            positive &= all(p[1] > 0 for p in pts)
+            values += [p[1] for p in pts]
             suffix = f": {name}" if len(fields) > 1 else ""
             ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=styles[j % len(styles)], color=f"C{i % 10}",
                     marker=".", label=label + suffix)
-    if positive:
-        ax.set_yscale("log")
+    _maybe_log(ax, values)
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
