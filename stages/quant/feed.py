@@ -44,7 +44,7 @@ class DeviceFeeder:
 
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, schedule: torch.Tensor, batch_size: int):
         self.inputs, self.targets = inputs, targets
-        self.steps = [idx.to(inputs.device) for idx in flat_steps(schedule, batch_size)]
+        self.steps = flat_steps(schedule.to(inputs.device), batch_size)  # one copy, then views
 
     def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.steps[step]
