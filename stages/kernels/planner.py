@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -63,25 +63,38 @@ def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(x, 1)))))
 
 
-def _split(m: int, n: int, block_m: int, block_n: int, tiles: int, sms: int) -> int:
+def _split(m: int, n: int, block_m: int, block_n: int, tiles: int, sms: int, per_sm: int) -> int:
+    """Split-K factor giving about `per_sm` programs per SM (more loads in flight for small M)."""
     programs = math.ceil(n / block_n) * math.ceil(m / block_m)
-    return max(1, min(16, tiles, _pow2_floor(4 * sms / programs)))
+    return max(1, min(16, tiles, _pow2_floor(per_sm * sms / programs)))
+
+
+def _with_splits(cfg: TileConfig, split: int, quick: bool) -> list[TileConfig]:
+    alt = [] if quick or split < 4 else [replace(cfg, split_k=split // 4)]
+    return [replace(cfg, split_k=split)] + alt
 
 
 def candidate_configs(m: int, w: TritonWeight, sms: int, quick: bool = False) -> list[TileConfig]:
-    """Tiles worth timing for M rows of `w`: GEMV tiles for M <= 4 (128 or 256 input values per step),
-    tensor-core tiles (BLOCK_M >= 16) otherwise; split-K sized to give about 4 programs per SM."""
+    """Tiles worth timing for M rows of `w`.
+
+    M = 1: GEMV tiles (2-D accumulator, 36-40 registers per thread at these sizes on sm_90);
+    M = 2..4: one small 3-D GEMV tile and tensor-core tiles; M > 4: tensor-core tiles
+    (BLOCK_M >= 16). Split-K (a run-time argument: no extra compilation) gives about 16
+    programs per SM for GEMV and 4 for tensor-core tiles, plus a 4x smaller split to compare.
+    """
     vpb, n = values_per_block(w.bits), w.out_features
     blocks = w.in_features // vpb
+    rows0 = max(1, 128 // vpb)  # 128 input values per step
+    gemv: list[tuple[int, int, int, int]] = []  # block_m, block_n, rows, warps
+    if m == 1:
+        gemv = [(1, 64, rows0, 4), (1, 128, rows0, 8)] if quick else \
+            [(1, 64, rows0, 4), (1, 128, rows0, 8), (1, 32, rows0, 4), (1, 64, 2 * rows0, 8)]
+    elif m <= 4:
+        gemv = [(4 if m > 2 else 2, 32, rows0, 8)]
     out: list[TileConfig] = []
-    if m <= 4:
-        bm = _pow2_floor(m) * (2 if m & (m - 1) else 1)
-        rows0 = max(1, 128 // vpb)
-        shapes = [(64, rows0), (128, rows0)] if quick else [(64, rows0), (128, rows0), (32, rows0),
-                                                             (64, 2 * rows0), (128, 2 * rows0), (32, 2 * rows0)]
-        for bn, rows in shapes:
-            if bm * rows * bn <= 8192:  # the GEMV accumulator [bm, rows, bn] stays in registers (<= 64 per thread)
-                out.append(TileConfig(bm, bn, rows, _split(m, n, bm, bn, math.ceil(blocks / rows), sms), False))
+    for bm, bn, rows, warps in gemv:
+        split = _split(m, n, bm, bn, math.ceil(blocks / rows), sms, 16)
+        out += _with_splits(TileConfig(bm, bn, rows, split, False, warps), split, quick)
     if m <= 16:
         shapes = [(16, 64, 16)] if quick and m <= 4 else [(16, 64, 16), (16, 128, 16)] + ([] if quick else [(16, 64, 32)])
     elif m <= 64:
@@ -90,10 +103,8 @@ def candidate_configs(m: int, w: TritonWeight, sms: int, quick: bool = False) ->
         shapes = [(64, 128, 16), (128, 128, 16)]
     for bm, bn, rows in shapes:
         warps = 8 if bm * bn >= 128 * 128 else 4
-        split = _split(m, n, bm, bn, math.ceil(blocks / rows), sms)
-        out.append(TileConfig(bm, bn, rows, split, True, warps))
-        if not quick and split > 1:
-            out.append(TileConfig(bm, bn, rows, max(1, split // 4), True, warps))
+        split = _split(m, n, bm, bn, math.ceil(blocks / rows), sms, 4)
+        out += _with_splits(TileConfig(bm, bn, rows, split, True, warps), split, quick)
     return list(dict.fromkeys(out))
 
 

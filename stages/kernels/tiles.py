@@ -59,6 +59,11 @@ def words_per_block(bits: int) -> int:
     return 3 if bits == 3 else 1
 
 
+def group_tile_ok(w: TritonWeight, cfg: TileConfig) -> bool:
+    """Scales are constant over a K tile (one load per tile instead of one per row)."""
+    return w.g_idx is None and w.group_size % (cfg.rows * values_per_block(w.bits)) == 0
+
+
 def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: Optional[torch.Tensor],
               bits: int, group_size: int, zero_offset: int = 1) -> TritonWeight:
     """Wrap one GPTQ Linear's tensors (on their device) for the Triton kernel.

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from stages.kernels.tiles import TileConfig, TritonWeight, values_per_block
+from stages.kernels.tiles import TileConfig, TritonWeight, group_tile_ok, values_per_block
 
 
 @triton.jit
@@ -76,7 +76,9 @@ def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
     n_blocks = K // VPB
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:  # reduce over ROWS once at the end, not per slice
+    elif BLOCK_M == 1:  # one row: a 2-D accumulator, reduced over ROWS once at the end
+        acc2 = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    else:  # a few rows: the same with a leading row axis
         acc3 = tl.zeros((BLOCK_M, ROWS, BLOCK_N), dtype=tl.float32)
     # A fixed trip count (tiles past the end are fully masked): same loop for every program.
     for i in range(tiles_per_split):
@@ -118,14 +120,22 @@ def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
                 else:
                     z = zero_const
             w = ((q - z) * s).to(x_ptr.dtype.element_ty)
-            xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-                         mask=mask_m[:, None] & mask_b[None, :], other=0)
             if USE_DOT:
+                xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                             mask=mask_m[:, None] & mask_b[None, :], other=0)
                 acc = tl.dot(xa, w, acc)
+            elif BLOCK_M == 1:
+                xv = tl.load(x_ptr + pid_m * stride_xm + k, mask=mask_b & (pid_m < M), other=0)
+                acc2 += xv.to(tl.float32)[:, None] * w.to(tl.float32)
             else:
+                xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                             mask=mask_m[:, None] & mask_b[None, :], other=0)
                 acc3 += xa.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
     if not USE_DOT:
-        acc = tl.sum(acc3, axis=1)
+        if BLOCK_M == 1:
+            acc = tl.sum(acc2, axis=0)[None, :]
+        else:
+            acc = tl.sum(acc3, axis=1)
     out = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -149,11 +159,6 @@ def check_config(w: TritonWeight, cfg: TileConfig) -> Optional[str]:
     return None
 
 
-def group_tile(w: TritonWeight, cfg: TileConfig) -> bool:
-    """Scales are constant over a K tile (one load per tile instead of one per row)."""
-    return w.g_idx is None and w.group_size % (cfg.rows * values_per_block(w.bits)) == 0
-
-
 def matmul(x: torch.Tensor, w: TritonWeight, cfg: TileConfig) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., N] in x's dtype with the tile configuration `cfg`."""
     x2 = x.reshape(-1, w.in_features)
@@ -174,7 +179,7 @@ def matmul(x: torch.Tensor, w: TritonWeight, cfg: TileConfig) -> torch.Tensor:
         m, n, w.in_features, x2.stride(0), w.qweight.stride(0), w.scales.stride(0), z.stride(0),
         n, m * n, w.group_size, float(w.zero_const), per_split,
         BITS=w.bits, HAS_ZEROS=w.zeros is not None, HAS_GIDX=w.g_idx is not None,
-        GROUP_TILE=group_tile(w, cfg), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ROWS=cfg.rows,
+        GROUP_TILE=group_tile_ok(w, cfg), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ROWS=cfg.rows,
         USE_DOT=cfg.use_dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split > 1:
