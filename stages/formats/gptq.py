@@ -191,10 +191,11 @@ def is_lm_head(name: str) -> bool:
 
 
 def base_scheme(qstate: QStateReader, recipe: Optional[Recipe]) -> LayerScheme:
-    """The checkpoint's default scheme: the run's, or the most common one when no recipe is given."""
-    if recipe is not None:
+    """The checkpoint's default scheme: the run's when some layer uses it, else the most common one."""
+    counts = Counter(qstate.scheme(n) for n in qstate.names)
+    if recipe is not None and recipe.scheme in counts:
         return recipe.scheme
-    return Counter(qstate.scheme(n) for n in qstate.names).most_common(1)[0][0]
+    return counts.most_common(1)[0][0]
 
 
 def _block_parts(name: str, blocks: Optional[str]) -> Optional[tuple[int, str]]:
