@@ -166,7 +166,8 @@ def quantize_model(model: nn.Module, input_ids: Optional[torch.Tensor], cfg: Qua
             on_block_done(i, result, seconds)
         block_metrics.append({"block": i, "seconds": seconds, "resumed": not tuned, **result.metrics})
         layers.update({f"{plan.blocks_name}.{i}.{n}": l.to("cpu") for n, l in result.layers.items()})
-        log(f"block {i}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
+        log(f"block {i}: " + (", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()) if tuned
+                              else "finished by an earlier attempt (replayed)"))
     if plan.head is not None:
         head = model.get_submodule(plan.head)
         layers[plan.head] = rtn_layer(head.weight.to(device), plan.schemes[plan.head]).to("cpu")
