@@ -92,12 +92,23 @@ def test_basic_launcher_sweep_nests_runs_under_one_parent(tiny_outputs, migrated
     assert parent["status"] == "FINISHED"
 
 
-def test_joblib_launcher_runs_jobs_in_worker_processes(tiny_outputs):
-    args = calib_sweep_args(tiny_outputs) + ["hydra/launcher=joblib_local", "hydra.launcher.n_jobs=2"]
+def test_joblib_launcher_runs_jobs_in_worker_processes(tiny_outputs, migrated_db):
+    import shutil
+
+    from pipeline import tracking
+    from pipeline.schema import TrackingConfig
+
+    shutil.copy(migrated_db, tiny_outputs / "mlflow.db")
+    args = calib_sweep_args(tiny_outputs, tracking=True) + ["hydra/launcher=joblib_local", "hydra.launcher.n_jobs=2"]
     proc = run_pipeline(args, cwd=tiny_outputs.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
     assert_two_calibrate_jobs(tiny_outputs)
+    # two worker processes logged into the one sqlite DB, both nested under the parent
+    parent_id = (tiny_outputs / "sweeps" / "test" / tracking.PARENT_RUN_FILE).read_text().strip()
+    runs = tracking.search_runs(TrackingConfig(uri=f"sqlite:///{tiny_outputs}/mlflow.db"))
+    children = runs[runs["tags.mlflow.parentRunId"] == parent_id]
+    assert sorted(children["params.calib.nsamples"]) == ["4", "8"] and set(children["status"]) == {"FINISHED"}
 
 
 def test_submitit_local_launcher_two_job_sweep(tiny_outputs):
