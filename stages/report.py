@@ -183,13 +183,16 @@ def _ppl_key(quality: Iterable[str]) -> Optional[str]:
     return next((k for k in keys if PPL_RE.search(k)), None)
 
 
-def _columns(rows: list[dict[str, Any]], quality: list[str], has_ppl_ratio: bool) -> list[str]:
+def _columns(rows: list[dict[str, Any]], quality: list[str], ppl_key: Optional[str]) -> list[str]:
+    """label, scheme keys, each score with its delta (perplexity first, with its ratio), costs."""
     present = {k for r in rows for k, v in r.items() if v is not None}
     cols = ["label", *KEY_COLUMNS]
-    cols += [f"eval.{q}" for q in quality]
-    cols += [f"delta.{q}" for q in quality if f"delta.{q}" in present]
-    if has_ppl_ratio:
-        cols.append("ppl_ratio")
+    for q in sorted(quality, key=lambda k: k != ppl_key):
+        cols.append(f"eval.{q}")
+        if f"delta.{q}" in present:
+            cols.append(f"delta.{q}")
+        if q == ppl_key and "ppl_ratio" in present:
+            cols.append("ppl_ratio")
     cols += [c.name for c in COST_COLUMNS if c.name in present]
     if "speedup" in present:
         cols.append("speedup")
@@ -242,7 +245,7 @@ def build_report(jobs: Sequence[tuple[str, Mapping[str, dict]]], title: str = "Q
     ppl_key = _ppl_key(quality)
     _add_ppl_ratio(rows, ppl_key)
     all_rows = list(baselines.values()) + rows
-    columns = _columns(all_rows, quality, any(r.get("ppl_ratio") is not None for r in rows))
+    columns = _columns(all_rows, quality, ppl_key)
     notes = _missing_notes(jobs, columns)
     return Report(columns=columns, rows=all_rows, notes=notes, quality=quality, ppl_key=ppl_key, title=title)
 

@@ -66,7 +66,8 @@ def test_table_values_deltas_and_speedup_are_exact():
     assert gptq3["iters"] is None  # GPTQ has no iterations
     assert rows["rtn W2G64 asym"]["iters"] == 0 and rows["autoround W2G64 asym i2"]["iters"] == 2
     # only each task's primary metric is a score column (no stderr, nll, or the stage's own delta)
-    assert [c for c in report.columns if c.startswith("eval.")] == ["eval.lastword.acc", "eval.ppl"]
+    assert report.columns[6:11] == ["eval.ppl", "delta.ppl", "ppl_ratio", "eval.lastword.acc", "delta.lastword.acc"]
+    assert [c for c in report.columns if c.startswith("eval.")] == ["eval.ppl", "eval.lastword.acc"]
     assert report.ppl_key == "ppl"
     assert [r["method"] for r in report.quantized_rows()] == ["autoround"] * 3 + ["gptq"] * 3 + ["rtn"] * 3
     assert [r["bits"] for r in report.quantized_rows()[:3]] == [2, 3, 4]
