@@ -68,9 +68,9 @@ def random_llama(dims: dict, device: str, dtype: torch.dtype, seed: int):
     return model.eval()
 
 
-def write_packed(model, out: Path, bits: int, group_size: int, sym: bool) -> dict:
-    """RTN-quantize the model's decoder Linears on their device and write a GPTQ checkpoint folder with
-    the project's packer (stages.formats.gptq via stages.formats.writer.write_checkpoint)."""
+def write_packed(model, out: Path, bits: int, group_size: int, sym: bool, lm_head: bool = False) -> dict:
+    """RTN-quantize the model's decoder Linears (and lm_head if asked) on their device and write a GPTQ
+    checkpoint folder with the project's packer (stages.formats.gptq via stages.formats.writer)."""
     from stages.formats.gptq import GPTQLayout
     from stages.formats.source import QStateReader, TensorInfo
     from stages.formats.writer import PackOptions, Recipe, write_checkpoint
@@ -82,7 +82,7 @@ def write_packed(model, out: Path, bits: int, group_size: int, sym: bool) -> dic
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     linears = {k[: -len(".weight")]: v for k, v in state.items()
-               if k.startswith("model.layers.") and k.endswith("_proj.weight")}
+               if (k.startswith("model.layers.") and k.endswith("_proj.weight")) or (lm_head and k == "lm_head.weight")}
 
     class MemoryQState(QStateReader):
         def layer(self, name: str) -> QuantizedLayer:
@@ -112,11 +112,12 @@ def write_packed(model, out: Path, bits: int, group_size: int, sym: bool) -> dic
 
     meta = {"layers": {n: {"bits": bits, "group_size": group_size, "sym": sym, "shape": list(w.shape),
                            "act_order": False} for n, w in linears.items()},
-            "skipped": ["lm_head"], "blocks": "model.layers", "num_blocks": model.config.num_hidden_layers,
-            "method": "rtn"}
+            "skipped": [] if lm_head else ["lm_head"], "blocks": "model.layers",
+            "num_blocks": model.config.num_hidden_layers, "method": "rtn"}
     start = time.perf_counter()
     res = write_checkpoint(HostLayout(), MemoryQState(Path("<in-memory RTN>"), meta), MemorySource(), out,
-                           PackOptions(next(iter(state.values())).dtype), Recipe("rtn", bits, group_size, sym),
+                           PackOptions(next(iter(state.values())).dtype),
+                           Recipe("rtn", bits, group_size, sym, quantize_lm_head=lm_head),
                            f"bench-throughput-w{bits}g{group_size}{'s' if sym else 'a'}-{out.name}")
     return {"path": str(out), "pack_s": time.perf_counter() - start, "size_on_disk_bytes": res.size_on_disk,
             "quantization_config": res.quantization_config, "bits": bits, "group_size": group_size, "sym": sym}
@@ -196,9 +197,11 @@ def torch_part(args) -> dict:
     work = Path(args.work) / "torch"
     shutil.rmtree(work, ignore_errors=True)
     ckpts = {}
-    for bits in args.bits:
-        name = f"w{bits}g128"
-        ckpts[name] = write_packed(model, work / name, bits, 128, True)
+    plan = [(f"w{bits}g128", bits, False) for bits in args.bits]
+    if args.lm_head and 4 in args.bits:
+        plan.append(("w4g128_lmhead", 4, True))
+    for name, bits, head in plan:
+        ckpts[name] = write_packed(model, work / name, bits, 128, True, lm_head=head)
         log(f"packed {name}: {ckpts[name]['size_on_disk_bytes'] / 2**30:.2f} GiB in {ckpts[name]['pack_s']:.1f} s")
     records = {"baseline": TorchBackend().run_loaded(model, wl, options, log)}
     records["baseline"]["variant"] = "baseline"
@@ -224,6 +227,8 @@ def torch_part(args) -> dict:
         if not args.keep and not any(r[1] is info for r in runs[runs.index((name, info, policy)) + 1:]):
             shutil.rmtree(info["path"], ignore_errors=True)
         log(f"{name} done in {rec['wall_s']:.1f} s: speedups {rec.get('speedup_vs_baseline')}")
+        save_partial(args, "torch", {"part": "torch", "model": dims, "workload": wl.to_dict(), "records": records,
+                                     "partial": True})
     return {"part": "torch", "device_name": records["baseline"].get("device_name"), "model": dims,
             "workload": wl.to_dict(), "records": records, "torch_version": torch.__version__,
             "kernel_checks": checks}
@@ -267,6 +272,8 @@ def vllm_part(args) -> dict:
         if "error" not in rec:
             rec.pop("log_tail", None)
         records[name] = rec
+        save_partial(args, "vllm", {"part": "vllm", "model": VLLM_MODEL, "workload": wl.to_dict(), "records": records,
+                                    "partial": True})
         log(f"vLLM {name}: {rec.get('linear_kernels')} {rec.get('error', '')[:300]} ({rec['wall_s']:.0f} s)")
     if "results" in records["baseline"] and "results" in records["w4g128_sym"]:
         attach_speedups(records["w4g128_sym"], records["baseline"])
@@ -297,6 +304,12 @@ def _short_check(res: dict) -> dict:
 
 
 # -- driver -------------------------------------------------------------------------------------------------------
+def save_partial(args, part: str, data: dict) -> None:
+    """Results so far, so that a run cut short still leaves numbers behind."""
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"{part}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
 def write_outputs(out: Path, parts: dict) -> None:
     for name, data in parts.items():
         (out / f"{name}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
@@ -324,6 +337,8 @@ def main(argv=None) -> int:
     ap.add_argument("--linear-kernel", default="auto", help="bench.linear_kernel policy for the torch part")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.8)
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints in --work")
+    ap.add_argument("--no-lm-head", dest="lm_head", action="store_false",
+                    help="skip the extra W4 checkpoint whose lm_head is quantized too (quant.quantize_lm_head=true)")
     ap.add_argument("--no-dual", dest="dual", action="store_false",
                     help="skip the extra W4 run with both tinygemm and Triton formats (bench.linear_kernel=tinygemm_triton)")
     ap.add_argument("--report", nargs="+", metavar="DIR", help="only merge earlier results into one table")
@@ -341,7 +356,8 @@ def main(argv=None) -> int:
         for part in ("torch", "vllm"):
             cmd = [sys.executable, __file__, "--part", part, "--out", str(out / part), "--work", args.work,
                    "--bits", ",".join(map(str, args.bits)), "--linear-kernel", args.linear_kernel,
-                   "--gpu-memory-utilization", str(args.gpu_memory_utilization)] + ([] if args.dual else ["--no-dual"])
+                   "--gpu-memory-utilization", str(args.gpu_memory_utilization)] + ([] if args.dual else ["--no-dual"]) \
+                + ([] if args.lm_head else ["--no-lm-head"])
             subprocess.run(cmd, check=False)
         write_outputs(out, load_parts([str(out / "torch"), str(out / "vllm")]))
         return 0

@@ -55,6 +55,8 @@ def _torch_rows(part: dict) -> list[str]:
 def torch_targets(part: dict) -> list[str]:
     recs = part["records"]
     base, w4 = recs.get("baseline", {}), recs.get("w4g128", {})
+    if part.get("model", {}).get("hidden_size") != 4096 or not str(part.get("device_name", "")).startswith("NVIDIA"):
+        return ["- targets (batch 1 >= 1.6x, batch 16 >= 1.0x, memory <= 0.35x) apply to the Llama-3-8B GPU run only"]
     if "results" not in w4 or "results" not in base:
         return ["- W4G128 targets: not measured"]
     out = []
@@ -68,6 +70,12 @@ def torch_targets(part: dict) -> list[str]:
     out.append(f"- W4G128 weight memory: {_f(m, '{:.3f}x')} bf16 for the whole model (target <= 0.35x: "
                f"{'met' if m is not None and m <= 0.35 else 'NOT met'}); {_f(d, '{:.3f}x')} for the decoder Linears "
                "(embeddings and lm_head stay bf16: 2 x 1.05 GB of Llama-3-8B, so the whole-model floor is about 0.355x)")
+    head = recs.get("w4g128_lmhead", {})
+    if "results" in head:
+        sp = [_ratio(_metric(head, b, "decode_tokens_per_s"), _metric(base, b, "decode_tokens_per_s")) for b in (1, 16)]
+        out.append(f"- W4G128 with lm_head quantized too: weight memory "
+                   f"{_f(_ratio(head.get('weight_memory_bytes'), base.get('weight_memory_bytes')), '{:.3f}x')} bf16, "
+                   f"decode {_f(sp[0], '{:.2f}x')} (batch 1), {_f(sp[1], '{:.2f}x')} (batch 16)")
     return out
 
 
