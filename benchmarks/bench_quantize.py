@@ -79,6 +79,22 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def guarded(label: str, fn: Any, *args: Any) -> dict[str, Any]:
+    """Run one benchmark cell; a failure (e.g. out of memory, a compile error) is recorded, not fatal,
+    so one call on the GPU machine still yields every other number."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - any failure of one cell is reported in its row
+        import traceback
+
+        traceback.print_exc()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        print(f"[{label}] FAILED: {type(exc).__name__}: {exc}", flush=True)
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "seconds": None, "peak_gib": None,
+                "loss_init": None, "loss_best": None, "best_iter": None, "mse": None, "ppl": None}
+
+
 # -- part 1: one 8B-shaped block ----------------------------------------------------------
 
 def make_block(shape: BlockShape, dtype: torch.dtype, device: torch.device, seed: int):
@@ -151,7 +167,8 @@ def bench_block(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         for low_mem, note in runs:
             if low_mem and device.type != "cuda":
                 continue
-            row = time_block(shape, replace(cfg, low_gpu_mem=low_mem), device, dtype, quantizer, seed=len(rows))
+            row = guarded("block", time_block, shape, replace(cfg, low_gpu_mem=low_mem), device, dtype, quantizer,
+                          len(rows))
             row.update({"part": "block", "shape": asdict(shape), "compile": compile_, "low_gpu_mem": low_mem,
                         "note": note, "iters": cfg.iters, "batch_size": cfg.batch_size})
             rows.append(row)
@@ -229,12 +246,14 @@ def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
             iters = args.iters if method != "rtn" else 0
             cfg = QuantConfig(method=method, bits=bits, group_size=gs, sym=sym, iters=iters, batch_size=args.batch,
                               compile=compile_, amp=True)
-            row = run_cell(base_model, calib if method != "rtn" else None, cfg, device, ppl_ids, max_windows)
+            row = guarded("model", run_cell, base_model, calib if method != "rtn" else None, cfg, device, ppl_ids,
+                          max_windows)
+            ratio = row["ppl"] / fp_ppl if row.get("ppl") else None
             row.update({"part": "model", "model": handle.name, "cell": label, "method": method, "compile": compile_,
-                        "ppl_ratio": row["ppl"] / fp_ppl, "iters": cfg.iters, "calib": f"{nsamples}x{seqlen}"})
+                        "ppl_ratio": ratio, "iters": cfg.iters, "calib": f"{nsamples}x{seqlen}"})
             rows.append(row)
-            print(f"[model] {label} {method} compile={compile_}: ppl {row['ppl']:.3f} "
-                  f"({row['ppl_ratio']:.3f}x), {row['seconds']} s, peak {row['peak_gib']} GiB", flush=True)
+            print(f"[model] {label} {method} compile={compile_}: ppl {_fmt(row['ppl'])} ({_fmt(ratio)}x), "
+                  f"{row['seconds']} s, peak {row['peak_gib']} GiB", flush=True)
     return rows
 
 
@@ -254,7 +273,8 @@ def block_table(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         s = r["shape"]
         shape = f"h{s['hidden']}/i{s['inter']}, {s['nsamples']}x{s['seqlen']}, {r['iters']} it, bs {r['batch_size']}"
-        lines.append(f"| {shape} | {r['compile']} | {r['low_gpu_mem']} | {r['note'] or '-'} | {_fmt(r['seconds'], 2)} "
+        note = (r["note"] or "-") if "error" not in r else f"FAILED: {r['error'][:80]}"
+        lines.append(f"| {shape} | {r['compile']} | {r['low_gpu_mem']} | {note} | {_fmt(r['seconds'], 2)} "
                      f"| {_fmt(r['peak_gib'], 2)} | {_fmt(r['loss_init'])} | {_fmt(r['loss_best'])} "
                      f"| {r['best_iter']} |")
     return lines
@@ -266,10 +286,44 @@ def model_table(rows: list[dict[str, Any]], small: bool) -> list[str]:
     for r in rows:
         # the targets are for SmolLM2; a random tiny model's perplexity only shows the code runs
         target = TARGETS["ppl_ratio"].get(r["cell"]) if r["method"] == "autoround" and not small else None
-        lines.append(f"| {r['model']} | {r['cell']} | {r['method']} | {r.get('compile', '-')} | {_fmt(r['ppl'])} "
+        ppl = _fmt(r["ppl"]) if "error" not in r else f"FAILED: {r['error'][:80]}"
+        lines.append(f"| {r['model']} | {r['cell']} | {r['method']} | {r.get('compile', '-')} | {ppl} "
                      f"| {_fmt(r.get('ppl_ratio'))} | {'<= ' + str(target) if target else '-'} "
                      f"| {_fmt(r.get('seconds'), 2)} | {_fmt(r.get('peak_gib'), 2)} |")
     return lines
+
+
+def _ok(value: Optional[float], limit: float) -> str:
+    return "-" if value is None else ("met" if value <= limit else "MISSED")
+
+
+def target_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per headline target: the best measured value and whether it meets the target."""
+    ok = [r for r in rows if "error" not in r]
+    blocks = [r for r in ok if r["part"] == "block" and r["note"] != "cold"]
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
+    if blocks:
+        fastest = min(blocks, key=lambda r: r["seconds"])
+        low = [r for r in blocks if r["low_gpu_mem"] and r["peak_gib"] is not None]
+        lines.append(f"| block seconds <= {TARGETS['block_seconds']} | {fastest['seconds']:.2f} s (compile="
+                     f"{fastest['compile']}, low_gpu_mem={fastest['low_gpu_mem']}) "
+                     f"| {_ok(fastest['seconds'], TARGETS['block_seconds'])} |")
+        if low:
+            peak = min(r["peak_gib"] for r in low)
+            lines.append(f"| block peak GiB with low_gpu_mem <= {TARGETS['block_low_mem_gib']} | {peak:.2f} GiB "
+                         f"| {_ok(peak, TARGETS['block_low_mem_gib'])} |")
+    w2 = [r for r in ok if r["part"] == "model" and r["method"] == "autoround" and r["cell"] == "W2G64 asym"]
+    if w2:
+        fastest = min(w2, key=lambda r: r["seconds"])
+        lines.append(f"| whole-model W2G64 AutoRound seconds <= {TARGETS['smollm2_w2_seconds']} | "
+                     f"{fastest['seconds']:.2f} s (compile={fastest['compile']}) "
+                     f"| {_ok(fastest['seconds'], TARGETS['smollm2_w2_seconds'])} |")
+    for cell, limit in TARGETS["ppl_ratio"].items():
+        ratios = [r["ppl_ratio"] for r in ok if r["part"] == "model" and r["method"] == "autoround"
+                  and r["cell"] == cell]
+        if ratios:
+            lines.append(f"| {cell} AutoRound ppl / fp <= {limit} | {min(ratios):.3f} | {_ok(min(ratios), limit)} |")
+    return lines if len(lines) > 2 else []
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -294,7 +348,9 @@ def write_results(out: Path, mode: str, env: dict, rows: list[dict[str, Any]]) -
     head = [f"Quantization benchmark ({mode}): {env.get('card', env.get('cpu'))}, torch {env['torch']}, "
             f"transformers {env['transformers']}, {env['date']}", f"Command: `{env['argv']}`", ""]
     small = mode.startswith("small")
-    tables = (block_table(blocks) + [""] if blocks else []) + (model_table(models, small) if models else [])
+    tables = (block_table(blocks) + [""] if blocks else []) + (model_table(models, small) + [""] if models else [])
+    if not small:  # the targets are stated for the GPU runs (8B-shaped block, SmolLM2)
+        tables += target_lines(rows)
     text = "\n".join(head + tables)
     (out / f"quantize_{mode}.md").write_text(text + "\n")
     return text
