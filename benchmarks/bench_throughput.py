@@ -247,10 +247,11 @@ def vllm_part(args) -> dict:
         return {"part": "vllm", "skipped": f"{why} (install the wheels of ../shared/gpu/README.md, PYTHONPATH=/tmp/vsite)"}
     out, work = Path(args.out), Path(args.work) / "vllm"
     shutil.rmtree(work, ignore_errors=True)
+    (out / "vllm_logs").mkdir(parents=True, exist_ok=True)
     model = random_llama(VLLM_MODEL, "cuda", torch.bfloat16, seed=1)
     params = sum(p.numel() for p in model.parameters())
     bf16_dir = work / "bf16"
-    model.save_pretrained(bf16_dir, safe_serialization=True)
+    model.save_pretrained(bf16_dir)  # safetensors (transformers 5 always writes them)
     w4 = write_packed(model, work / "w4g128_sym", 4, 128, True)
     log(f"vLLM model: {params / 1e9:.2f}B parameters; bf16 and W4G128 folders written")
     del model

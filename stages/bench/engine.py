@@ -9,7 +9,9 @@ output dimension), as vLLM does.
 
 Decode steps run entirely on the device: the step reads the token buffer and the position
 counter, writes the next token and advances the counters, so a captured graph is replayed
-`output_len - 1` times with no host work in between.
+`output_len - 1` times with no host work in between. With CUDA graphs the prefill of each
+(batch, prompt length) is captured too, so the time to first token is GPU work, not kernel
+launches from Python.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ class DecodeEngine:
         self._norm, self._add_norm = wrap(rms_norm), wrap(add_rms_norm)
         self._rope_split, self._attn, self._act = wrap(rope_split), wrap(decode_attention), wrap(silu_mul)
         self._graphs: dict[int, Any] = {}
+        self._prefill_graphs: dict[tuple[int, int], tuple[Any, torch.Tensor, torch.Tensor]] = {}
         self._bufs: dict[int, dict[str, torch.Tensor]] = {}
 
     # -- one forward over new tokens --------------------------------------------------------
@@ -222,6 +225,30 @@ class DecodeEngine:
             self._step(bufs)
         return graph
 
+    def _prefill_graph(self, input_ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Prefill as a captured graph for this (batch, prompt length): TTFT measures GPU work, not launches."""
+        key = tuple(input_ids.shape)
+        if key not in self._prefill_graphs:
+            ids = input_ids.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.prefill(ids)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                first = self.prefill(ids)
+            self._prefill_graphs[key] = (graph, ids, first)
+        graph, ids, first = self._prefill_graphs[key]
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            ids.copy_(x)
+            graph.replay()
+            return first
+
+        return run
+
     def generate(self, input_ids: torch.Tensor, out_len: int) -> tuple[torch.Tensor, GenerationTiming]:
         """Greedy `out_len` new tokens per prompt (no early stop). Returns (tokens [B, out_len], timing)."""
         b, t = input_ids.shape
@@ -232,9 +259,10 @@ class DecodeEngine:
         if self.cuda_graphs and out_len > 1 and b not in self._graphs:
             self._graphs[b] = self._capture(b, bufs)
         graph = self._graphs.get(b) if self.cuda_graphs else None
+        prefill = self._prefill_graph(input_ids) if self.cuda_graphs else self.prefill
         _sync(cuda)
         start = time.perf_counter()
-        first = self.prefill(input_ids)
+        first = prefill(input_ids)
         bufs["tokens"].copy_(first)
         bufs["out"][:, 0] = first
         bufs["pos"].fill_(t)
