@@ -206,3 +206,27 @@ def test_buckets_flatten_layers_with_equal_group_length():
     views = split_layers(buckets[0], buckets[0].weight)
     assert torch.equal(views["a"], a) and torch.equal(views["b"], b)
     assert torch.equal(buckets[0].wmin[:2], a[0].reshape(2, 16).amin(1).clamp(max=0))
+
+
+@pytest.mark.parametrize("bits,sym,group_size", [(2, False, 32), (4, True, 32), (3, False, -1)])
+def test_compile_graph_form_equals_the_fused_function(bits, sym, group_size):
+    """Under torch.compile the plain STE graph replaces the custom Function: same values and gradients."""
+    from stages.quant.fakequant import _fake_quant_graph, group_scale_zero
+
+    w, bucket, v, fmin, fmax = _bucket_case(bits, sym, group_size, seed=8)
+    upstream = torch.randn(bucket.weight.shape, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for graph in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (v, fmin, fmax)]
+        if graph:
+            scale, zero_f = group_scale_zero(bucket, leaves[1], leaves[2])
+            out = _fake_quant_graph(bucket.weight, leaves[0], scale, zero_f, 2 ** bits - 1, float(2 ** (bits - 1)),
+                                    torch.float32)
+        else:
+            out = fake_quant(bucket, *leaves)
+        (out * upstream).sum().backward()
+        grads.append((out.detach(), *[t.grad for t in leaves]))
+    (o1, v1, n1, x1), (o2, v2, n2, x2) = grads
+    assert torch.equal(o1, o2) and torch.equal(v1, v2)
+    torch.testing.assert_close(n1, n2, rtol=1e-5, atol=1e-6 * float(n1.abs().max()))
+    torch.testing.assert_close(x1, x2, rtol=1e-5, atol=1e-6 * float(x1.abs().max()))

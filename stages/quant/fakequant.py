@@ -116,8 +116,6 @@ CHUNK_ELEMENTS = 1 << 24
 
 
 def _row_chunks(rows: int, group_len: int) -> list[slice]:
-    if torch.compiler.is_compiling():  # inductor fuses the whole thing; keep the graph small
-        return [slice(0, rows)]
     step = max(1, CHUNK_ELEMENTS // group_len)
     return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
 
@@ -176,13 +174,36 @@ class _RoundClampSTE(torch.autograd.Function):
         return None, grad_v, grad_s, grad_zf, None, None, None
 
 
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def _fake_quant_graph(w, v, scale, zero_f, maxq: int, zero_const: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """The same values and gradients as _RoundClampSTE, written as a plain autograd graph.
+
+    Used under torch.compile: AOTAutograd then derives the backward itself and inductor fuses
+    forward and backward into a few kernels (a custom Function's Python backward would run
+    eagerly at every step).
+    """
+    s = scale.unsqueeze(1)
+    x = w.float() / s
+    if v is not None:
+        x = x + v
+    zp = _round_ste(zero_f).unsqueeze(1) if zero_f is not None else zero_const
+    q = torch.clamp(_round_ste(x) + zp, 0, maxq)
+    return (s * (q - zp)).to(out_dtype)
+
+
 def fake_quant(bucket: Bucket, v: Optional[torch.Tensor], min_factor: Optional[torch.Tensor],
                max_factor: Optional[torch.Tensor], out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Fake-quantized bucket weights [G, L] in `out_dtype` (default: the weights' dtype)."""
     scale, zero_f = group_scale_zero(bucket, min_factor, max_factor)
     maxq = 2 ** bucket.bits - 1
     zero_const = float(2 ** (bucket.bits - 1))
-    return _RoundClampSTE.apply(bucket.weight, v, scale, zero_f, maxq, zero_const, out_dtype or bucket.weight.dtype)
+    args = (bucket.weight, v, scale, zero_f, maxq, zero_const, out_dtype or bucket.weight.dtype)
+    if torch.compiler.is_compiling():
+        return _fake_quant_graph(*args)
+    return _RoundClampSTE.apply(*args)
 
 
 def split_layers(bucket: Bucket, flat: torch.Tensor) -> dict[str, torch.Tensor]:
