@@ -80,7 +80,7 @@ def torch_targets(part: dict) -> list[str]:
 
 
 def kernel_rows(part: dict) -> list[str]:
-    rows = ["| variant | layer group | x32 routes (chosen) | M | bf16 us | tinygemm us | best Triton us (tile) |",
+    rows = ["| variant | layer group | routes (chosen) | M | bf16 us | tinygemm us | best Triton us (tile) |",
             "|---|---|---|---|---|---|---|"]
     for name, rec in part["records"].items():
         for g in rec.get("kernels", []):

@@ -227,6 +227,20 @@ def test_single_format_choice_minimises_worst_case_and_keeps_batch_awareness():
         pick_single_format({"gptq": {}})
 
 
+def test_tuner_rejects_wrong_kernels_and_times_right_ones():
+    from stages.kernels.planner import _Tuner
+
+    layer = make_gptq_layer(32, 128, 4, 32, False, seed=9)
+    w = from_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, 4, 32)
+    tuner = _Tuner([w], torch.float32, timer=lambda fns: 1.25 * len(fns))
+    assert tuner.measure("dequant", [w], None, 3) == (1.25, "")
+    broken = from_gptq(layer.qweight, layer.qzeros, layer.scales * 2, layer.g_idx, 4, 32)
+    ms, why = tuner.measure("dequant", [broken], None, 3)
+    assert ms == math.inf and "relative error" in why
+    ms, why = tuner.measure("tinygemm", [w], None, 3)  # a TritonWeight is not tinygemm's format
+    assert ms == math.inf and "Error" in why
+
+
 def test_kernel_linear_routes_by_row_count():
     w = DenseWeight(torch.randn(6, 4))
     mod = KernelLinear({"dense": w}, [Route(16, "dense"), Route(1, "dense")], bias=torch.ones(6))

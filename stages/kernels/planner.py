@@ -168,7 +168,10 @@ class _Tuner:
         err = _rel_err(y, x.float() @ self._wref.t())
         if not math.isfinite(err) or err > MAX_REL_ERR:
             return math.inf, f"relative error {err:.3g} vs the reference dequantization"
-        return self.timer([lambda f=f: f(x) for f in fns]), ""
+        try:
+            return self.timer([lambda f=f: f(x) for f in fns]), ""
+        except Exception as exc:  # e.g. a kernel that cannot be captured in a CUDA graph
+            return math.inf, f"timing failed: {type(exc).__name__}: {str(exc)[:200]}"
 
     def bf16_ms(self, m: int) -> float:
         w0 = self.sample[0]
