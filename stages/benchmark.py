@@ -113,7 +113,7 @@ def attach_speedups(record: dict[str, Any], baseline: dict[str, Any]) -> None:
     record["speedup_vs_baseline"] = {str(b): s for b, s in speedups(record["results"], baseline["results"]).items()}
     record["decode_speedup_vs_baseline"] = {
         str(b): s for b, s in speedups(record["results"], baseline["results"], "decode_tokens_per_s").items()}
-    for key in ("weight_memory_bytes", "size_on_disk_bytes", "weights_on_disk_bytes"):
+    for key in ("weight_memory_bytes", "decoder_linear_bytes", "size_on_disk_bytes", "weights_on_disk_bytes"):
         if record.get(key) and baseline.get(key):
             record[key.replace("_bytes", "_ratio")] = record[key] / baseline[key]
 
