@@ -171,6 +171,9 @@ class EvalConfig:
     max_length: Optional[int] = None  # null: the model's own context length
     # Registry key in stages.registry.EVAL_BACKENDS: hf | vllm (lm-eval's vLLM model; CUDA + vllm)
     backend: str = "hf"
+    # hf backend: after loading the packed checkpoint, replace each packed Linear by a dense Linear
+    # holding its dequantized weight (the same outputs, dequantized once instead of at every call).
+    dense_weights: bool = True
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
 
 

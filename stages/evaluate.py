@@ -144,6 +144,30 @@ def packed_folder(path: Path) -> Path:
     return found[0]
 
 
+def densify_quant_linears(model: Any, dtype: Any) -> int:
+    """Replace every packed QuantLinear by an nn.Linear holding `ql.dequantize(dtype)`.
+
+    QuantLinear.forward is `F.linear(x, ql.dequantize(x.dtype), bias)`, so with activations in
+    `dtype` the outputs are identical; the weight is just computed once instead of at every call.
+
+    Returns:
+        How many Linears were replaced.
+    """
+    import torch
+
+    from stages.formats.qlinear import iter_quant_linears
+
+    swapped = list(iter_quant_linears(model))
+    for name, ql in swapped:
+        parent_name, _, child = name.rpartition(".")
+        dense = torch.nn.Linear(ql.in_features, ql.out_features, bias=ql.bias is not None, device="meta")
+        dense.weight = torch.nn.Parameter(ql.dequantize(dtype), requires_grad=False)
+        if ql.bias is not None:
+            dense.bias = torch.nn.Parameter(ql.bias.detach().to(dtype), requires_grad=False)
+        setattr(model.get_submodule(parent_name), child, dense)
+    return len(swapped)
+
+
 def _target(ctx: StageContext) -> EvalTarget:
     """The packed checkpoint (quantized variant) or the unquantized model (baseline)."""
     from transformers import AutoTokenizer
@@ -162,8 +186,12 @@ def _target(ctx: StageContext) -> EvalTarget:
     def load() -> Any:
         from stages.formats.qlinear import load_quantized_model
 
-        return load_quantized_model(str(folder), ctx.device, ctx.torch_dtype(),
-                                    trust_remote_code=ctx.model.trust_remote_code).eval()
+        model = load_quantized_model(str(folder), ctx.device, ctx.torch_dtype(),
+                                     trust_remote_code=ctx.model.trust_remote_code).eval()
+        if ctx.cfg.eval.dense_weights:
+            ctx.log(f"[{ctx.stage}] dequantized {densify_quant_linears(model, ctx.torch_dtype())} packed Linears "
+                    "once (eval.dense_weights=true)")
+        return model
 
     return EvalTarget(str(folder), load, lambda: AutoTokenizer.from_pretrained(folder), ctx.device, ctx.dtype,
                       quantized=True, trust_remote_code=ctx.model.trust_remote_code)

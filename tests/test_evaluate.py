@@ -314,8 +314,8 @@ def test_packed_checkpoint_is_scored_with_deltas(tiny_overrides, compose):
     """calibrate -> quantize (RTN) -> pack -> evaluate scores the checkpoint loaded back from disk."""
     from transformers import AutoTokenizer
 
-    from stages.evaluate import packed_folder
-    from stages.formats.qlinear import load_quantized_model
+    from stages.evaluate import densify_quant_linears, packed_folder
+    from stages.formats.qlinear import iter_quant_linears, load_quantized_model
 
     overrides = tiny_overrides + STAGE_EVAL + ["quant=rtn", "eval.tasks=[persuasion_lastword]",
                                                "run.stages=[calibrate,quantize,pack,baseline_evaluate,evaluate]"]
@@ -324,8 +324,14 @@ def test_packed_checkpoint_is_scored_with_deltas(tiny_overrides, compose):
     folder = packed_folder(out["pack"].path)
     model = load_quantized_model(folder, "cpu", torch.float32)
     ids = tokenize_text(AutoTokenizer.from_pretrained(folder), taskdata.read_heldout_text())
-    assert ev["ppl"] == pytest.approx(perplexity(model, ids, 32, 32, batch_size=4, max_windows=2)["ppl"], rel=1e-6)
+    # the stage scores dense dequantized weights (eval.dense_weights): the same numbers as the packed modules
+    assert ev["ppl"] == perplexity(model, ids, 32, 32, batch_size=4, max_windows=2)["ppl"]
     assert ev["ppl"] != base["ppl"]  # 4-bit weights, not the baseline's
+    dense = load_quantized_model(folder, "cpu", torch.float32)
+    assert densify_quant_linears(dense, torch.float32) == 4 * 2 + 3 * 2  # q,k,v,o + gate,up,down per block
+    assert not list(iter_quant_linears(dense))
+    with torch.no_grad():
+        assert torch.equal(dense(ids[None, :40]).logits, model(ids[None, :40]).logits)
     assert ev["ppl.delta_vs_baseline"] == pytest.approx(ev["ppl"] - base["ppl"])
     assert ev["persuasion_lastword.delta_vs_baseline"] == pytest.approx(
         ev["persuasion_lastword.acc"] - base["persuasion_lastword.acc"])
