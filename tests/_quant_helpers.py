@@ -53,6 +53,11 @@ class BlockCase:
     def mse(self, block: torch.nn.Module) -> float:
         return block_outputs(block, self.inputs.hidden, self.inputs.kwargs, "cpu", 8, targets=self.targets)[1]
 
+    def tuning_loss(self, block: torch.nn.Module) -> float:
+        """The AutoRound loss over all samples: MSE without the last position of each sample."""
+        out, _ = block_outputs(block, self.inputs.hidden, self.inputs.kwargs, "cpu", 8)
+        return float((out[:, :-1].double() - self.targets[:, :-1].double()).pow(2).mean())
+
 
 def block_case(n: int = 16, seqlen: int = 32) -> BlockCase:
     model = tiny_llama()

@@ -60,10 +60,10 @@ def test_keeps_the_best_iteration(case, one_thread):
     curve = best.curve
     assert best.metrics["best_iter"] == min(range(len(curve)), key=curve.__getitem__)
     assert best.metrics["best_iter"] < len(curve) - 1 and curve[-1] > 1.05 * best.metrics["loss_best"]
-    assert case.mse(block) == pytest.approx(best.metrics["loss_best"], rel=1e-4)
+    assert case.tuning_loss(block) == pytest.approx(best.metrics["loss_best"], rel=1e-4)
     block_last, last = _tune(case, iters=6, batch_size=16, lr=0.6, use_best_iter=False)
     assert last.curve == curve  # same seed, same trajectory
-    assert case.mse(block_last) == pytest.approx(curve[-1], rel=1e-4)
+    assert case.tuning_loss(block_last) == pytest.approx(curve[-1], rel=1e-4)
 
 
 def test_grad_accum_sees_the_same_samples(case, one_thread):

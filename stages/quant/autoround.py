@@ -6,8 +6,10 @@ the block with fake-quantized weights on the quantized stream's inputs and the
 full-precision block's outputs on full-precision inputs, in fp32. SignSGD steps
 p -= lr_t * sign(grad) with lr_t decaying linearly from lr to 0; the parameters of the best
 iteration are kept. Semantics follow the reference auto-round 0.16.1 (lr = 1/iters, or
-2/iters for <= 3-bit layers when iters >= 1000; V is not clamped; the loss is scaled by 1000
-before backward; the last iteration's update is never applied because it is never scored).
+2/iters for <= 3-bit layers when iters >= 1000; V is not clamped; the loss leaves out the last
+position of every sample and is scaled by 1000 before backward; batches are drawn from a
+shuffled order, reshuffled when exhausted; the last iteration's update is never applied
+because it is never scored).
 
 Speed: the block runs functionally (`torch.func.functional_call`) with weights from one
 fused fake-quant per scheme bucket (stages.quant.fakequant), the step never syncs with the
@@ -92,7 +94,8 @@ def batch_sse(block: nn.Module, buckets: list[Bucket], layout: list[tuple[bool, 
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         out = torch.func.functional_call(block, weights, (x,), kwargs)
     out = out[0] if isinstance(out, (tuple, list)) else out
-    return F.mse_loss(out.float(), target.float(), reduction="sum")
+    # the last position of every sample is left out of the loss, as the reference does
+    return F.mse_loss(out[:, :-1].float(), target[:, :-1].float(), reduction="sum")
 
 
 @dataclass
@@ -182,7 +185,8 @@ class AutoRoundQuantizer:
         schedule = index_schedule(n, global_batch, cfg.iters, gen)
         feeder = make_feeder(inputs.hidden, fp_targets, schedule, cfg.batch_size, device)
         steps_per_iter = -(-global_batch // cfg.batch_size)
-        numel = global_batch * inputs.hidden[0].numel()
+        seq, hidden = inputs.hidden.shape[1], inputs.hidden.shape[2]
+        numel = global_batch * (seq - 1) * hidden  # the loss is a mean over all but the last position
         layout = [(p.min_factor is not None, p.max_factor is not None) for p in params]
         tensors = [t for p in params for t in p.tensors()]
         best = [t.detach().clone() for t in tensors]
