@@ -150,9 +150,10 @@ def test_pipeline_reads_params_yaml_like_conf(compose, tmp_path):
 # DVC runs in a temporary git repository
 # ---------------------------------------------------------------------------------------------
 def _copy(src: Path, dest: Path) -> None:
+    """Real copies (not hard links): edits to the working tree during the test must not leak in."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     if src.is_dir():
-        shutil.copytree(src, dest, ignore=ignore, copy_function=os.link)
+        shutil.copytree(src, dest, ignore=ignore)
     else:
         shutil.copy2(src, dest)
 
