@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 import time
@@ -331,7 +332,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 
     env = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__,
            "transformers": transformers.__version__, "python": platform.python_version(), "device": str(device),
-           "threads": torch.get_num_threads(), "argv": " ".join(sys.argv)}
+           "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+           "argv": " ".join(sys.argv)}
     if device.type == "cuda":
         env["card"] = torch.cuda.get_device_name(device)
     else:
@@ -346,7 +348,8 @@ def write_results(out: Path, mode: str, env: dict, rows: list[dict[str, Any]]) -
     blocks = [r for r in rows if r["part"] == "block"]
     models = [r for r in rows if r["part"] == "model"]
     head = [f"Quantization benchmark ({mode}): {env.get('card', env.get('cpu'))}, torch {env['torch']}, "
-            f"transformers {env['transformers']}, {env['date']}", f"Command: `{env['argv']}`", ""]
+            f"transformers {env['transformers']}, {env['date']}",
+            f"Command: `{env['argv']}` (torch threads {env['threads']}, OMP_NUM_THREADS={env['OMP_NUM_THREADS']})", ""]
     small = mode.startswith("small")
     tables = (block_table(blocks) + [""] if blocks else []) + (model_table(models, small) + [""] if models else [])
     if not small:  # the targets are stated for the GPU runs (8B-shaped block, SmolLM2)
