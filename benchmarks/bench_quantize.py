@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -156,11 +156,13 @@ def time_block(shape: BlockShape, cfg: QuantConfig, device: torch.device, dtype:
     return row
 
 
-def bench_block(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
+def bench_block(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, rows: list[dict[str, Any]],
+                save: Callable[[], None]) -> None:
+    """Append the block rows to `rows`, saving the result files after each one."""
     shape = SMALL_BLOCK if args.small else EIGHT_B
     base = QuantConfig(method="autoround", bits=4, group_size=128, sym=True, iters=args.iters, batch_size=args.batch,
                        amp=True)
-    rows = []
+    start = len(rows)
     for compile_ in args.compile_modes:
         cfg = replace(base, compile=compile_)
         quantizer = make_quantizer(cfg)  # shared across runs: the compiled step is reused (warm)
@@ -169,13 +171,13 @@ def bench_block(args: argparse.Namespace, device: torch.device, dtype: torch.dty
             if low_mem and device.type != "cuda":
                 continue
             row = guarded("block", time_block, shape, replace(cfg, low_gpu_mem=low_mem), device, dtype, quantizer,
-                          len(rows))
+                          len(rows) - start)
             row.update({"part": "block", "shape": asdict(shape), "compile": compile_, "low_gpu_mem": low_mem,
                         "note": note, "iters": cfg.iters, "batch_size": cfg.batch_size})
             rows.append(row)
+            save()
             print(f"[block] compile={compile_} low_gpu_mem={low_mem} {note}: {row['seconds']} s, "
                   f"peak {row['peak_gib']} GiB, loss {row['loss_init']} -> {row['loss_best']}", flush=True)
-    return rows
 
 
 # -- part 2: a whole model, RTN vs AutoRound, perplexity ------------------------------------
@@ -225,7 +227,9 @@ def run_cell(base_model: Any, calib: Optional[torch.Tensor], cfg: QuantConfig, d
     return {"seconds": round(seconds, 3), "peak_gib": peak, "ppl": ppl, "mse_last_block": mse_last}
 
 
-def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
+def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, rows: list[dict[str, Any]],
+                save: Callable[[], None]) -> None:
+    """Append the model rows to `rows`, saving the result files after each one."""
     from pipeline.models import load_model, load_tokenizer, prepare_model
     from pipeline.store import ArtifactStore
 
@@ -237,8 +241,8 @@ def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     ppl_ids = heldout_ids(tokenizer)
     max_windows = 4 if args.small else None
     fp_ppl = held_out_ppl(base_model, ppl_ids, device, max_windows)
-    rows: list[dict[str, Any]] = [{"part": "model", "model": handle.name, "cell": "fp", "method": "none",
-                                   "ppl": fp_ppl}]
+    rows.append({"part": "model", "model": handle.name, "cell": "fp", "method": "none", "ppl": fp_ppl})
+    save()
     print(f"[model] {handle.name} unquantized ppl {fp_ppl:.3f}", flush=True)
     for label, bits, gs, sym in CELLS:
         for method, compile_ in [("rtn", False)] + [("autoround", c) for c in args.compile_modes]:
@@ -253,9 +257,9 @@ def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
             row.update({"part": "model", "model": handle.name, "cell": label, "method": method, "compile": compile_,
                         "ppl_ratio": ratio, "iters": cfg.iters, "calib": f"{nsamples}x{seqlen}"})
             rows.append(row)
+            save()
             print(f"[model] {label} {method} compile={compile_}: ppl {_fmt(row['ppl'])} ({_fmt(ratio)}x), "
                   f"{row['seconds']} s, peak {row['peak_gib']} GiB", flush=True)
-    return rows
 
 
 # -- reporting -----------------------------------------------------------------------------
@@ -386,11 +390,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parts = set(args.parts.split(","))
     env = environment(device)
     rows: list[dict[str, Any]] = []
-    if "block" in parts:
-        rows += bench_block(args, device, dtype)
-    if "model" in parts:
-        rows += bench_model(args, device, dtype)
     mode = ("small_" if args.small else "") + device.type
+
+    def save() -> None:  # after every row, so a run cut short still leaves its numbers
+        write_results(Path(args.out), mode, env, rows)
+
+    if "block" in parts:
+        bench_block(args, device, dtype, rows, save)
+    if "model" in parts:
+        bench_model(args, device, dtype, rows, save)
     print("\n" + write_results(Path(args.out), mode, env, rows))
     return 0
 
