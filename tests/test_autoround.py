@@ -192,3 +192,9 @@ def test_autoround_beats_rtn_on_smollm2_w2g64_heldout_perplexity(smollm2_handle,
         scores[method] = ppl(model)
     assert 20 < fp < 100
     assert scores["autoround"] < 0.1 * scores["rtn"], (fp, scores)
+
+
+def test_tuning_works_under_no_grad(case, one_thread):
+    with torch.no_grad():
+        _, result = _tune(case, iters=3)
+    assert len(result.curve) == 3 and result.metrics["loss_best"] <= result.metrics["loss_init"]

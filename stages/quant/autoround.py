@@ -162,7 +162,8 @@ class AutoRoundQuantizer:
         for p in frozen:  # no grads for norms etc.: also skips the q/k/v input-gradient matmuls
             p.requires_grad_(False)
         try:
-            outcome = self._tune(block, buckets, params, inputs, fp_targets, device)
+            with torch.enable_grad():  # also when the caller runs under no_grad
+                outcome = self._tune(block, buckets, params, inputs, fp_targets, device)
         finally:
             for p in frozen:
                 p.requires_grad_(True)

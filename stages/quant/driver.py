@@ -142,6 +142,7 @@ def quantize_model(model: nn.Module, input_ids: Optional[torch.Tensor], cfg: Qua
     """
     device = torch.device(device)
     t_start = time.perf_counter()
+    model.eval()  # no dropout in the captured inputs, targets or tuning
     plan = plan_quantization(model, cfg)
     quantizer = make_quantizer(cfg, progress)
     if device.type == "cuda":
