@@ -135,12 +135,19 @@ class SweepCallback(Callback):
         from pipeline.app import to_pipeline_config
         from pipeline.sweep import sweep_report
 
+        from pipeline.errors import ConfigError, InputError
+
         cfg = to_pipeline_config(config)
         sweep_dir = Path(config.hydra.sweep.dir)
-        artifacts = sweep_report(cfg, sweep_dir)
+        status = "FINISHED"
+        try:
+            artifacts = sweep_report(cfg, sweep_dir)
+        except (ConfigError, InputError) as exc:
+            print(f"error: sweep report: {exc}", file=sys.stderr)
+            artifacts, status = [], "FAILED"
         for path in artifacts:
             if path.name == "report.md":
                 print(f"\nsweep report: {path}\n\n{path.read_text()}")
         parent_file = sweep_dir / tracking.PARENT_RUN_FILE
         if cfg.tracking.enabled and parent_file.is_file():
-            tracking.finish_parent_run(cfg.tracking, parent_file.read_text().strip(), artifacts)
+            tracking.finish_parent_run(cfg.tracking, parent_file.read_text().strip(), artifacts, status=status)
