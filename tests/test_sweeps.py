@@ -262,3 +262,22 @@ def test_each_local_sweep_process_claims_its_own_gpu(tmp_path):
     single = subprocess.run([sys.executable, str(script), str(tmp_path), "1", "0"], capture_output=True, text=True,
                             env=dict(os.environ, CUDA_VISIBLE_DEVICES="7"), timeout=60)
     assert single.stdout.split() == ["None", "7"]  # one visible GPU (e.g. SLURM's): left alone
+
+
+def test_job_record_of_a_finished_and_a_failed_job(tmp_path):
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from pipeline.runner import StageOutcome
+    from pipeline.sweep import write_job_record
+
+    done = JobReturn(overrides=["quant.bits=2"], status=JobStatus.COMPLETED)
+    done.return_value = [StageOutcome("quantize", "cached", 0.51234, "ab" * 8, Path("rel/quantize/abab"))]
+    record = json.loads(write_job_record(tmp_path / "0", done, "tiny").read_text())
+    assert record == {"status": "COMPLETED", "overrides": ["quant.bits=2"], "model": "tiny", "error": None,
+                      "stages": {"quantize": {"fingerprint": "ab" * 8, "path": str(Path("rel/quantize/abab").resolve()),
+                                              "status": "cached", "seconds": 0.512}}}
+    failed = JobReturn(overrides=["quant.bits=3"], status=JobStatus.FAILED)
+    failed.return_value = RuntimeError("out of memory")
+    record = json.loads(write_job_record(tmp_path / "1", failed, "tiny").read_text())
+    assert record["status"] == "FAILED" and record["error"] == "RuntimeError: out of memory" and record["stages"] == {}
+    assert sorted(p.name for p in (tmp_path / "1").iterdir()) == ["job.json"]  # no temp file left
