@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Quantization cost and quality benchmark: AutoRound (and RTN) speed, memory and perplexity.
 
-Parts (``--parts``, default all):
+Parts (``--parts``, default all three):
   block   A Llama-3-8B-shaped decoder block (hidden 4096, intermediate 14336, 32 heads, 8 KV
           heads, random bf16 weights) quantized by AutoRound on 128 x 2048 random inputs,
           batch 8, 200 iterations, through the same per-block step the pipeline runs (fp
@@ -11,6 +11,8 @@ Parts (``--parts``, default all):
           Persuasion), W2G64 asym, W3G64 asym, W4G64 sym by RTN and AutoRound (200 iters);
           perplexity on persuasion.txt in 512-token windows vs the unquantized model; whole-run
           seconds and peak GPU memory.
+  profile torch.profiler tables of 10 tuning iterations of a SmolLM2-shaped and the 8B-shaped
+          block (eager and compiled): where the time goes (kernels vs launch overhead).
 
 ``--small`` runs both parts on CPU-sized problems (a small block, the tiny random Llama with
 SmolLM2's tokenizer, few iterations, a few perplexity windows) to check the code paths.
@@ -19,7 +21,8 @@ Needs only torch, transformers, safetensors and gguf (and this repository): no H
 datasets or lm-eval. Run from the repository root:
   python benchmarks/bench_quantize.py                  # GPU machine, one call
   python benchmarks/bench_quantize.py --small          # CPU check
-Writes <out>/quantize_<mode>.json and <out>/quantize_<mode>.md and prints the table last.
+Writes <out>/quantize_<mode>.json, <out>/quantize_<mode>.md (+ quantize_profile_<mode>.txt) and
+prints the table last.
 """
 
 from __future__ import annotations
@@ -178,6 +181,51 @@ def bench_block(args: argparse.Namespace, device: torch.device, dtype: torch.dty
             save()
             print(f"[block] compile={compile_} low_gpu_mem={low_mem} {note}: {row['seconds']} s, "
                   f"peak {row['peak_gib']} GiB, loss {row['loss_init']} -> {row['loss_best']}", flush=True)
+
+
+SMOLLM2_BLOCK = BlockShape(576, 1536, 9, 3, 128, 512)
+
+
+def profile_shape(shape: BlockShape, compile_: bool, device: torch.device, dtype: torch.dtype, iters: int,
+                  batch: int) -> str:
+    """A torch.profiler table of `iters` tuning iterations (after a warm-up run) of one block."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from stages.quant.base import BlockInputs
+
+    cfg = QuantConfig(method="autoround", bits=2, group_size=64, sym=False, iters=iters, batch_size=batch, amp=True,
+                      compile=compile_)
+    quantizer = make_quantizer(cfg)
+    block, kwargs = make_block(shape, dtype, device, 0)
+    streams = make_streams(shape, dtype, device, False, kwargs, 0)
+    names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    schemes = {n: LayerScheme(2, 64, False) for n in names}
+    run = lambda: quantizer.quantize_block(block, schemes, BlockInputs(streams.q, kwargs), streams.fp, device)  # noqa
+    run()  # warm-up (and compilation)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        run()
+        _sync(device)
+    wall = (time.perf_counter() - t0) / iters
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    head = (f"## h{shape.hidden}/i{shape.inter} {shape.nsamples}x{shape.seqlen}, batch {batch}, compile={compile_}: "
+            f"{wall * 1e3:.2f} ms per iteration (wall, profiler on)")
+    return head + "\n" + prof.key_averages().table(sort_by=key, row_limit=20)
+
+
+def profile_part(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, out: Path, mode: str) -> None:
+    shapes = [SMALL_BLOCK] if args.small else [SMOLLM2_BLOCK, EIGHT_B]
+    text = []
+    for shape in shapes:
+        for compile_ in args.compile_modes:
+            result = guarded("profile", lambda: {"table": profile_shape(shape, compile_, device, dtype, 10,
+                                                                        args.batch)})
+            text.append(result.get("table") or f"## {shape}: FAILED {result.get('error')}")
+            print(text[-1].splitlines()[0], flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"quantize_profile_{mode}.txt").write_text("\n\n".join(text) + "\n")
 
 
 # -- part 2: a whole model, RTN vs AutoRound, perplexity ------------------------------------
@@ -366,7 +414,8 @@ def write_results(out: Path, mode: str, env: dict, rows: list[dict[str, Any]]) -
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="CPU-sized problems (tiny model, few iterations)")
-    p.add_argument("--parts", default="block,model", help="comma list of: block, model")
+    p.add_argument("--parts", default="block,model,profile",
+                   help="comma list of: block, model, profile (10 profiled iterations per block shape)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--iters", type=int, default=None, help="AutoRound iterations (default 200; --small: 20)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 8; --small: 4)")
@@ -399,6 +448,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         bench_block(args, device, dtype, rows, save)
     if "model" in parts:
         bench_model(args, device, dtype, rows, save)
+    if "profile" in parts:
+        profile_part(args, device, dtype, Path(args.out), mode)
     print("\n" + write_results(Path(args.out), mode, env, rows))
     return 0
 

@@ -160,15 +160,15 @@ class _RoundClampSTE(torch.autograd.Function):
             w_over_s = w[sl].float() / s
             y = w_over_s + v[sl] if v is not None else w_over_s.clone()
             y.round_().add_(zp)
-            inside = (y >= 0) & (y <= ctx.maxq)
+            q = y.clamp(0, ctx.maxq)
+            inside = q == y  # the clamp was not active
             g = grad_out[sl].float()
             g_in = g * inside
             if want_v:
                 grad_v[sl] = g_in * s
             if want_s:
                 # d/ds of s*(q - zp) with w/s inside the round: (q - zp) - inside * w / s
-                q_minus_z = y.clamp_(0, ctx.maxq).sub_(zp)
-                grad_s[sl] = (g * q_minus_z).sum(dim=1) - (g_in * w_over_s).sum(dim=1)
+                grad_s[sl] = (g * q.sub_(zp)).sum(dim=1) - (g_in * w_over_s).sum(dim=1)
             if want_z:
                 grad_zf[sl] = (g_in.sum(dim=1) - g.sum(dim=1)) * scale[sl]  # s * (inside - 1)
         return None, grad_v, grad_s, grad_zf, None, None, None
