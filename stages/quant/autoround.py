@@ -190,7 +190,7 @@ class AutoRoundQuantizer:
         numel = global_batch * (seq - 1) * hidden  # the loss is a mean over all but the last position
         layout = [(p.min_factor is not None, p.max_factor is not None) for p in params]
         tensors = [t for p in params for t in p.tensors()]
-        best = [t.detach().clone() for t in tensors]
+        best = [t.detach().clone() for t in tensors] if cfg.use_best_iter else []
         state = TuneOutcome(torch.zeros(cfg.iters, device=device), torch.tensor(float("inf"), device=device),
                             torch.tensor(-1, device=device))
         loss_fn, amp = self._loss_fn(), self._amp_dtype(device)
