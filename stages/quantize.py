@@ -1,6 +1,6 @@
 """Quantize stage: RTN / GPTQ / AutoRound, block by block, resumable.
 
-Core: `stages.quant.driver.quantize_model(model, input_ids, cfg, device)` (no I/O).
+Core: `quantize_model(model, input_ids, cfg, device)` (stages.quant.driver; no I/O).
 Stage I/O (`run`):
 * reads the model (`ctx.model`) and, for calibrated methods, `calib.safetensors` from the
   calibrate artifact;
@@ -36,6 +36,19 @@ PROGRESS_DIR = "blocks"
 BLOCK_METRICS_FILE = "block_metrics.json"
 STEP_METRICS = {"loss_init": "block_loss_init", "loss_best": "block_loss_best", "best_iter": "block_best_iter",
                 "mse": "block_mse", "seconds": "block_seconds"}
+
+
+def quantize_model(model: Any, input_ids: Optional["torch.Tensor"], cfg: "QuantConfig", device: Any, *,
+                   seed: int = 0, progress: bool = False, done: Optional[dict] = None,
+                   on_block_done: Optional[Any] = None, log: Any = None) -> Any:
+    """The stage's pure core: quantize every decoder block (see stages.quant.driver.quantize_model).
+
+    Imported lazily so that importing this stage module (config checks, `--help`) needs no torch.
+    """
+    from stages.quant.driver import quantize_model as core
+
+    return core(model, input_ids, cfg, device, seed=seed, progress=progress, done=done, on_block_done=on_block_done,
+                log=log or (lambda m: None))
 
 
 def block_file(folder: Path, index: int) -> Path:
@@ -120,7 +133,7 @@ def run(ctx: "StageContext") -> "StageResult":
 
     from pipeline.context import StageResult
     from pipeline.models import load_model
-    from stages.quant.driver import quantize_model, quantizer_class
+    from stages.quant.driver import quantizer_class
     from stages.quant.qstate import LAYERS_FILE, save_qstate
 
     cfg = ctx.cfg.quant
