@@ -389,6 +389,47 @@ def test_quantize_stage_runs_gptq_with_act_order(compose, tiny_overrides, one_th
     assert all(b["layer_mse_gptq"] < b["layer_mse_rtn"] and b["rtn_fallbacks"] == 0 for b in blocks)
 
 
+def test_gptq_stage_resumes_after_a_crash_with_act_order_and_overrides(compose, tiny_overrides, tmp_path, monkeypatch):
+    """Finished blocks (g_idx included) are saved and reloaded; the resumed qstate equals a fresh run's."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from pipeline.runner import PipelineRunner
+    from pipeline.runtime import Runtime
+
+    overrides = [*tiny_overrides, "quant=gptq", "quant.act_order=true", "calib.nsamples=8", "calib.seqlen=32",
+                 "quant.batch_size=4", "+quant.overrides=[{pattern: '.*k_proj', group_size: -1, sym: false}]",
+                 "run.stages=[calibrate,quantize]"]
+
+    def run(args):
+        cfg, _ = compose(args)
+        return PipelineRunner(cfg, Runtime("cpu", "float32", log=lambda m: None)).run()[-1]
+
+    original, calls = GPTQQuantizer.quantize_block, []
+
+    def crashing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash in block 1")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPTQQuantizer, "quantize_block", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(overrides)
+    calls.clear()
+    resumed = run(overrides)
+    assert len(calls) == 1 and resumed.metrics["blocks_resumed"] == 1
+    monkeypatch.setattr(GPTQQuantizer, "quantize_block", original)
+    outputs = next(o for o in overrides if o.startswith("run.outputs_dir=")).split("=", 1)[1]
+    fresh = run([o if not o.startswith("run.outputs_dir=") else f"run.outputs_dir={tmp_path / 'fresh'}"
+                 for o in overrides])
+    assert Path(outputs) != tmp_path / "fresh"
+    a, b = load_file(str(resumed.path / "qstate.safetensors")), load_file(str(fresh.path / "qstate.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "model.layers.1.self_attn.q_proj.g_idx" in a and a["model.layers.1.self_attn.k_proj.scale"].shape == (32, 1)
+    assert "model.layers.1.self_attn.k_proj.g_idx" not in a  # per-channel: one group, g_idx is the identity
+
 @pytest.mark.gpu
 def test_cuda_bf16_matches_cpu_fp32():
     w, x = linear_case(rows=256, cols=512, n=4096)
