@@ -47,6 +47,22 @@ def job_container(dcfg: DictConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
 
 
+def compose_job_config(overrides: list[str]) -> tuple[PipelineConfig, DictConfig]:
+    """Compose conf/ exactly like `python -m pipeline <overrides>` (for scripts and tests).
+
+    Returns:
+        (typed PipelineConfig, the composed DictConfig including the hydra node).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        dcfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    return to_pipeline_config(dcfg), dcfg
+
+
 def _hydra_info() -> tuple[list[str], Optional[Path]]:
     """Task overrides, and the sweep folder when this job is part of a multirun."""
     if not HydraConfig.initialized():

@@ -31,16 +31,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def compose_config(overrides: list[str]):
     """Compose conf/ like `python -m pipeline <overrides>` and return (PipelineConfig, DictConfig)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from pipeline.app import compose_job_config
 
-    from pipeline.app import register_configs, to_pipeline_config
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        dcfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-    return to_pipeline_config(dcfg), dcfg
+    return compose_job_config(overrides)
 
 
 @pytest.fixture

@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""Regenerate benchmarks/RESULTS.md: every published quality, cost and throughput number.
+
+Parts (``--parts``, comma list; default all but ``results``):
+  quality  SmolLM2-135M through the real pipeline (calibrate on Austen 128 x 512 tokens, never on
+           Persuasion -> quantize -> pack -> load the packed checkpoint back -> evaluate): RTN, GPTQ
+           and AutoRound (200 iters) at W2G64 asym, W3G64 asym, W4G64 sym, plus the unquantized
+           baseline. Scores: perplexity on persuasion.txt in 512-token windows and the local lm-eval
+           tasks; cost: quantize seconds and peak GPU memory per cell. Sym cells are packed in the
+           GPTQ format (what vLLM serves), asym cells in the auto-round format (it stores zero
+           points as they are; GPTQ v1's zero-1 cannot store a zero of 0).
+  block    per-block cost on a Llama-3-8B-shaped block: AutoRound (benchmarks/bench_quantize.py
+           --parts block) and GPTQ (benchmarks/bench_gptq.py --parts block).
+  torch    throughput on the torch backend (benchmarks/bench_throughput.py --part torch).
+  vllm     throughput on vLLM (benchmarks/bench_throughput.py --part vllm; needs vLLM installed).
+  results  merge every part's JSON found under --results into RESULTS.md (runs anywhere).
+
+Each part writes JSON (with the card, torch version, date and command) under --results, so parts
+can run in separate calls on an offline GPU machine and be merged afterwards:
+  python benchmarks/published_results.py --parts quality,block --results benchmarks/results/published
+  python benchmarks/published_results.py --parts torch,vllm --results benchmarks/results/published
+  python benchmarks/published_results.py --parts results --results benchmarks/results/published
+``--small`` runs the quality and block parts on CPU-sized problems (tiny random model, few iters).
+The quality part needs the pipeline's own dependencies (hydra-core, lm-eval) but not MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SCHEMES = (("W2G64 asym", 2, 64, False), ("W3G64 asym", 3, 64, False), ("W4G64 sym", 4, 64, True))
+METHODS = ("rtn", "gptq", "autoround")
+QUALITY_STAGES = "[calibrate,quantize,pack,baseline_evaluate,evaluate]"
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    return {"card": card, "torch": torch.__version__, "date": dt.date.today().isoformat(),
+            "python": platform.python_version(), "command": " ".join(shlex.quote(a) for a in sys.argv)}
+
+
+def cell_overrides(scheme: tuple, method: str, small: bool, store: Path) -> list[str]:
+    """Pipeline overrides for one (scheme, method) cell of the quality grid."""
+    _, bits, group, sym = scheme
+    ov = [f"quant={'autoround' if method == 'autoround' else method}", f"quant.bits={bits}",
+          f"quant.sym={str(sym).lower()}", f"pack={'gptq' if sym else 'auto_round'}",
+          "eval=local", f"run.stages={QUALITY_STAGES}", "tracking.enabled=false", f"run.outputs_dir={store}"]
+    if method == "autoround":
+        ov.append(f"quant.iters={4 if small else 200}")
+    if small:
+        return ov + ["model=tiny_random", "quant.group_size=32", "calib.nsamples=8", "calib.seqlen=64",
+                     "quant.batch_size=4", "eval.limit=4", "eval.perplexity.max_windows=2", "run.device=cpu"]
+    return ov + ["model=smollm2_135m", f"quant.group_size={group}", "calib=austen", "calib.nsamples=128",
+                 "calib.seqlen=512", "quant.batch_size=8", "eval.limit=null", "eval.perplexity.max_windows=null",
+                 "eval.batch_size=32"]
+
+
+def run_quality(args: argparse.Namespace, out: Path) -> None:
+    """Every cell through the pipeline runner; results (manifests per cell) written after each cell."""
+    from pipeline.app import compose_job_config  # the same composition as `python -m pipeline`
+    from pipeline.runner import PipelineRunner
+    from pipeline.runtime import setup_runtime
+    from pipeline.validate import validate_config
+
+    store = Path(args.outputs)
+    cells = [(s, m) for s in SCHEMES for m in METHODS if not args.cells or s[0] in args.cells.split(",")]
+    record: dict[str, Any] = {"machine": machine(), "cells": [], "outputs": str(store)}
+    for scheme, method in cells:
+        overrides = cell_overrides(scheme, method, args.small, store)
+        cfg, _ = compose_job_config(overrides)
+        validate_config(cfg)
+        t0 = time.perf_counter()
+        outcomes = PipelineRunner(cfg, setup_runtime(cfg, print)).run()
+        manifests = {o.name: json.loads((o.path / "manifest.json").read_text()) for o in outcomes}
+        record["cells"].append({"scheme": scheme[0], "method": method, "overrides": overrides,
+                                "wall_seconds": time.perf_counter() - t0, "manifests": manifests})
+        (out / "quality.json").write_text(json.dumps(record, indent=1, default=str))
+        print(f"[quality] {method} {scheme[0]}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def run_script(cmd: list[str], log: Path) -> int:
+    """A benchmark script as a subprocess (its own CUDA context), output teed to a log."""
+    print("$", " ".join(cmd), flush=True)
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            f.write(line)
+        return proc.wait()
+
+
+def run_block(args: argparse.Namespace, out: Path) -> None:
+    small = ["--small"] if args.small else []
+    run_script([sys.executable, "benchmarks/bench_quantize.py", "--parts", "block", "--out", str(out / "block_autoround"),
+                *small, *args.block_args.split()], out / "block_autoround.log")
+    run_script([sys.executable, "benchmarks/bench_gptq.py", "--parts", "block", "--out", str(out / "block_gptq"), *small],
+               out / "block_gptq.log")
+
+
+def run_throughput(part: str, args: argparse.Namespace, out: Path) -> None:
+    small = ["--small"] if args.small else []
+    run_script([sys.executable, "benchmarks/bench_throughput.py", "--part", part, "--out", str(out / f"throughput_{part}"),
+                *small], out / f"throughput_{part}.log")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="quality,block,torch,vllm")
+    p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "published"))
+    p.add_argument("--outputs", default="/tmp/published-outputs", help="pipeline run.outputs_dir for the quality grid")
+    p.add_argument("--cells", default="", help="comma list of scheme labels (default: all three)")
+    p.add_argument("--block-args", default="", help="extra arguments for bench_quantize.py's block part")
+    p.add_argument("--small", action="store_true", help="CPU-sized problems")
+    p.add_argument("--markdown", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    args = p.parse_args()
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = args.parts.split(",")
+    if "quality" in parts:
+        run_quality(args, out)
+    if "block" in parts:
+        run_block(args, out)
+    for part in ("torch", "vllm"):
+        if part in parts:
+            run_throughput(part, args, out)
+    if "results" in parts:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from results_markdown import write_results_markdown
+
+        print(write_results_markdown(out, Path(args.markdown)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Merge the JSON/Markdown written by benchmarks/published_results.py's parts into RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+# Issue targets (quality vs the unquantized model, and cost) checked in the summary.
+AUTOROUND_PPL_TARGETS = {"W2G64 asym": 1.7, "W3G64 asym": 1.13, "W4G64 sym": 1.025}
+SECONDS_TARGETS = {("autoround", "W2G64 asym"): 40.0, ("gptq", "W4G64 sym"): 20.0}
+TASK_METRICS = (("persuasion_ppl.bits_per_byte", "bits/byte"), ("persuasion_lastword.acc", "last-word acc"),
+                ("persuasion_nextsent.acc", "next-sentence acc"))
+
+
+def _fmt(value: Optional[float], digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.3g}"
+
+
+def _metric(manifest: Optional[dict], key: str) -> Optional[float]:
+    return None if manifest is None else manifest.get("metrics", {}).get(key)
+
+
+def quality_rows(record: dict) -> tuple[list[list[str]], dict[tuple[str, str], dict]]:
+    """Table rows (baseline first) and per-cell numbers for the target checks."""
+    cells = record["cells"]
+    base = next((c["manifests"].get("baseline_evaluate") for c in cells if "baseline_evaluate" in c["manifests"]), None)
+    base_ppl = _metric(base, "ppl")
+    rows = [["unquantized", "bf16/fp32", _fmt(base_ppl, 2), "1.000",
+             *[_fmt(_metric(base, k)) for k, _ in TASK_METRICS], "–", "–", _fmt(_metric(base, "size_mb"), 1)]]
+    numbers: dict[tuple[str, str], dict] = {}
+    for c in cells:
+        m = c["manifests"]
+        ppl = _metric(m.get("evaluate"), "ppl")
+        ratio = ppl / base_ppl if ppl and base_ppl else None
+        seconds = _metric(m.get("quantize"), "seconds")
+        peak = _metric(m.get("quantize"), "peak_gpu_mem_gb")
+        size = _metric(m.get("pack"), "size_mb")
+        numbers[(c["method"], c["scheme"])] = {"ppl": ppl, "ratio": ratio, "seconds": seconds}
+        rows.append([c["method"], c["scheme"], _fmt(ppl, 2), _fmt(ratio),
+                     *[_fmt(_metric(m.get("evaluate"), k)) for k, _ in TASK_METRICS],
+                     _fmt(seconds, 1), _fmt(peak, 2), _fmt(size, 1)])
+    return rows, numbers
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|",
+                      *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def target_lines(numbers: dict[tuple[str, str], dict]) -> list[str]:
+    out = []
+    for scheme, target in AUTOROUND_PPL_TARGETS.items():
+        r = numbers.get(("autoround", scheme), {}).get("ratio")
+        if r is not None:
+            out.append(f"- AutoRound {scheme}: perplexity {r:.3f}x the unquantized model (target <= {target}x): "
+                       f"{'met' if r <= target else 'NOT met'}")
+    for scheme in ("W4G64 sym", "W3G64 asym", "W2G64 asym"):
+        g, r = numbers.get(("gptq", scheme), {}).get("ppl"), numbers.get(("rtn", scheme), {}).get("ppl")
+        if g is not None and r is not None:
+            out.append(f"- GPTQ vs RTN {scheme}: {g:.2f} vs {r:.2f} perplexity ({'GPTQ better' if g < r else 'GPTQ not better'})")
+    for (method, scheme), target in SECONDS_TARGETS.items():
+        s = numbers.get((method, scheme), {}).get("seconds")
+        if s is not None:
+            out.append(f"- {method} {scheme} whole-model quantize stage: {s:.1f} s (target <= {target:.0f} s): "
+                       f"{'met' if s <= target else 'NOT met'}")
+    return out
+
+
+def calibration_line(record: dict) -> str:
+    calib = next((c["manifests"]["calibrate"] for c in record["cells"] if "calibrate" in c["manifests"]), None)
+    model = next((c["manifests"]["quantize"].get("config", {}) for c in record["cells"]
+                  if "quantize" in c["manifests"] and c["method"] == "autoround"), {})
+    what = "?"
+    if calib is not None:
+        cc = calib["config"]["calib"]
+        what = f"{cc['nsamples']} x {cc['seqlen']} tokens of {cc['source']} ({cc['mode']})"
+    iters = model.get("quant", {}).get("iters") if model else None
+    return (f"Calibrated on {what}, never on Persuasion; AutoRound {iters} iterations per block. Every score is of "
+            "the packed checkpoint loaded back from disk (sym cells GPTQ format, asym cells auto-round format).")
+
+
+def _machine_line(m: dict) -> str:
+    return f"{m.get('date', '?')}, {m.get('card', m.get('device', '?'))}, torch {m.get('torch', '?')}: `{m.get('command', m.get('argv', '?'))}`"
+
+
+def _section_from_md(title: str, folder: Path) -> list[str]:
+    files = sorted(folder.glob("*.md")) if folder.is_dir() else []
+    if not files:
+        return [f"## {title}", "", f"(not run: no results in {folder.name}/)", ""]
+    lines = [f"## {title}", ""]
+    for f in files:
+        text = f.read_text().strip()
+        lines += [text.replace("\n# ", "\n### ").replace("\n## ", "\n### ") if not text.startswith("#") else
+                  "###" + text.lstrip("#"), ""]
+    return lines
+
+
+def write_results_markdown(results: Path, md_path: Path) -> str:
+    """Write RESULTS.md from a results folder; returns the text."""
+    lines = ["# Published results", "",
+             "Regenerate with `benchmarks/published_results.py` (see its docstring); every number below comes "
+             "from the run named with its table.", ""]
+    quality = results / "quality.json"
+    if quality.is_file():
+        record = json.loads(quality.read_text())
+        rows, numbers = quality_rows(record)
+        heads = ["method", "scheme", "ppl (Persuasion, 512-token windows)", "ppl / unquantized",
+                 *[h for _, h in TASK_METRICS], "quantize s", "peak GPU GiB", "packed MB"]
+        lines += ["## 1. Quality and 2. quantization cost: SmolLM2-135M", "",
+                  f"Run: {_machine_line(record['machine'])}", "",
+                  calibration_line(record), "", table(heads, rows), "", *target_lines(numbers), ""]
+    else:
+        lines += ["## 1. Quality and 2. quantization cost: SmolLM2-135M", "", "(not run)", ""]
+    lines += _section_from_md("2. Quantization cost: Llama-3-8B-shaped block, AutoRound", results / "block_autoround")
+    lines += _section_from_md("2. Quantization cost: Llama-3-8B-shaped block, GPTQ", results / "block_gptq")
+    lines += _section_from_md("3. Inference: torch backend", results / "throughput_torch")
+    lines += _section_from_md("3. Inference: vLLM", results / "throughput_vllm")
+    text = "\n".join(lines).rstrip() + "\n"
+    md_path.write_text(text)
+    return text
