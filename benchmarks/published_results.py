@@ -81,7 +81,7 @@ def run_quality(args: argparse.Namespace, out: Path) -> None:
     cells = [(s, m) for s in SCHEMES for m in METHODS if not args.cells or s[0] in args.cells.split(",")]
     record: dict[str, Any] = {"machine": machine(), "cells": [], "outputs": str(store)}
     for scheme, method in cells:
-        overrides = cell_overrides(scheme, method, args.small, store)
+        overrides = cell_overrides(scheme, method, args.small, store) + list(args.set)
         cfg, _ = compose_job_config(overrides)
         validate_config(cfg)
         t0 = time.perf_counter()
@@ -125,6 +125,8 @@ def main() -> None:
     p.add_argument("--outputs", default="/tmp/published-outputs", help="pipeline run.outputs_dir for the quality grid")
     p.add_argument("--cells", default="", help="comma list of scheme labels (default: all three)")
     p.add_argument("--block-args", default="", help="extra arguments for bench_quantize.py's block part")
+    p.add_argument("--set", nargs="*", default=[], help="extra pipeline overrides for every quality cell, "
+                   "e.g. --set quant.compile=true")
     p.add_argument("--small", action="store_true", help="CPU-sized problems")
     p.add_argument("--markdown", default=str(REPO / "benchmarks" / "RESULTS.md"))
     args = p.parse_args()
