@@ -223,11 +223,13 @@ def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
             continue
         for method in args.methods:
             cfg = QuantConfig(method=method, bits=bits, group_size=gs, sym=sym, batch_size=args.batch, amp=True,
-                              iters=args.iters if method == "autoround" else 0, act_order=args.act_order)
+                              iters=args.iters if method == "autoround" else 0, act_order=args.act_order,
+                              static_groups=args.static_groups)
             row = run_cell(base_model, calib if method != "rtn" else None, cfg, device, ppl_ids, args.ppl_windows)
             row.update({"part": "model", "model": handle.name, "cell": label, "method": method,
                         "ppl_ratio": row["ppl"] / fp_ppl, "calib": f"{args.nsamples}x{args.seqlen}",
                         "act_order": args.act_order if method == "gptq" else None,
+                        "static_groups": args.static_groups if method == "gptq" else None,
                         "iters": cfg.iters if method == "autoround" else None})
             rows.append(row)
             print(f"[model] {label} {method}: ppl {row['ppl']:.3f} ({row['ppl_ratio']:.3f}x), {row['seconds']} s, "
@@ -287,6 +289,7 @@ def model_table(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         mse = (f"{_fmt(r['layer_mse_gptq'])} / {_fmt(r['layer_mse_rtn'])}" if "layer_mse_gptq" in r else "-")
         method = r["method"] + (" act_order" if r.get("act_order") else "") + \
+            (" static_groups" if r.get("static_groups") else "") + \
             (f" {r['iters']} it" if r.get("iters") else "")
         lines.append(f"| {r['model']} | {r['cell']} | {method} | {r.get('calib', '-')} | {_fmt(r['ppl'])} "
                      f"| {_fmt(r.get('ppl_ratio'))} | {_fmt(r.get('seconds'), 2)} | {_fmt(r.get('peak_gib'), 2)} "
@@ -330,6 +333,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--methods", default="rtn,gptq", help="comma list of: rtn, gptq, autoround")
     p.add_argument("--cells", default="", help="comma list of scheme labels to run (default all), e.g. 'W4G64 sym'")
     p.add_argument("--act-order", action="store_true", help="GPTQ with act_order in the model part")
+    p.add_argument("--static-groups", action="store_true", help="GPTQ with static_groups in the model part")
     p.add_argument("--iters", type=int, default=200, help="AutoRound iterations (when in --methods)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 8; --small: 4)")
     p.add_argument("--nsamples", type=int, default=None, help="calibration samples (default 128; --small: 16)")
@@ -368,7 +372,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "model" in parts:
         rows += bench_model(args, device, dtype)
     mode = ("small_" if args.small else "") + device.type + ("" if parts == {"block", "model"} else "_" + "_".join(
-        sorted(parts))) + ("_act_order" if args.act_order else "")
+        sorted(parts))) + ("_act_order" if args.act_order else "") + ("_static" if args.static_groups else "")
     print("\n" + write_results(Path(args.out), mode, env, rows))
     return 0
 
