@@ -2,7 +2,8 @@
 
 * score_vs_bits.png: each quality metric against bits, one line per method (and group size/sym).
 * ppl_vs_iters.png: perplexity against tuning iterations, one series per method and scheme.
-* block_losses.png: per-block output MSE of each job, and AutoRound's tuning loss (start -> best).
+* block_losses.png: per-block output MSE of each job, AutoRound's tuning loss (start -> best) and
+  GPTQ's layer error (RTN -> GPTQ).
 """
 
 from __future__ import annotations
@@ -116,20 +117,36 @@ def plot_score_vs_bits(report: Any, out: Path) -> Optional[Path]:
     return out
 
 
+def _scheme_key(row: dict, keys: tuple[str, ...]) -> str:
+    parts = [f"W{row.get('bits')}"]
+    if "group_size" in keys:
+        parts.append(f"G{row.get('group_size')}")
+    if "sym" in keys:
+        parts.append("sym" if row.get("sym") else "asym")
+    return " ".join(parts)
+
+
 def plot_ppl_vs_iters(report: Any, out: Path) -> Optional[Path]:
-    """Perplexity against quantize iterations; one series per method and scheme."""
+    """Perplexity against tuning iterations, one line per scheme (bits, group, sym) across the
+    methods that have iterations: RTN is iters 0 (AutoRound with iters=0 is RTN), AutoRound at
+    its iters. Methods without iterations (GPTQ) are left out of this plot."""
     key = report.ppl_key
     rows = [r for r in report.quantized_rows() if key and r.get(f"eval.{key}") is not None and r.get("iters") is not None]
     if not rows:
         return None
-    extra = ("bits",) + _varying(rows, ("group_size", "sym"))
-    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    extra = tuple(k for k in ("group_size", "sym") if len({str(r.get(k)) for r in rows}) > 1)
+    series: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
     for r in rows:
-        series[_series_key(r, extra)].append((r["iters"], r[f"eval.{key}"]))
+        series[_scheme_key(r, extra)].append((r["iters"], r[f"eval.{key}"], str(r.get("method"))))
+    markers = {m: "os^Dvx"[i % 6] for i, m in enumerate(sorted({p[2] for s in series.values() for p in s}))}
     fig, (ax,) = _figure(1)
-    for name, points in sorted(series.items()):
+    for i, (name, points) in enumerate(sorted(series.items())):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        ax.plot([p[0] for p in points], [p[1] for p in points], color=f"C{i % 10}", label=name)
+        for x, y, method in points:
+            ax.plot([x], [y], marker=markers[method], color=f"C{i % 10}", linestyle="none")
+    for method, marker in markers.items():
+        ax.plot([], [], marker=marker, color="black", linestyle="none", label=method)
     for b in report.baseline_rows():
         if b.get(f"eval.{key}") is not None:
             ax.axhline(b[f"eval.{key}"], color="gray", linestyle="--", label="baseline")
@@ -169,15 +186,24 @@ def _draw_curves(ax: Any, curves: dict[str, list[dict]], fields: tuple[str, ...]
     ax.legend(fontsize="x-small")
 
 
+# Per-block (before, after) pairs that quantize methods record: (field, field, y label, title).
+BEFORE_AFTER = (
+    ("loss_init", "loss_best", "tuning loss", "AutoRound: loss at the RTN start -> best iteration"),
+    ("layer_mse_rtn", "layer_mse_gptq", "layer output error", "GPTQ: layer error of RTN -> GPTQ"),
+)
+
+
 def plot_block_losses(block_losses: dict[str, list[dict]], out: Path) -> Optional[Path]:
-    """Per-block curves: the block output MSE of every job (quantized vs full-precision stream);
-    and, for tuned jobs, the tuning loss at the RTN start and at the best iteration."""
+    """Per-block curves: the block output MSE (quantized vs full-precision stream) of every job
+    that records it, then one panel per method-specific before/after pair (BEFORE_AFTER)."""
+    panels = []
     with_mse = {k: v for k, v in block_losses.items() if v and _numeric_field(v, "mse")}
-    tuned = {k: v for k, v in block_losses.items() if v and _numeric_field(v, "loss_init")
-             and _numeric_field(v, "loss_best")}
-    panels = [p for p in ((with_mse, ("mse",), "block output MSE", "per-block output MSE vs full precision"),
-                          (tuned, ("loss_init", "loss_best"), "tuning loss", "AutoRound: RTN start -> best"))
-              if p[0]]
+    if with_mse:
+        panels.append((with_mse, ("mse",), "block output MSE", "per-block output MSE vs full precision"))
+    for before, after, ylabel, title in BEFORE_AFTER:
+        pairs = {k: v for k, v in block_losses.items() if v and _numeric_field(v, before) and _numeric_field(v, after)}
+        if pairs:
+            panels.append((pairs, (before, after), ylabel, title))
     if not panels:
         return None
     fig, axes = _figure(len(panels))
