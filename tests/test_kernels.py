@@ -257,7 +257,7 @@ def test_cpu_build_dequantizes_and_reproduces_reference():
     sources["dense"] = (DenseWeight(torch.randn(8, 128)), torch.zeros(8))
     mods, plans = build_kernel_linears(sources, "auto", torch.float32, [1, 4])
     assert not sources  # consumed
-    assert {p.routes[0] for p in plans} == {"dequant", "dense"}
+    assert {p.routes[0] for p in plans} == {"dequant_once", "dense"}
     x = torch.randn(4, 128)
     for name, layer in layers.items():
         ref = torch.nn.functional.linear(x, dequantize(layer.codes, layer.scale, layer.zero, 32))

@@ -9,6 +9,8 @@ Kernels (`KERNELS`; `bench.linear_kernel` picks a policy, see `stages.kernels.pl
 
 * dense    F.linear on a plain weight (unquantized layers, the bf16 baseline)
 * dequant  reference dequantization (`qdq.dequantize`) then F.linear, every call
+* dequant_once  the same dequantization done once when the module is built, then F.linear on
+           the dense result (the CPU path: correct outputs, no memory saving, no speed claim)
 * tinygemm torch.ops.aten._weight_int4pack_mm (4-bit, CUDA bfloat16)
 * int8pack torch.ops.aten._weight_int8pack_mm (8-bit per-channel sym)
 * triton   the dequantize-in-tile GEMM/GEMV of `stages.kernels.triton_gemm` (CUDA)
@@ -28,9 +30,10 @@ from stages.kernels.gptq_unpack import unpack_qweight
 from stages.kernels.tiles import TileConfig, TritonWeight, concat_out
 from stages.quant.qdq import dequantize
 
-KERNELS = ("dense", "dequant", "tinygemm", "int8pack", "triton")
+KERNELS = ("dense", "dequant", "dequant_once", "tinygemm", "int8pack", "triton")
 # Which weight format each kernel reads ("gptq" = TritonWeight: the checkpoint's own tensors).
-FORMAT_OF = {"dense": "dense", "dequant": "gptq", "triton": "gptq", "tinygemm": "tinygemm", "int8pack": "int8pack"}
+FORMAT_OF = {"dense": "dense", "dequant": "gptq", "dequant_once": "dense", "triton": "gptq", "tinygemm": "tinygemm",
+             "int8pack": "int8pack"}
 
 
 @dataclass
@@ -102,7 +105,7 @@ def fuse_sources(parts: list[Source]) -> Source:
 
 def kernel_fn(kind: str, fmt: Any, config: Optional[TileConfig] = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The matmul x2d [M, in] -> [M, out] of one kernel on its weight format."""
-    if kind == "dense":
+    if kind in ("dense", "dequant_once"):
         return lambda x: F.linear(x, fmt.weight)
     if kind == "dequant":
         return lambda x: F.linear(x, dequantize_weight(fmt, x.dtype))

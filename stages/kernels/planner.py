@@ -8,7 +8,7 @@ replays over several layers of the group (so the weights do not sit in L2). Poli
 
 * auto            one weight format per group (no duplicate copies): the format whose best
                   kernel is closest to the fastest at its worst M; then, inside that format,
-                  the fastest kernel/tile per M (batch-aware). CPU: dequant.
+                  the fastest kernel/tile per M (batch-aware). CPU: dequant_once.
 * triton          the Triton kernel, tile tuned per M.
 * tinygemm        PyTorch's int4 kernel where it applies (else as auto).
 * int8pack        PyTorch's int8 kernel where it applies (else as auto).
@@ -275,6 +275,8 @@ def decide(policy: str, per_format: dict[str, dict[int, tuple[float, Route]]]) -
 
 
 def _convert(src: Source, fmt: str, dtype: torch.dtype) -> Any:
+    if fmt == "dense" and isinstance(src, TritonWeight):  # dequant_once: the checkpoint's weights, dequantized
+        return DenseWeight(dequantize_weight(src, dtype))
     if fmt in ("dense", "gptq"):
         return src
     return to_int4(src, dtype) if fmt == "tinygemm" else to_int8(src, dtype)
@@ -288,8 +290,10 @@ def plan_group(srcs: list[Source], names: list[str], policy: str, dtype: torch.d
     top = max(rows)
     if sig[0] == "dense":
         formats, routes = ["dense"], [Route(top, "dense")]
-    elif policy == "dequant" or not srcs[0].qweight.is_cuda:
+    elif policy == "dequant":
         formats, routes = ["gptq"], [Route(top, "dequant")]
+    elif not srcs[0].qweight.is_cuda:  # no low-bit kernels off CUDA: dequantize once (correctness path)
+        formats, routes = ["dense"], [Route(top, "dequant_once")]
     else:
         per_format = _measure_group(srcs, policy, dtype, rows, quick, timer, measure_bf16, plan)
         try:
