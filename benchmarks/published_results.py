@@ -60,8 +60,8 @@ def cell_overrides(scheme: tuple, method: str, small: bool, store: Path) -> list
     ov = [f"quant={'autoround' if method == 'autoround' else method}", f"quant.bits={bits}",
           f"quant.sym={str(sym).lower()}", f"pack={'gptq' if sym else 'auto_round'}",
           "eval=local", f"run.stages={QUALITY_STAGES}", "tracking.enabled=false", f"run.outputs_dir={store}"]
-    if method == "autoround":
-        ov.append(f"quant.iters={4 if small else 200}")
+    if method == "autoround":  # the compiled tuning step is 2x faster on the GPU (bench_quantize block part)
+        ov += ["quant.iters=4"] if small else ["quant.iters=200", "quant.compile=true"]
     if small:
         return ov + ["model=tiny_random", "quant.group_size=32", "calib.nsamples=8", "calib.seqlen=64",
                      "quant.batch_size=4", "eval.limit=4", "eval.perplexity.max_windows=2", "run.device=cpu"]
