@@ -290,10 +290,17 @@ def test_cuda_triton_kernel_matches_reference(bits, sym, act, m):
     w = from_gptq(*(t.cuda() for t in (layer.qweight, layer.qzeros, layer.scales, layer.g_idx)), bits, 128)
     x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
     ref = x.double() @ dequantize_weight(w, torch.bfloat16).double().t()
+    launched = 0
     for cfg in candidate_configs(m, w, torch.cuda.get_device_properties(0).multi_processor_count):
-        y = triton_gemm.matmul(x, w, cfg)
+        try:
+            y = triton_gemm.matmul(x, w, cfg)
+        except Exception as exc:  # a tile over the card's shared memory: the planner rejects it the same way
+            assert "OutOfResources" in type(exc).__name__, (cfg.label(), exc)
+            continue
+        launched += 1
         err = float((y.double() - ref).norm() / ref.norm())
         assert math.isfinite(err) and err < 1e-2, (cfg.label(), err)
+    assert launched > 0  # at least one candidate tile runs for every shape
 
 
 @pytest.mark.gpu
