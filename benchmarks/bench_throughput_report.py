@@ -122,6 +122,14 @@ def _vllm_rows(part: dict) -> list[str]:
     return rows
 
 
+def one_line(message: str) -> str:
+    """A table cell from an error message: whitespace folded, pydantic's wrapper dropped."""
+    text = " ".join(message.split())
+    if "Value error, " in text:
+        text = text.split("Value error, ", 1)[1].split(" [type=", 1)[0]
+    return text
+
+
 def _check_rows(part: dict) -> list[str]:
     rows = ["| checkpoint | loads in vLLM | quantization method | linear kernel | details |", "|---|---|---|---|---|"]
     for name, c in part.get("checks", {}).items():
@@ -133,7 +141,7 @@ def _check_rows(part: dict) -> list[str]:
                       f"({r.get('quantization') or r.get('quantization_logged')}, " \
                       f"{', '.join(k['kernel'] for k in r.get('linear_kernels', [])) or '-'}) {r.get('error', '')[:200]}"
         rows.append(f"| {name} | {'yes' if c.get('ok') else 'no'} | {c.get('quantization') or c.get('quantization_logged')}"
-                    f" | {kern} | {detail[:600].replace('|', '/')} |")
+                    f" | {kern} | {one_line(detail)[:600].replace('|', '/')} |")
     return rows
 
 
