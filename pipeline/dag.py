@@ -1,4 +1,4 @@
-"""The stage graph, declared once. `dvc.yaml` mirrors it (tests/test_dvc_consistency.py).
+"""The stage graph, declared once. `dvc.yaml` mirrors it (tests/test_dvc.py).
 
 Each node names its implementation ("module:function", imported only when it runs), the
 nodes it needs, the config keys that define its output (its fingerprint and its DVC

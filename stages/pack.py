@@ -105,9 +105,10 @@ def preflight(cfg: PipelineConfig, model: Any, spec: Any) -> None:
     if p.format != "auto_round" and p.packing_format != "auto":
         raise ConfigError("pack.packing_format", p.packing_format, f"auto with pack.format={p.format}",
                           "pack.packing_format applies to pack.format=auto_round; e.g. pack.packing_format=auto")
-    if p.format == "auto_round" and q.act_order:
+    # GPTQ's act_order permutes groups (g_idx) unless static_groups keeps them in natural order.
+    if p.format == "auto_round" and q.method == "gptq" and q.act_order and not q.static_groups:
         raise ConfigError("pack.format", p.format, "gptq when quant.act_order=true (auto-round's format has no g_idx)",
-                          "e.g. pack.format=gptq or quant.act_order=false")
+                          "e.g. pack.format=gptq, quant.static_groups=true or quant.act_order=false")
     if p.packing_format == "auto_round:auto_awq":
         widths = {q.bits} | {o.bits for o in q.overrides if o.bits is not None and not o.skip}
         if widths != {4}:

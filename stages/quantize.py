@@ -35,7 +35,12 @@ if TYPE_CHECKING:
 PROGRESS_DIR = "blocks"
 BLOCK_METRICS_FILE = "block_metrics.json"
 STEP_METRICS = {"loss_init": "block_loss_init", "loss_best": "block_loss_best", "best_iter": "block_best_iter",
-                "mse": "block_mse", "seconds": "block_seconds"}
+                "mse": "block_mse", "seconds": "block_seconds",
+                # GPTQ's per-block numbers (layer-level errors, Hessian health, time split)
+                "layer_mse_gptq": "block_layer_mse_gptq", "layer_mse_rtn": "block_layer_mse_rtn",
+                "damp_retries": "block_damp_retries", "dead_columns": "block_dead_columns",
+                "rtn_fallbacks": "block_rtn_fallbacks", "hessian_seconds": "block_hessian_seconds",
+                "solve_seconds": "block_solve_seconds"}
 
 
 def quantize_model(model: Any, input_ids: Optional["torch.Tensor"], cfg: "QuantConfig", device: Any, *,

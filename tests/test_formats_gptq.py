@@ -172,6 +172,8 @@ def test_quantization_config_is_written_from_the_recipe(tiny_model, tmp_path):
     assert cfg == {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": 4, "group_size": 32, "sym": True,
                    "desc_act": False, "true_sequential": False, "lm_head": False, "damp_percent": 0.05,
                    "static_groups": False}
+    static = gptq_quantization_config(qs, recipe(4, 32, True, method="gptq", static_groups=True))
+    assert static["static_groups"] is True
     rtn = gptq_quantization_config(qs, recipe(4, 32, True, method="autoround", iters=200))
     assert "damp_percent" not in rtn and "dynamic" not in rtn and "meta" not in rtn
 

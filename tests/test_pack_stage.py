@@ -99,6 +99,15 @@ def test_preflight_rejects_schemes_the_format_cannot_express(compose, overrides,
     assert err.value.key == key
 
 
+@pytest.mark.parametrize("overrides", [
+    ["pack=auto_round", "quant=gptq", "quant.act_order=true", "quant.static_groups=true"],  # g_idx stays natural
+    ["pack=auto_round", "quant=autoround", "quant.act_order=true"],  # act_order is a GPTQ option only
+])
+def test_preflight_accepts_act_order_that_keeps_natural_groups(compose, overrides):
+    cfg, _ = compose(["model=tiny_random", *overrides])
+    preflight(cfg, None, None)
+
+
 def test_preflight_rejects_a_quantized_lm_head_tied_to_the_embeddings(compose, smollm2_handle_free_tied, tmp_path):
     cfg, _ = compose(["model=tiny_random", "quant.quantize_lm_head=true"])
     with pytest.raises(ConfigError, match="tied to the"):

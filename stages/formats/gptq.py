@@ -279,7 +279,7 @@ def gptq_quantization_config(qstate: QStateReader, recipe: Optional[Recipe]) -> 
     }
     if method == "gptq" and recipe is not None:
         cfg["damp_percent"] = recipe.damp_percent
-        cfg["static_groups"] = False
+        cfg["static_groups"] = bool(recipe.static_groups)
     dynamic = dynamic_rules(qstate, base, desc_act)
     if dynamic:
         cfg["dynamic"] = dynamic

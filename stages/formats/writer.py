@@ -41,6 +41,7 @@ class Recipe:
     act_order: bool = False
     true_sequential: bool = True
     damp_percent: float = 0.01
+    static_groups: bool = False
     iters: int = 0
     quantize_lm_head: bool = False
 
@@ -51,8 +52,8 @@ class Recipe:
     @classmethod
     def from_quant_config(cls, quant: Mapping[str, Any]) -> "Recipe":
         """From the `quant` section of a run config (a dict, e.g. the quantize manifest's config)."""
-        keys = ("method", "bits", "group_size", "sym", "act_order", "true_sequential", "damp_percent", "iters",
-                "quantize_lm_head")
+        keys = ("method", "bits", "group_size", "sym", "act_order", "true_sequential", "damp_percent", "static_groups",
+                "iters", "quantize_lm_head")
         return cls(**{k: quant[k] for k in keys if k in quant})
 
 
