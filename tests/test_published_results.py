@@ -1,0 +1,38 @@
+"""benchmarks/published_results.py --small: the CPU check of the script that writes RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_small_quality_grid_runs_through_the_pipeline_and_renders_results(tiny_outputs, tmp_path):
+    results, md = tmp_path / "results", tmp_path / "RESULTS.md"
+    cmd = [sys.executable, "benchmarks/published_results.py", "--small", "--parts", "quality", "--cells", "W4G64 sym",
+           "--results", str(results), "--outputs", str(tiny_outputs)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((results / "quality.json").read_text())
+    assert [c["method"] for c in record["cells"]] == ["rtn", "gptq", "autoround"]
+    for cell in record["cells"]:
+        m = cell["manifests"]
+        assert set(m) == {"calibrate", "quantize", "pack", "baseline_evaluate", "evaluate"}
+        assert m["quantize"]["config"]["quant"]["method"] == cell["method"]
+        assert m["pack"]["config"]["pack"]["format"] == "gptq"  # sym cells are packed for vLLM
+        assert m["evaluate"]["metrics"]["ppl"] > 0 and m["evaluate"]["inputs"]["pack"] == m["pack"]["fingerprint"]
+    # one baseline evaluation shared by all cells (the store caches it)
+    assert len({c["manifests"]["baseline_evaluate"]["fingerprint"] for c in record["cells"]}) == 1
+
+    proc = subprocess.run([sys.executable, "benchmarks/published_results.py", "--parts", "results", "--results",
+                           str(results), "--markdown", str(md)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = md.read_text()
+    base_ppl = record["cells"][0]["manifests"]["baseline_evaluate"]["metrics"]["ppl"]
+    assert "| unquantized | bf16/fp32 |" in text and f"{base_ppl:.3g}" in text
+    for method in ("rtn", "gptq", "autoround"):
+        assert f"| {method} | W4G64 sym |" in text
+    assert "Calibrated on 8 x 64 tokens of austen" in text and "AutoRound 4 iterations" in text
+    assert "## 3. Inference: vLLM" in text and "(not run: no results in throughput_vllm/)" in text
