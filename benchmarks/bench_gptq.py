@@ -27,25 +27,24 @@ Writes <out>/gptq_<mode>.json and <out>/gptq_<mode>.md and prints the table last
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import platform
 import sys
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for _path in (REPO, HERE):  # the repository's packages and bench_common (also when loaded by path)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
 
-from pipeline.schema import CalibConfig, ModelConfig, QuantConfig, RandomModelConfig  # noqa: E402
-from stages.quant.base import LayerScheme  # noqa: E402
-from stages.quant.driver import Streams, make_quantizer, quantize_model, run_block_step  # noqa: E402
-from stages.quant.schemes import QuantPlan  # noqa: E402
+from bench_common import (EIGHT_B, SMALL_BLOCK, BlockShape, block_inputs, calibration, environment,  # noqa: E402
+                          fmt, held_out_ppl, heldout_ids, load_bench_model, make_block, pick_device,
+                          timed_block_step, timed_quantize, write_json)
+from pipeline.schema import QuantConfig  # noqa: E402
+from stages.quant.driver import Streams, make_quantizer  # noqa: E402
 
 TARGETS = {"block_seconds": 5.0, "smollm2_gptq_seconds": 20.0,
            "gptq_ppl_below_rtn": ["W4G64 sym", "W3G64 asym"]}
@@ -54,88 +53,15 @@ GPTQ_METRICS = ("hessian_seconds", "solve_seconds", "layer_mse_gptq", "layer_mse
                 "dead_columns", "rtn_fallbacks")
 
 
-@dataclass
-class BlockShape:
-    hidden: int
-    inter: int
-    heads: int
-    kv_heads: int
-    nsamples: int
-    seqlen: int
-
-
-EIGHT_B = BlockShape(4096, 14336, 32, 8, 128, 2048)
-SMALL_BLOCK = BlockShape(256, 768, 8, 2, 16, 128)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_gib(device: torch.device) -> Optional[float]:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 # -- part 1: one 8B-shaped block ----------------------------------------------------------
-
-def make_block(shape: BlockShape, dtype: torch.dtype, device: torch.device, seed: int):
-    """A random Llama decoder layer of `shape` and the kwargs the model would pass it."""
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
-    cfg = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.inter, num_attention_heads=shape.heads,
-                      num_key_value_heads=shape.kv_heads, num_hidden_layers=1, rope_theta=500000.0,
-                      max_position_embeddings=max(8192, shape.seqlen))
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    block = LlamaDecoderLayer(cfg, layer_idx=0)
-    with torch.no_grad():
-        for p in block.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.02)
-    block = block.to(device=device, dtype=dtype).eval()
-    pos = torch.arange(shape.seqlen, device=device).unsqueeze(0)
-    rope = LlamaRotaryEmbedding(cfg).to(device)
-    probe = torch.zeros(1, shape.seqlen, shape.hidden, device=device, dtype=dtype)
-    kwargs = {"attention_mask": None, "position_ids": pos, "position_embeddings": rope(probe, pos)}
-    return block, kwargs
-
-
-def block_inputs(shape: BlockShape, dtype: torch.dtype, device: torch.device, low_mem: bool, seed: int) -> torch.Tensor:
-    """Random block inputs, on the device or (low_gpu_mem on CUDA) in pinned CPU memory."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(shape.nsamples, shape.seqlen, shape.hidden, generator=gen, device=device, dtype=dtype)
-    if low_mem and device.type == "cuda":
-        host = torch.empty(x.shape, dtype=dtype, pin_memory=True)
-        host.copy_(x)
-        return host
-    return x
-
 
 def time_block(shape: BlockShape, cfg: QuantConfig, device: torch.device, dtype: torch.dtype, seed: int
                ) -> dict[str, Any]:
     """One per-block step (GPTQ + the quantized-output pass) as the driver runs it."""
     block, kwargs = make_block(shape, dtype, device, seed)
     streams = Streams(block_inputs(shape, dtype, device, cfg.low_gpu_mem, seed), None, [kwargs])
-    scheme = LayerScheme(cfg.bits, cfg.group_size, cfg.sym)
-    names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
-    plan = QuantPlan("block", 1, {f"block.0.{n}": scheme for n in names})
-    quantizer = make_quantizer(cfg)
-    _reset_peak(device)
-    _sync(device)
-    t0 = time.perf_counter()
-    result, _ = run_block_step(quantizer, block, 0, plan, streams, device, cfg, seed, None)
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    row = {"seconds": round(seconds, 3), "peak_gib": _peak_gib(device),
-           **{k: result.metrics.get(k) for k in GPTQ_METRICS}}
+    result, seconds, peak = timed_block_step(block, streams, cfg, make_quantizer(cfg), device, seed)
+    row = {"seconds": seconds, "peak_gib": peak, **{k: result.metrics.get(k) for k in GPTQ_METRICS}}
     del block, streams, result
     return row
 
@@ -159,59 +85,15 @@ def bench_block(args: argparse.Namespace, device: torch.device, dtype: torch.dty
 
 # -- part 2: a whole model, RTN vs GPTQ (vs AutoRound), perplexity ------------------------
 
-def model_config(args: argparse.Namespace) -> ModelConfig:
-    base = ModelConfig() if not args.gguf else ModelConfig(gguf_file=args.gguf, gguf_package=None)
-    if args.small:  # the tiny random Llama of the tests, with SmolLM2's tokenizer
-        return replace(base, name="tiny-random-llama", source="random",
-                       random=RandomModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2))
-    return base
-
-
-def calibration(tokenizer: Any, nsamples: int, seqlen: int) -> torch.Tensor:
-    from stages.calib_sources import load_austen_documents
-    from stages.calibrate import sample_calibration
-
-    cfg = CalibConfig(source="austen", mode="doc_prefix", nsamples=nsamples, seqlen=seqlen, seed=42)
-    return sample_calibration([d.text for d in load_austen_documents(cfg)], tokenizer, cfg)
-
-
-def heldout_ids(tokenizer: Any) -> torch.Tensor:
-    from stages.eval.perplexity import tokenize_text
-    from stages.eval.taskdata import read_heldout_text
-
-    return tokenize_text(tokenizer, read_heldout_text())
-
-
-def held_out_ppl(model: Any, ids: torch.Tensor, device: torch.device, max_windows: Optional[int]) -> float:
-    from stages.eval.perplexity import perplexity
-
-    with torch.no_grad():
-        return perplexity(model, ids, 512, 512, batch_size=8, device=device, max_windows=max_windows)["ppl"]
-
-
 def run_cell(base_model: Any, calib: Optional[torch.Tensor], cfg: QuantConfig, device: torch.device,
              ppl_ids: torch.Tensor, max_windows: Optional[int]) -> dict[str, Any]:
-    model = copy.deepcopy(base_model)
-    _reset_peak(device)
-    _sync(device)
-    t0 = time.perf_counter()
-    result = quantize_model(model, calib, cfg, device, seed=0)
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    peak = _peak_gib(device)
-    ppl = held_out_ppl(model, ppl_ids, device, max_windows)
+    result, row = timed_quantize(base_model, calib, cfg, device, ppl_ids, max_windows)
     sums = {k: sum(m.get(k, 0.0) for m in result.block_metrics) for k in GPTQ_METRICS if cfg.method == "gptq"}
-    del model
-    return {"seconds": round(seconds, 3), "peak_gib": peak, "ppl": ppl, **sums}
+    return {**row, **sums}
 
 
 def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
-    from pipeline.models import load_model, load_tokenizer, prepare_model
-    from pipeline.store import ArtifactStore
-
-    handle = prepare_model(model_config(args), ArtifactStore(Path(args.store)), log=print)
-    tokenizer = load_tokenizer(handle)
-    base_model = load_model(handle, dtype, str(device))
+    handle, tokenizer, base_model = load_bench_model(args, device, dtype)
     calib = calibration(tokenizer, args.nsamples, args.seqlen)
     ppl_ids = heldout_ids(tokenizer)
     fp_ppl = args.fp_ppl or held_out_ppl(base_model, ppl_ids, device, args.ppl_windows)
@@ -239,14 +121,6 @@ def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
 
 # -- reporting -----------------------------------------------------------------------------
 
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
-    return str(v)
-
-
 def block_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| block shape | variant | seconds | Hessian passes s | solve s | peak GiB | layer MSE GPTQ "
              "| layer MSE RTN |",
@@ -254,9 +128,9 @@ def block_table(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         s = r["shape"]
         lines.append(f"| h{s['hidden']}/i{s['inter']}, {s['nsamples']}x{s['seqlen']}, bs {r['batch_size']} "
-                     f"| {r['variant']} | {_fmt(r['seconds'], 2)} | {_fmt(r['hessian_seconds'], 2)} "
-                     f"| {_fmt(r['solve_seconds'], 2)} | {_fmt(r['peak_gib'], 2)} | {_fmt(r['layer_mse_gptq'])} "
-                     f"| {_fmt(r['layer_mse_rtn'])} |")
+                     f"| {r['variant']} | {fmt(r['seconds'], 2)} | {fmt(r['hessian_seconds'], 2)} "
+                     f"| {fmt(r['solve_seconds'], 2)} | {fmt(r['peak_gib'], 2)} | {fmt(r['layer_mse_gptq'])} "
+                     f"| {fmt(r['layer_mse_rtn'])} |")
     return lines
 
 
@@ -287,33 +161,18 @@ def model_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| model | scheme | method | calib | ppl | ppl / fp | seconds | peak GiB | layer MSE (sum) GPTQ / RTN |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        mse = (f"{_fmt(r['layer_mse_gptq'])} / {_fmt(r['layer_mse_rtn'])}" if "layer_mse_gptq" in r else "-")
+        mse = (f"{fmt(r['layer_mse_gptq'])} / {fmt(r['layer_mse_rtn'])}" if "layer_mse_gptq" in r else "-")
         method = r["method"] + (" act_order" if r.get("act_order") else "") + \
             (" static_groups" if r.get("static_groups") else "") + \
             (f" {r['iters']} it" if r.get("iters") else "")
-        lines.append(f"| {r['model']} | {r['cell']} | {method} | {r.get('calib', '-')} | {_fmt(r['ppl'])} "
-                     f"| {_fmt(r.get('ppl_ratio'))} | {_fmt(r.get('seconds'), 2)} | {_fmt(r.get('peak_gib'), 2)} "
+        lines.append(f"| {r['model']} | {r['cell']} | {method} | {r.get('calib', '-')} | {fmt(r['ppl'])} "
+                     f"| {fmt(r.get('ppl_ratio'))} | {fmt(r.get('seconds'), 2)} | {fmt(r.get('peak_gib'), 2)} "
                      f"| {mse} |")
     return lines
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    import transformers
-
-    env = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__,
-           "transformers": transformers.__version__, "python": platform.python_version(), "device": str(device),
-           "threads": torch.get_num_threads(), "argv": " ".join(sys.argv)}
-    if device.type == "cuda":
-        env["card"] = torch.cuda.get_device_name(device)
-    else:
-        env["cpu"] = platform.processor() or platform.machine()
-    return env
-
-
 def write_results(out: Path, mode: str, env: dict, rows: list[dict[str, Any]]) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"gptq_{mode}.json").write_text(json.dumps({"environment": env, "targets": TARGETS, "rows": rows},
-                                                      indent=2, default=str))
+    write_json(out / f"gptq_{mode}.json", env, TARGETS, rows)
     blocks = [r for r in rows if r["part"] == "block"]
     models = [r for r in rows if r["part"] == "model"]
     head = [f"GPTQ benchmark ({mode}): {env.get('card', env.get('cpu'))}, torch {env['torch']}, "
@@ -361,11 +220,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda:0" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = pick_device(args.device)
     parts = set(args.parts.split(","))
-    env = environment(device)
+    env = environment(device, omp_threads=False)
     rows: list[dict[str, Any]] = []
     if "block" in parts:
         rows += bench_block(args, device, dtype)

@@ -28,59 +28,30 @@ prints the table last.
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import os
-import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for _path in (REPO, HERE):  # the repository's packages and bench_common (also when loaded by path)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
 
-from pipeline.schema import CalibConfig, ModelConfig, QuantConfig, RandomModelConfig  # noqa: E402
+from bench_common import (EIGHT_B, SMALL_BLOCK, BlockShape, block_inputs, calibration, environment,  # noqa: E402
+                          fmt, held_out_ppl, heldout_ids, load_bench_model, make_block, pick_device, pinned_copy,
+                          sync, timed_block_step, timed_quantize, write_json)
+from pipeline.schema import QuantConfig  # noqa: E402
 from stages.quant.base import LayerScheme  # noqa: E402
-from stages.quant.driver import Streams, make_quantizer, quantize_model, run_block_step  # noqa: E402
-from stages.quant.schemes import QuantPlan  # noqa: E402
+from stages.quant.driver import Streams, make_quantizer  # noqa: E402
 
 TARGETS = {"block_seconds": 10.0, "block_low_mem_gib": 12.0, "smollm2_w2_seconds": 40.0,
            "ppl_ratio": {"W2G64 asym": 1.7, "W3G64 asym": 1.13, "W4G64 sym": 1.025}}
 CELLS = [("W2G64 asym", 2, 64, False), ("W3G64 asym", 3, 64, False), ("W4G64 sym", 4, 64, True)]
-
-
-@dataclass
-class BlockShape:
-    hidden: int
-    inter: int
-    heads: int
-    kv_heads: int
-    nsamples: int
-    seqlen: int
-
-
-EIGHT_B = BlockShape(4096, 14336, 32, 8, 128, 2048)
-SMALL_BLOCK = BlockShape(256, 768, 8, 2, 16, 128)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_gib(device: torch.device) -> Optional[float]:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def guarded(label: str, fn: Any, *args: Any) -> dict[str, Any]:
@@ -101,42 +72,11 @@ def guarded(label: str, fn: Any, *args: Any) -> dict[str, Any]:
 
 # -- part 1: one 8B-shaped block ----------------------------------------------------------
 
-def make_block(shape: BlockShape, dtype: torch.dtype, device: torch.device, seed: int):
-    """A random Llama decoder layer of `shape` and the kwargs the model would pass it."""
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
-    cfg = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.inter, num_attention_heads=shape.heads,
-                      num_key_value_heads=shape.kv_heads, num_hidden_layers=1, rope_theta=500000.0,
-                      max_position_embeddings=max(8192, shape.seqlen))
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    block = LlamaDecoderLayer(cfg, layer_idx=0)
-    with torch.no_grad():
-        for p in block.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.02)
-    block = block.to(device=device, dtype=dtype).eval()
-    pos = torch.arange(shape.seqlen, device=device).unsqueeze(0)
-    rope = LlamaRotaryEmbedding(cfg).to(device)
-    probe = torch.zeros(1, shape.seqlen, shape.hidden, device=device, dtype=dtype)
-    kwargs = {"attention_mask": None, "position_ids": pos, "position_embeddings": rope(probe, pos)}
-    return block, kwargs
-
-
 def make_streams(shape: BlockShape, dtype: torch.dtype, device: torch.device, low_mem: bool, kwargs: dict,
                  seed: int) -> Streams:
     """Random block inputs for both streams (pinned CPU with low_gpu_mem on CUDA)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    q = torch.randn(shape.nsamples, shape.seqlen, shape.hidden, generator=gen, device=device, dtype=dtype)
-    if low_mem and device.type == "cuda":
-        q_host = torch.empty(q.shape, dtype=dtype, pin_memory=True)
-        q_host.copy_(q)
-        fp = torch.empty(q.shape, dtype=dtype, pin_memory=True)
-        fp.copy_(q)
-        del q
-        return Streams(q_host, fp, [kwargs])
-    return Streams(q, q.clone(), [kwargs])
+    q = block_inputs(shape, dtype, device, low_mem, seed)
+    return Streams(q, pinned_copy(q) if low_mem and device.type == "cuda" else q.clone(), [kwargs])
 
 
 def time_block(shape: BlockShape, cfg: QuantConfig, device: torch.device, dtype: torch.dtype, quantizer: Any,
@@ -144,17 +84,9 @@ def time_block(shape: BlockShape, cfg: QuantConfig, device: torch.device, dtype:
     """One full per-block step (fp targets, tuning, quantized outputs) as the driver runs it."""
     block, kwargs = make_block(shape, dtype, device, seed)
     streams = make_streams(shape, dtype, device, cfg.low_gpu_mem, kwargs, seed)
-    scheme = LayerScheme(cfg.bits, cfg.group_size, cfg.sym)
-    names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
-    plan = QuantPlan("block", 1, {f"block.0.{n}": scheme for n in names})
-    _reset_peak(device)
-    _sync(device)
-    t0 = time.perf_counter()
-    result, _ = run_block_step(quantizer, block, 0, plan, streams, device, cfg, seed, None)
-    _sync(device)
-    seconds = time.perf_counter() - t0
+    result, seconds, peak = timed_block_step(block, streams, cfg, quantizer, device, seed)
     losses = {k: result.metrics.get(k) for k in ("loss_init", "loss_best", "best_iter", "mse")}
-    row = {"seconds": round(seconds, 3), "peak_gib": _peak_gib(device), **losses}
+    row = {"seconds": seconds, "peak_gib": peak, **losses}
     del block, streams, result
     return row
 
@@ -203,11 +135,11 @@ def profile_shape(shape: BlockShape, compile_: bool, device: torch.device, dtype
     run = lambda: quantizer.quantize_block(block, schemes, BlockInputs(streams.q, kwargs), streams.fp, device)  # noqa
     run()  # warm-up (and compilation)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:
         run()
-        _sync(device)
+        sync(device)
     wall = (time.perf_counter() - t0) / iters
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     head = (f"## h{shape.hidden}/i{shape.inter} {shape.nsamples}x{shape.seqlen}, batch {batch}, compile={compile_}: "
@@ -230,60 +162,16 @@ def profile_part(args: argparse.Namespace, device: torch.device, dtype: torch.dt
 
 # -- part 2: a whole model, RTN vs AutoRound, perplexity ------------------------------------
 
-def model_config(args: argparse.Namespace) -> ModelConfig:
-    base = ModelConfig() if not args.gguf else ModelConfig(gguf_file=args.gguf, gguf_package=None)
-    if args.small:  # the tiny random Llama of the tests, with SmolLM2's tokenizer
-        return replace(base, name="tiny-random-llama", source="random",
-                       random=RandomModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2))
-    return base
-
-
-def calibration(tokenizer: Any, nsamples: int, seqlen: int) -> torch.Tensor:
-    from stages.calib_sources import load_austen_documents
-    from stages.calibrate import sample_calibration
-
-    cfg = CalibConfig(source="austen", mode="doc_prefix", nsamples=nsamples, seqlen=seqlen, seed=42)
-    return sample_calibration([d.text for d in load_austen_documents(cfg)], tokenizer, cfg)
-
-
-def heldout_ids(tokenizer: Any) -> torch.Tensor:
-    from stages.eval.perplexity import tokenize_text
-    from stages.eval.taskdata import read_heldout_text
-
-    return tokenize_text(tokenizer, read_heldout_text())
-
-
-def held_out_ppl(model: Any, ids: torch.Tensor, device: torch.device, max_windows: Optional[int]) -> float:
-    from stages.eval.perplexity import perplexity
-
-    return perplexity(model, ids, 512, 512, batch_size=8, device=device, max_windows=max_windows)["ppl"]
-
-
 def run_cell(base_model: Any, calib: Optional[torch.Tensor], cfg: QuantConfig, device: torch.device,
              ppl_ids: torch.Tensor, max_windows: Optional[int]) -> dict[str, Any]:
-    model = copy.deepcopy(base_model)
-    _reset_peak(device)
-    _sync(device)
-    t0 = time.perf_counter()
-    result = quantize_model(model, calib, cfg, device, seed=0)
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    peak = _peak_gib(device)
-    ppl = held_out_ppl(model, ppl_ids, device, max_windows)
-    mse_last = result.block_metrics[-1].get("mse")
-    del model
-    return {"seconds": round(seconds, 3), "peak_gib": peak, "ppl": ppl, "mse_last_block": mse_last}
+    result, row = timed_quantize(base_model, calib, cfg, device, ppl_ids, max_windows)
+    return {**row, "mse_last_block": result.block_metrics[-1].get("mse")}
 
 
 def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, rows: list[dict[str, Any]],
                 save: Callable[[], None]) -> None:
     """Append the model rows to `rows`, saving the result files after each one."""
-    from pipeline.models import load_model, load_tokenizer, prepare_model
-    from pipeline.store import ArtifactStore
-
-    handle = prepare_model(model_config(args), ArtifactStore(Path(args.store)), log=print)
-    tokenizer = load_tokenizer(handle)
-    base_model = load_model(handle, dtype, str(device))
+    handle, tokenizer, base_model = load_bench_model(args, device, dtype)
     nsamples, seqlen = (16, 128) if args.small else (128, 512)
     calib = calibration(tokenizer, nsamples, seqlen)
     ppl_ids = heldout_ids(tokenizer)
@@ -306,19 +194,11 @@ def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
                         "ppl_ratio": ratio, "iters": cfg.iters, "calib": f"{nsamples}x{seqlen}"})
             rows.append(row)
             save()
-            print(f"[model] {label} {method} compile={compile_}: ppl {_fmt(row['ppl'])} ({_fmt(ratio)}x), "
+            print(f"[model] {label} {method} compile={compile_}: ppl {fmt(row['ppl'])} ({fmt(ratio)}x), "
                   f"{row['seconds']} s, peak {row['peak_gib']} GiB", flush=True)
 
 
 # -- reporting -----------------------------------------------------------------------------
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
-    return str(v)
-
 
 def block_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| block shape | compile | low_gpu_mem | run | seconds | peak GiB | loss iter 0 | best loss | best iter |",
@@ -327,8 +207,8 @@ def block_table(rows: list[dict[str, Any]]) -> list[str]:
         s = r["shape"]
         shape = f"h{s['hidden']}/i{s['inter']}, {s['nsamples']}x{s['seqlen']}, {r['iters']} it, bs {r['batch_size']}"
         note = (r["note"] or "-") if "error" not in r else f"FAILED: {r['error'][:80]}"
-        lines.append(f"| {shape} | {r['compile']} | {r['low_gpu_mem']} | {note} | {_fmt(r['seconds'], 2)} "
-                     f"| {_fmt(r['peak_gib'], 2)} | {_fmt(r['loss_init'])} | {_fmt(r['loss_best'])} "
+        lines.append(f"| {shape} | {r['compile']} | {r['low_gpu_mem']} | {note} | {fmt(r['seconds'], 2)} "
+                     f"| {fmt(r['peak_gib'], 2)} | {fmt(r['loss_init'])} | {fmt(r['loss_best'])} "
                      f"| {r['best_iter']} |")
     return lines
 
@@ -339,10 +219,10 @@ def model_table(rows: list[dict[str, Any]], small: bool) -> list[str]:
     for r in rows:
         # the targets are for SmolLM2; a random tiny model's perplexity only shows the code runs
         target = TARGETS["ppl_ratio"].get(r["cell"]) if r["method"] == "autoround" and not small else None
-        ppl = _fmt(r["ppl"]) if "error" not in r else f"FAILED: {r['error'][:80]}"
+        ppl = fmt(r["ppl"]) if "error" not in r else f"FAILED: {r['error'][:80]}"
         lines.append(f"| {r['model']} | {r['cell']} | {r['method']} | {r.get('compile', '-')} | {ppl} "
-                     f"| {_fmt(r.get('ppl_ratio'))} | {'<= ' + str(target) if target else '-'} "
-                     f"| {_fmt(r.get('seconds'), 2)} | {_fmt(r.get('peak_gib'), 2)} |")
+                     f"| {fmt(r.get('ppl_ratio'))} | {'<= ' + str(target) if target else '-'} "
+                     f"| {fmt(r.get('seconds'), 2)} | {fmt(r.get('peak_gib'), 2)} |")
     return lines
 
 
@@ -379,24 +259,8 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    import transformers
-
-    env = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__,
-           "transformers": transformers.__version__, "python": platform.python_version(), "device": str(device),
-           "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-           "argv": " ".join(sys.argv)}
-    if device.type == "cuda":
-        env["card"] = torch.cuda.get_device_name(device)
-    else:
-        env["cpu"] = platform.processor() or platform.machine()
-    return env
-
-
 def write_results(out: Path, mode: str, env: dict, rows: list[dict[str, Any]]) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"quantize_{mode}.json").write_text(json.dumps({"environment": env, "targets": TARGETS, "rows": rows},
-                                                          indent=2, default=str))
+    write_json(out / f"quantize_{mode}.json", env, TARGETS, rows)
     blocks = [r for r in rows if r["part"] == "block"]
     models = [r for r in rows if r["part"] == "model"]
     head = [f"Quantization benchmark ({mode}): {env.get('card', env.get('cpu'))}, torch {env['torch']}, "
@@ -433,11 +297,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda:0" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = pick_device(args.device)
     parts = set(args.parts.split(","))
-    env = environment(device)
+    env = environment(device, omp_threads=True)
     rows: list[dict[str, Any]] = []
     mode = ("small_" if args.small else "") + device.type
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from pipeline.errors import ConfigError
 from pipeline.schema import ModelConfig
+from pipeline.store import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -61,14 +62,6 @@ def find_gguf(cfg: ModelConfig) -> Path:
                       problem="does not exist")
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _folder_identity(path: Path) -> dict[str, Any]:
     """Cheap identity of a local model folder: names, sizes and mtimes of its files."""
     return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(path.iterdir()) if p.is_file()}
@@ -87,7 +80,7 @@ def _identity_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _identity_gguf(cfg: ModelConfig) -> dict[str, Any]:
-    return {"source": "gguf", "sha256": _file_digest(find_gguf(cfg))}
+    return {"source": "gguf", "sha256": sha256_file(find_gguf(cfg))}
 
 
 def _identity_random(cfg: ModelConfig) -> dict[str, Any]:

@@ -33,6 +33,14 @@ def fingerprint(obj: Any) -> str:
 
 
 def sha256_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB chunks.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The full lowercase hex digest (64 characters).
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):

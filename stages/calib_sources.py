@@ -20,7 +20,6 @@ Persuasion, lives in `stages/data/heldout/` for evaluation; no loader here reads
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from typing import Any, Callable, Iterator
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.schema import CalibConfig
+from pipeline.store import sha256_file
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 AUSTEN_DIR = DATA_DIR / "austen"
@@ -134,22 +134,14 @@ def _expand(paths: list[str], suffix: str) -> list[tuple[Path, str]]:
     return files
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _refuse_heldout(files: list[tuple[Path, str]]) -> None:
     """The held-out evaluation novel (or a copy of it) must never be calibration text."""
     size = HELDOUT_TEXT.stat().st_size if HELDOUT_TEXT.is_file() else -1
     digest = None
     for path, shown in files:
         if path.resolve() == HELDOUT_TEXT or path.stat().st_size == size:
-            digest = digest or _sha256(HELDOUT_TEXT)
-            if _sha256(path) == digest:
+            digest = digest or sha256_file(HELDOUT_TEXT)
+            if sha256_file(path) == digest:
                 raise ConfigError("calib.paths", shown, "text other than the held-out evaluation novel",
                                   "leave persuasion.txt out: it is what evaluation scores on",
                                   problem="is the held-out evaluation text")
@@ -290,7 +282,7 @@ def source_identity(cfg: CalibConfig) -> dict[str, Any]:
         hub: {} (the dataset name, config and split are already in the config).
     """
     if cfg.source == "austen":
-        return {"austen": {n: _sha256(AUSTEN_DIR / n) for n in AUSTEN_FILES if (AUSTEN_DIR / n).is_file()}}
+        return {"austen": {n: sha256_file(AUSTEN_DIR / n) for n in AUSTEN_FILES if (AUSTEN_DIR / n).is_file()}}
     if cfg.source in ("text", "jsonl") and cfg.paths:
         files = _expand(cfg.paths, ".txt" if cfg.source == "text" else ".jsonl")
         return {"files": {shown: [p.stat().st_size, p.stat().st_mtime_ns] for p, shown in files}}
