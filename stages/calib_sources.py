@@ -109,7 +109,7 @@ def _documents_of_files(files: list[tuple[Path, str]], split: Callable[[str], li
 def _require_paths(cfg: CalibConfig, kind: str) -> None:
     if not cfg.paths:
         raise ConfigError("calib.paths", [], f"one or more {kind} files or folders",
-                          f"e.g. calib=text calib.paths=[/data/my_corpus]" if kind == "text"
+                          "e.g. calib=text calib.paths=[/data/my_corpus]" if kind == "text"
                           else "e.g. calib=jsonl calib.paths=[/data/corpus.jsonl]",
                           problem=f"is required when calib.source={cfg.source}")
 
@@ -266,7 +266,7 @@ def check_source_keys(cfg: CalibConfig) -> None:
     """A key that the chosen source would not read is an error, never silently ignored."""
     if cfg.paths and cfg.source not in ("text", "jsonl"):
         raise ConfigError("calib.paths", cfg.paths, "read only by calib.source=text or jsonl",
-                          f"use calib=text (or calib=jsonl) with these paths, or drop calib.paths",
+                          "use calib=text (or calib=jsonl) with these paths, or drop calib.paths",
                           problem=f"is not used by calib.source={cfg.source}")
     if cfg.dataset and cfg.source != "hub":
         raise ConfigError("calib.dataset", cfg.dataset, "read only by calib.source=hub",
