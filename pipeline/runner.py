@@ -37,6 +37,17 @@ class StageOutcome:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Plan:
+    """What one job will do, decided before any work: stages, fingerprints, inputs, forced stages."""
+
+    selected: list[dag.StageSpec]
+    fps: dict[str, str]
+    inputs: dict[str, list[str]]  # stage -> upstream stages it reads (the ones its fingerprint covers)
+    model: Optional[ModelHandle]
+    forced: set[str]
+
+
 class PipelineRunner:
     """Executes one pipeline job. Holds no global state; everything comes from the config."""
 
@@ -47,27 +58,29 @@ class PipelineRunner:
         self.log = runtime.log
 
     # -- planning -----------------------------------------------------------------------
-    def plan(self) -> tuple[list[dag.StageSpec], dict[str, str], Optional[ModelHandle]]:
+    def plan(self) -> Plan:
         selected = dag.select(self.cfg.run.stages)
-        needed = {s.name for s in selected}
+        selected_names = {s.name for s in selected}
+        needed = set(selected_names)
         for s in selected:
             needed |= dag.upstream(s.name)
         model = None
         if any(dag.SPECS[n].uses_model for n in needed):
             model = prepare_model(self.cfg.model, self.store, self.log)
         fps: dict[str, str] = {}
+        inputs: dict[str, list[str]] = {}
         for spec in dag.topological_order():
             if spec.name not in needed:
                 continue
-            inputs = {d: fps[d] for d in spec.needs}
-            for d in spec.optional_needs:
-                if d in fps and (d in {s.name for s in selected} or self.store.entry(d, fps[d]).is_complete()):
-                    inputs[d] = fps[d]
-            fps[spec.name] = dag.stage_fingerprint(spec, self.cfg, inputs, model.fingerprint if model else None,
+            inputs[spec.name] = list(spec.needs) + [
+                d for d in spec.optional_needs
+                if d in fps and (d in selected_names or self.store.entry(d, fps[d]).is_complete())]
+            fps[spec.name] = dag.stage_fingerprint(spec, self.cfg, {d: fps[d] for d in inputs[spec.name]},
+                                                   model.fingerprint if model else None,
                                                    self.rt.device, self.rt.dtype_name)
-            if self.cfg.run.export_dir and spec not in selected:
+            if self.cfg.run.export_dir and spec.name not in selected_names:
                 self._import_exported(spec.name, fps[spec.name])
-        return selected, fps, model
+        return Plan(selected, fps, inputs, model, self._forced(selected_names))
 
     def _import_exported(self, stage: str, fp: str) -> None:
         """An upstream artifact that DVC restored at its export path counts as in the store."""
@@ -76,28 +89,22 @@ class PipelineRunner:
         if not entry.is_complete() and import_exported(src, entry):
             self.log(f"[{stage}] imported from {src} (restored by DVC)")
 
-    def _inputs_of(self, spec: dag.StageSpec, fps: dict[str, str], selected_names: set[str]) -> list[str]:
-        names = list(spec.needs)
-        names += [d for d in spec.optional_needs
-                  if d in fps and (d in selected_names or self.store.entry(d, fps[d]).is_complete())]
-        return names
-
-    def check(self, selected: list[dag.StageSpec], fps: dict[str, str], model: Optional[ModelHandle]) -> None:
+    def check(self, plan: Plan) -> None:
         """Everything that can fail before work starts, in one pass."""
-        selected_names = {s.name for s in selected}
-        forced = self._forced(selected_names)
-        for spec in selected:
+        fps = plan.fps
+        selected_names = {s.name for s in plan.selected}
+        for spec in plan.selected:
             for dep in spec.needs:
                 if dep not in selected_names and not self.store.entry(dep, fps[dep]).is_complete():
                     raise InputError(
                         f"stage '{spec.name}' needs '{dep}', which is neither selected nor in the store "
                         f"({self.store.entry(dep, fps[dep]).path}); add it: run.stages=[{dep},{spec.name},...]")
             spec.load()  # NotImplementedStageError for a missing module
-        for spec in selected:
-            if spec.name in forced or not self.store.entry(spec.name, fps[spec.name]).is_complete():
+        for spec in plan.selected:
+            if spec.name in plan.forced or not self.store.entry(spec.name, fps[spec.name]).is_complete():
                 check = spec.preflight()
                 if check is not None:
-                    check(self.cfg, model, spec)
+                    check(self.cfg, plan.model, spec)
 
     def _forced(self, selected_names: set[str]) -> set[str]:
         forced = set(self.cfg.run.force)
@@ -107,22 +114,19 @@ class PipelineRunner:
 
     # -- execution ----------------------------------------------------------------------
     def run(self) -> list[StageOutcome]:
-        selected, fps, model = self.plan()
-        self.check(selected, fps, model)
-        selected_names = {s.name for s in selected}
-        forced = self._forced(selected_names)
+        plan = self.plan()
+        self.check(plan)
         outcomes: list[StageOutcome] = []
-        bar = tqdm(selected, desc="pipeline", unit="stage", disable=not self.cfg.run.progress, leave=True)
+        bar = tqdm(plan.selected, desc="pipeline", unit="stage", disable=not self.cfg.run.progress, leave=True)
         for spec in bar:
             bar.set_postfix_str(spec.name)
-            outcomes.append(self._run_stage(spec, fps, model, spec.name in forced, selected_names))
+            outcomes.append(self._run_stage(spec, plan))
         bar.close()
         return outcomes
 
-    def _run_stage(self, spec: dag.StageSpec, fps: dict[str, str], model: Optional[ModelHandle], force: bool,
-                   selected_names: set[str]) -> StageOutcome:
-        entry = self.store.entry(spec.name, fps[spec.name])
-        if force and entry.is_complete():
+    def _run_stage(self, spec: dag.StageSpec, plan: Plan) -> StageOutcome:
+        entry = self.store.entry(spec.name, plan.fps[spec.name])
+        if spec.name in plan.forced and entry.is_complete():
             entry.remove()
         t0 = time.perf_counter()
         status = "cached"
@@ -130,8 +134,8 @@ class PipelineRunner:
             with entry.writing() as work:
                 if work is not None:  # None: another process finished it while we waited
                     status = "ran"
-                    inputs = {d: self._artifact(d, fps[d]) for d in self._inputs_of(spec, fps, selected_names)}
-                    ctx = self._context(spec, work.path, work.resumed, inputs, model)
+                    inputs = {d: self._artifact(d, plan.fps[d]) for d in plan.inputs[spec.name]}
+                    ctx = self._context(spec, work.path, work.resumed, inputs, plan.model)
                     self.log(f"[{spec.name}] running ({'resuming' if work.resumed else 'fresh'}) -> {entry.path}")
                     result: StageResult = spec.load()(ctx)
                     metrics = {"seconds": round(time.perf_counter() - t0, 3), **result.metrics}
