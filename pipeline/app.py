@@ -72,13 +72,15 @@ def _hydra_info() -> tuple[list[str], Optional[Path]]:
     return list(hc.overrides.task), sweep_dir
 
 
-def open_tracker(cfg: PipelineConfig, dcfg: DictConfig, overrides: list[str], sweep_dir: Optional[Path]) -> Any:
+def open_tracker(cfg: PipelineConfig, overrides: list[str], sweep_dir: Optional[Path]) -> Any:
+    from dataclasses import asdict
+
     from pipeline import tracking
     from pipeline.store import git_commit
 
     if not cfg.tracking.enabled:
         return tracking.NullTracker()
-    container = job_container(dcfg)
+    container = asdict(cfg)  # the typed, resolved config: no second resolution of the DictConfig
     parent = None
     if sweep_dir is not None and (sweep_dir / tracking.PARENT_RUN_FILE).is_file():
         parent = (sweep_dir / tracking.PARENT_RUN_FILE).read_text().strip()
@@ -98,7 +100,7 @@ def run_job(dcfg: DictConfig) -> list:
         cfg = to_pipeline_config(dcfg)
         validate_config(cfg)
         rt = setup_runtime(cfg, log.info)
-        tracker = open_tracker(cfg, dcfg, overrides, sweep_dir)
+        tracker = open_tracker(cfg, overrides, sweep_dir)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
