@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from pipeline.errors import ConfigError
@@ -46,19 +46,17 @@ def seed_everything(seed: int) -> None:
 class Runtime:
     device: str
     dtype_name: str
-    env: dict[str, str] = field(default_factory=dict)
     log: Callable[[str], None] = log.info
 
 
 def setup_runtime(cfg: PipelineConfig, log_fn: Callable[[str], None] = log.info) -> Runtime:
     """Apply the process-wide settings the config asks for and report them."""
-    env = offline_env() if cfg.run.offline else {}
-    for key, value in env.items():
+    for key, value in (offline_env() if cfg.run.offline else {}).items():
         os.environ.setdefault(key, value)
-    env["TOKENIZERS_PARALLELISM"] = os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     device = resolve_device(cfg.run.device)
     dtype = str(resolve_dtype(cfg.model.dtype, device)).replace("torch.", "")
     seed_everything(cfg.run.seed)
-    rt = Runtime(device=device, dtype_name=dtype, env=env, log=log_fn)
+    rt = Runtime(device=device, dtype_name=dtype, log=log_fn)
     log_fn(f"device={device} dtype={dtype} seed={cfg.run.seed} offline={cfg.run.offline}")
     return rt
