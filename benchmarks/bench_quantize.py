@@ -99,7 +99,7 @@ def bench_block(args: argparse.Namespace, device: torch.device, dtype: torch.dty
                        amp=True)
     start = len(rows)
     for compile_ in args.compile_modes:
-        cfg = replace(base, compile=compile_)
+        cfg = replace(base, compile=on_off(compile_))
         quantizer = make_quantizer(cfg)  # shared across runs: the compiled step is reused (warm)
         runs = [(False, "cold" if compile_ else "")] + ([(False, "warm")] if compile_ else []) + [(True, "")]
         for low_mem, note in runs:
@@ -118,6 +118,11 @@ def bench_block(args: argparse.Namespace, device: torch.device, dtype: torch.dty
 SMOLLM2_BLOCK = BlockShape(576, 1536, 9, 3, 128, 512)
 
 
+def on_off(enabled: bool) -> str:
+    """quant.compile's value for a benchmark mode."""
+    return "on" if enabled else "off"
+
+
 def profile_shape(shape: BlockShape, compile_: bool, device: torch.device, dtype: torch.dtype, iters: int,
                   batch: int) -> str:
     """A torch.profiler table of `iters` tuning iterations (after a warm-up run) of one block."""
@@ -126,7 +131,7 @@ def profile_shape(shape: BlockShape, compile_: bool, device: torch.device, dtype
     from stages.quant.base import BlockInputs
 
     cfg = QuantConfig(method="autoround", bits=2, group_size=64, sym=False, iters=iters, batch_size=batch, amp=True,
-                      compile=compile_)
+                      compile=on_off(compile_))
     quantizer = make_quantizer(cfg)
     block, kwargs = make_block(shape, dtype, device, 0)
     streams = make_streams(shape, dtype, device, False, kwargs, 0)
@@ -186,7 +191,7 @@ def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
                 continue  # eager vs compiled speed is compared on the W2 cell only
             iters = args.iters if method != "rtn" else 0
             cfg = QuantConfig(method=method, bits=bits, group_size=gs, sym=sym, iters=iters, batch_size=args.batch,
-                              compile=compile_, amp=True)
+                              compile=on_off(compile_), amp=True)
             row = guarded("model", run_cell, base_model, calib if method != "rtn" else None, cfg, device, ppl_ids,
                           max_windows)
             ratio = row["ppl"] / fp_ppl if row.get("ppl") else None

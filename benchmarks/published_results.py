@@ -61,7 +61,7 @@ def cell_overrides(scheme: tuple, method: str, small: bool, store: Path) -> list
           f"quant.sym={str(sym).lower()}", f"pack={'gptq' if sym else 'auto_round'}",
           "eval=local", f"run.stages={QUALITY_STAGES}", "tracking.enabled=false", f"run.outputs_dir={store}"]
     if method == "autoround":  # the compiled tuning step is 2x faster on the GPU (bench_quantize block part)
-        ov += ["quant.iters=4"] if small else ["quant.iters=200", "quant.compile=true"]
+        ov += ["quant.iters=4"] if small else ["quant.iters=200", "quant.compile=on"]
     if small:
         return ov + ["model=tiny_random", "quant.group_size=32", "calib.nsamples=8", "calib.seqlen=64",
                      "quant.batch_size=4", "eval.limit=4", "eval.perplexity.max_windows=2", "run.device=cpu"]
@@ -126,7 +126,7 @@ def main() -> None:
     p.add_argument("--cells", default="", help="comma list of scheme labels (default: all three)")
     p.add_argument("--block-args", default="", help="extra arguments for bench_quantize.py's block part")
     p.add_argument("--set", nargs="*", default=[], help="extra pipeline overrides for every quality cell, "
-                   "e.g. --set quant.compile=true")
+                   "e.g. --set quant.compile=on")
     p.add_argument("--small", action="store_true", help="CPU-sized problems")
     p.add_argument("--markdown", default=str(REPO / "benchmarks" / "RESULTS.md"))
     args = p.parse_args()

@@ -69,6 +69,7 @@ STAGES: tuple[StageSpec, ...] = (
               metric_prefix="quantize", device_sensitive=True,
               description="RTN / GPTQ / AutoRound per block -> integer codes, scales, zeros"),
     StageSpec("pack", "stages.pack:run", needs=("quantize",), params=("pack", "model.dtype"), metric_prefix="pack",
+              version="2",
               description="write a GPTQ or auto-round checkpoint folder"),
     StageSpec("baseline_evaluate", "stages.evaluate:run", params=("eval",), metric_prefix="baseline.eval",
               variant="baseline", device_sensitive=True, description="score the unquantized model"),

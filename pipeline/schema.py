@@ -11,6 +11,14 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 
+SWITCHES = ("auto", "on", "off")
+
+
+def switch_enabled(value: str, device: str) -> bool:
+    """An auto | on | off switch resolved for a device: auto = on for CUDA, off elsewhere."""
+    return value == "on" or (value == "auto" and str(device).startswith("cuda"))
+
+
 @dataclass
 class RandomModelConfig:
     """Dimensions of a randomly initialised Llama-layout model (tests, speed benchmarks)."""
@@ -108,7 +116,9 @@ class QuantConfig:
     tune_minmax: bool = True  # tune the per-group min/max clipping factors (else only the rounding offsets)
     amp: bool = True  # bf16 autocast on CUDA; tuning parameters stay fp32
     low_gpu_mem: bool = False  # model and cached block inputs in (pinned) CPU memory; blocks and batches move per use
-    compile: bool = False  # torch.compile the fake-quant + block + loss step (autoround; pays off on CUDA)
+    # torch.compile the fake-quant + block + loss step (autoround): auto = on for CUDA (about 2x faster
+    # there), off on the CPU | on | off
+    compile: str = "auto"
     # GPTQ
     damp_percent: float = 0.01
     act_order: bool = False
@@ -124,8 +134,9 @@ class QuantConfig:
 class PackConfig:
     """Checkpoint format (`pack=` group); see docs/formats.md."""
 
-    # Registry key in stages.registry.PACK_FORMATS: gptq | auto_round
-    format: str = "gptq"
+    # Registry key in stages.registry.PACK_FORMATS: auto (the exact layout for the run's schemes:
+    # sym -> gptq, asym -> auto_round (AWQ layout for 4-bit), asym + act-order -> gptq_v2) | gptq | gptq_v2 | auto_round
+    format: str = "auto"
     # Safetensors shard size (Hugging Face units: 4GB = 4e9 bytes, 2GiB = 2^31); one shard when smaller.
     max_shard_size: str = "4GB"
     # auto_round format only (stages.registry.PACKING_FORMATS): auto picks what auto-round does

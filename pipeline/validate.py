@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pipeline.errors import ConfigError, choices, one_of
-from pipeline.schema import PipelineConfig
+from pipeline.schema import SWITCHES, PipelineConfig
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -147,7 +147,7 @@ FIELD_RULES: dict[str, Callable[[str, Any], None]] = {
     "quant.grad_accum": _int_at_least(1, 1),
     "quant.damp_percent": _fraction,
     "quant.block_columns": _int_at_least(1, 128),
-    "pack.format": _choice(_registry("PACK_FORMATS"), "gptq"),
+    "pack.format": _choice(_registry("PACK_FORMATS"), "auto"),
     "pack.packing_format": _choice(_registry("PACKING_FORMATS"), "auto"),
     "pack.max_shard_size": _shard_size,
     "eval.backend": _choice(_registry("EVAL_BACKENDS"), "hf"),
@@ -167,8 +167,9 @@ FIELD_RULES: dict[str, Callable[[str, Any], None]] = {
     "bench.warmup": _int_at_least(0, 1),
     "bench.repeats": _int_at_least(1, 3),
     "bench.gpu_memory_utilization": _fraction,
-    "bench.compile": _choice(lambda: ("auto", "on", "off"), "auto"),
-    "bench.cuda_graphs": _choice(lambda: ("auto", "on", "off"), "auto"),
+    "bench.compile": _choice(lambda: SWITCHES, "auto"),
+    "bench.cuda_graphs": _choice(lambda: SWITCHES, "auto"),
+    "quant.compile": _choice(lambda: SWITCHES, "auto"),
     "bench.linear_kernel": _choice(_registry("BENCH_LINEAR_KERNELS"), "auto"),
     "bench.kernel_tuning": _choice(lambda: ("full", "quick"), "full"),
     "bench.vllm_timeout_s": _int_at_least(1, 1800),

@@ -32,16 +32,17 @@ def checkpoint_dir(pack_artifact_path: Path) -> Path:
 
 
 def checkpoint_dtype(model_dtype: str, source_dtype: Any) -> Any:
-    """Dtype of the unquantized tensors: model.dtype, or with `auto` the source checkpoint's own dtype.
+    """Dtype of the unquantized tensors (embeddings, norms, lm_head): model.dtype when it names one, else
+    (`auto`) the source's own dtype when it is 16-bit, and bfloat16 for a float32 source.
 
-    `auto` does not follow the device (bfloat16 on CUDA, float32 on CPU) so that the same
-    fingerprint always names the same files.
+    `auto` does not follow the device (float32 on CPU) so that the same fingerprint always names the
+    same files, and a shipped checkpoint never carries float32 copies of its unquantized tensors.
     """
     import torch
 
     if model_dtype != "auto":
         return getattr(torch, model_dtype)
-    return source_dtype or torch.float32
+    return source_dtype if source_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
 def _qstate_digest(manifest: dict) -> Optional[str]:
@@ -90,18 +91,39 @@ def run(ctx: StageContext) -> StageResult:
     (ctx.workdir / REPORT_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
     lines = summary_lines(report)
     ctx.log(f"[pack] {result.packing_format}: {metrics['size_mb']} MB on disk; vLLM 0.26: {lines['vllm']}; "
-            f"zero-point wrap: {lines['zero_wrap']}")
+            f"exact: {lines['exact']}")
     metrics.update({"vllm_loads": float(report["vllm"]["loads"]),
-                    "zero_wrap_groups": float(report["zero_point_wrap"]["groups"])})
+                    "verified_layers": float(report["exact"]["verified_layers"])})
     summary = {"format": result.packing_format, "size_mb": metrics["size_mb"],
                "vs_fp16": f"{metrics['compression_vs_fp16']}x smaller (quantized layers)", **lines}
     return StageResult(metrics=metrics, summary=summary, artifacts=[REPORT_FILE, f"{CHECKPOINT_DIR}/config.json"])
+
+
+def run_sym_flags(q: Any) -> list[bool]:
+    """The sym flag of every scheme the quant config can produce (the run's and each override's)."""
+    return [q.sym] + [o.sym for o in q.overrides if o.sym is not None and not o.skip]
+
+
+def check_exact(p: Any, q: Any) -> None:
+    """A GPTQ v1 layout (pack.format=gptq, or auto_round with auto_round:auto_gptq) cannot hold asym zeros."""
+    if all(run_sym_flags(q)):
+        return
+    if p.format == "gptq":
+        raise ConfigError("pack.format", "gptq", "auto, gptq_v2 or auto_round for a run with asym layers: GPTQ v1 "
+                          "stores zero-1 and cannot hold an asym zero point of 0",
+                          "use pack.format=auto (exact for every scheme; asym 4-bit becomes auto-round's AWQ layout, "
+                          "which vLLM serves), pack.format=gptq_v2, or quant.sym=true")
+    if p.format == "auto_round" and p.packing_format == "auto_round:auto_gptq":
+        raise ConfigError("pack.packing_format", p.packing_format, "auto, auto_round:auto_awq or auto_round for a "
+                          "run with asym layers (auto_gptq stores zero-1 and cannot hold a zero point of 0)",
+                          "e.g. pack.packing_format=auto")
 
 
 def preflight(cfg: PipelineConfig, model: Any, spec: Any) -> None:
     """Config combinations the chosen format cannot express, before any stage runs."""
     p, q = cfg.pack, cfg.quant
     parse_size(p.max_shard_size)
+    check_exact(p, q)
     if p.format != "auto_round" and p.packing_format != "auto":
         raise ConfigError("pack.packing_format", p.packing_format, f"auto with pack.format={p.format}",
                           "pack.packing_format applies to pack.format=auto_round; e.g. pack.packing_format=auto")

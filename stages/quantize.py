@@ -187,9 +187,9 @@ def check_quant_config(cfg: "QuantConfig", nsamples: int) -> None:
     if cfg.method == "autoround" and cfg.iters > 0 and cfg.batch_size > nsamples:
         raise ConfigError("quant.batch_size", cfg.batch_size, f"at most calib.nsamples={nsamples}",
                           f"e.g. quant.batch_size={min(8, nsamples)}", problem="exceeds the calibration samples")
-    if cfg.compile and cfg.method != "autoround":
-        raise ConfigError("quant.compile", cfg.compile, f"false for quant.method={cfg.method}",
-                          "set quant.compile=false", problem="only applies to autoround")
+    if cfg.compile == "on" and cfg.method != "autoround":
+        raise ConfigError("quant.compile", cfg.compile, f"auto or off for quant.method={cfg.method}",
+                          "set quant.compile=auto", problem="only applies to autoround")
 
 
 def preflight(cfg: "PipelineConfig", model: Optional["ModelHandle"], spec: Any = None) -> None:

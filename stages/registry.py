@@ -39,9 +39,11 @@ QUANT_METHODS: dict[str, str] = {
     "autoround": "stages.quant.autoround:AutoRoundQuantizer",
 }
 
-# pack.format -> packer
+# pack.format -> packer (auto: the exact layout for the qstate, see stages.formats.choice)
 PACK_FORMATS: dict[str, str] = {
+    "auto": "stages.formats.choice:pack_auto",
     "gptq": "stages.formats.gptq:pack_gptq",
+    "gptq_v2": "stages.formats.gptq:pack_gptq_v2",
     "auto_round": "stages.formats.auto_round:pack_auto_round",
 }
 

@@ -86,6 +86,14 @@ def recipe(bits: int, group_size: int, sym: bool, method: str = "rtn", **kw) -> 
     return Recipe(method, bits, group_size, sym, **kw)
 
 
+def pack_gptq_layout(qs: QStateReader, *args, **kwargs):
+    """The GPTQ layout that stores the qstate exactly: v1 for all-sym, gptq_v2 (zeros as they are) otherwise."""
+    from stages.formats.gptq import pack_gptq, pack_gptq_v2
+
+    packer = pack_gptq if all(qs.scheme(n).sym for n in qs.names) else pack_gptq_v2
+    return packer(qs, *args, **kwargs)
+
+
 def source(path) -> SourceModel:
     return SourceModel.open(str(path))
 

@@ -82,13 +82,19 @@ def test_packing_format_auto_follows_auto_round_and_explicit_choices_are_checked
     cases = [(4, True, AUTO_GPTQ), (3, True, AUTO_GPTQ), (4, False, AUTO_AWQ), (3, False, AUTO_ROUND), (8, False, AUTO_ROUND)]
     for bits, sym, expected in cases:
         qs, _ = _qstate(tmp_path, model, bits, sym, f"q{bits}{sym}")
-        assert choose_packing_format(qs, LayerScheme(bits, 32, sym), "auto") == expected
+        assert choose_packing_format(qs, "auto") == expected
     mixed, _ = _qstate(tmp_path, model, 4, False, "mixed",
                        lambda n: LayerScheme(8 if n.endswith("down_proj") else 4, 32, False))
-    assert choose_packing_format(mixed, LayerScheme(4, 32, False), "auto") == AUTO_ROUND
+    assert choose_packing_format(mixed, "auto") == AUTO_ROUND
+    # a sym run with one asym override: every layer decides, so never auto_gptq's zero-1 layout
+    one_asym, _ = _qstate(tmp_path, model, 4, True, "one_asym",
+                          lambda n: LayerScheme(4, 32, not n.endswith("down_proj")))
+    assert choose_packing_format(one_asym, "auto") == AUTO_AWQ
+    with pytest.raises(InputError, match="auto_round:auto_gptq stores zero-1.*pack.format=auto"):
+        choose_packing_format(one_asym, AUTO_GPTQ)
     three, _ = _qstate(tmp_path, model, 3, False, "three")
     with pytest.raises(InputError, match="auto_round:auto_awq stores 4-bit weights only.*3-bit"):
-        choose_packing_format(three, LayerScheme(3, 32, False), AUTO_AWQ)
+        choose_packing_format(three, AUTO_AWQ)
 
 
 def test_quantization_config_has_auto_rounds_keys_and_extra_config(tiny_model, tmp_path):
@@ -185,9 +191,9 @@ def test_auto_round_loader_on_cpu_matches_our_loader(tiny_model, tmp_path, fmt, 
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("fmt,packing", [("gptq", "auto"), ("auto_round", AUTO_AWQ)])
+@pytest.mark.parametrize("fmt,packing", [("auto_round", AUTO_AWQ)])
 def test_auto_round_loader_on_cpu_fails_for_zero_point_layouts(tiny_model, tmp_path, fmt, packing):
-    """Documents the third-party failure the compat report names: asym GPTQ v1 and AWQ on CPU.
+    """Documents the third-party failure the compat report names: the AWQ layout on CPU.
 
     Without auto-round-lib its backend selection falls to `auto_round:fake`, whose forward calls
     get_quant_func with act_data_type=None and raises TypeError. If this starts to pass, update

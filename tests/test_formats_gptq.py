@@ -12,8 +12,8 @@ from torch import nn
 from pipeline.errors import InputError
 from stages.formats.compat import compatibility_report
 from stages.formats.gptq import (
-    dynamic_rules, gptq_layer_bytes, gptq_quantization_config, pack_gptq, pack_layer_tensors, pack_qweight,
-    pack_qzeros, pack_rows, unpack_layer_tensors, unpack_qweight, unpack_qzeros, unpack_rows, unstorable_zeros,
+    dynamic_rules, gptq_layer_bytes, gptq_quantization_config, pack_gptq, pack_gptq_v2, pack_layer_tensors, pack_qweight,
+    pack_qzeros, pack_rows, unpack_layer_tensors, unpack_qweight, unpack_qzeros, unpack_rows,
 )
 from stages.formats.qlinear import load_quantized_model
 from stages.quant.base import LayerScheme, QuantizedLayer
@@ -107,15 +107,12 @@ def test_bit_exact_with_auto_round_gptq_packer(bits, sym, gs):
     assert torch.equal(ours["x.g_idx"], ref.g_idx)
 
 
-def test_zero_point_zero_decodes_as_one_under_v1_and_is_counted():
+def test_zero_point_zero_decodes_as_one_under_v1_but_round_trips_with_zeros_as_they_are():
     layer = _rtn_layer(32, 64, 4, 32, False)
     layer.zero[3, 1] = 0
-    layer.scale[3, 1] = 0.25
     packed = pack_qzeros(layer.zero, 4)
     back = unpack_qzeros(packed, 4)
     assert int(back[3, 1]) == 1 and torch.equal(back[layer.zero > 0], layer.zero[layer.zero > 0].int())
-    assert unstorable_zeros(layer, 1) == (1, 0.25)
-    assert unstorable_zeros(layer, 0) == (0, 0.0)
     assert torch.equal(unpack_qzeros(pack_qzeros(layer.zero, 4, 0), 4, 0), layer.zero.int())
 
 
@@ -182,11 +179,11 @@ def test_packed_tiny_model_loads_to_the_fake_quantized_logits(tiny_model, tmp_pa
     model, _, handle = tiny_model
     layers, skipped = quantize_linears(model, 3, 32, False)
     qs = save_test_qstate(tmp_path / "q", layers, skipped, 2)
-    res = pack_gptq(qs, source(handle.path), tmp_path / "ck", options(), recipe(3, 32, False), "id-1")
+    res = pack_gptq_v2(qs, source(handle.path), tmp_path / "ck", options(), recipe(3, 32, False), "id-1")
     assert {"config.json", "quantize_config.json", "model.safetensors", "tokenizer.json", "packing.json"} <= set(res.files)
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert cfg["quantization_config"] == json.loads((tmp_path / "ck" / "quantize_config.json").read_text())
-    assert cfg["dtype"] == "float32"
+    assert cfg["dtype"] == "float32" and cfg["quantization_config"]["checkpoint_format"] == "gptq_v2"
     loaded = load_quantized_model(tmp_path / "ck", "cpu", torch.float32)
     ids = random_ids()
     assert torch.equal(logits(loaded, ids), logits(fake_quantize(model, layers), ids))
@@ -274,7 +271,7 @@ def test_corrupt_qstate_fails_mid_pack_without_leaving_files(tiny_model, tmp_pat
     layers["model.layers.1.mlp.up_proj"].codes[0, 0] = 9  # not a 2-bit code
     qs = save_test_qstate(tmp_path / "q", layers, skipped, 2)
     with pytest.raises(InputError, match="up_proj.*outside \\[0, 3\\]"):
-        pack_gptq(qs, source(tiny_model[2].path), tmp_path / "ck", options(), recipe(2, 32, False), "id")
+        pack_gptq_v2(qs, source(tiny_model[2].path), tmp_path / "ck", options(), recipe(2, 32, False), "id")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
 
 
@@ -300,14 +297,15 @@ def test_compat_report_for_sym_w4_and_asym_w3(tiny_model, tmp_path):
     for bits, sym, loads in ((4, True, True), (3, False, False)):
         layers, skipped = quantize_linears(model, bits, 32, sym)
         qs = save_test_qstate(tmp_path / f"q{bits}", layers, skipped, 2)
-        res = pack_gptq(qs, source(handle.path), tmp_path / f"ck{bits}", options(), recipe(bits, 32, sym), "id")
+        packer = pack_gptq if sym else pack_gptq_v2  # v1 cannot hold asym zeros exactly
+        res = packer(qs, source(handle.path), tmp_path / f"ck{bits}", options(), recipe(bits, 32, sym), "id")
         rep = compatibility_report(res)
-        assert rep["vllm"]["loads"] is loads and rep["exllama_gptq"]["loads"] is True
+        assert rep["vllm"]["loads"] is loads and rep["exllama_gptq"]["loads"] is sym  # exllama reads v1 zeros
         if loads:  # hidden 64: no layer is a multiple of 128 wide, so Marlin for all (q/k/v and gate/up fused)
             assert rep["vllm"]["kernels"] == {"Marlin": 8}
         else:
             assert "Unsupported quantization config: bits=3, sym=False" in rep["vllm"]["reason"]
-        assert rep["zero_point_wrap"]["occurs"] is False
+        assert rep["exact"]["verified_layers"] == rep["exact"]["layers"] == 14
 
 
 def test_dequantize_of_packed_tensors_equals_qdq_with_act_order_g_idx():

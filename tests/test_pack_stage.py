@@ -44,7 +44,7 @@ def test_run_writes_a_loadable_checkpoint_and_a_compat_report(compose, tiny_mode
     assert report["checkpoint"] == "checkpoint" and report["vllm"]["loads"] is True
     assert report["identity"] == json.loads((ck / "packing.json").read_text())["identity"]
     m = result.metrics
-    assert m["layers"] == 14 and m["vllm_loads"] == 1.0 and m["zero_wrap_groups"] == 0.0
+    assert m["layers"] == 14 and m["vllm_loads"] == 1.0 and m["verified_layers"] == 14.0
     assert m["quantized_fp16_mb"] == round(2 * sum(layer.codes.numel() for layer in layers.values()) / 1e6, 3)
     packed = sum(gptq_layer_bytes(*layer.codes.shape, 4, 32) for layer in layers.values())
     numel = sum(layer.codes.numel() for layer in layers.values())
@@ -58,32 +58,37 @@ def test_run_writes_a_loadable_checkpoint_and_a_compat_report(compose, tiny_mode
     run(ctx)  # a resumed attempt at the same fingerprint replaces its own checkpoint
 
 
-def test_auto_round_format_asym_4bit_is_awq_and_reports_a_zero_wrap_free_exact_pack(compose, tiny_model, tmp_path):
+@pytest.mark.parametrize("pack", ["pack=auto_round", "pack=auto"])
+def test_asym_4bit_is_packed_as_awq_exactly(compose, tiny_model, tmp_path, pack):
     model, _, handle = tiny_model
-    cfg, _ = compose(["model=tiny_random", "pack=auto_round", "quant=rtn", "quant.bits=4", "quant.group_size=32",
+    cfg, _ = compose(["model=tiny_random", pack, "quant=rtn", "quant.bits=4", "quant.group_size=32",
                       "quant.sym=false"])
     layers, skipped = quantize_linears(model, 4, 32, False)
     layers["model.layers.0.mlp.up_proj"].zero[0, 0] = 0  # storable in AWQ: zeros are kept as they are
     ctx = _ctx(cfg, handle, tmp_path, layers, skipped)
     result = run(ctx)
-    assert result.summary["format"] == "auto_round:auto_awq" and result.summary["zero_wrap"] == "none"
+    assert result.summary["format"] == "auto_round:auto_awq" and result.summary["exact"] == "14/14 layers verified"
     assert result.summary["vllm"].startswith("loads (inc:")
     loaded = load_quantized_model(checkpoint_dir(ctx.workdir), "cpu", torch.float32)
     for name, ql in iter_quant_linears(loaded):
         assert torch.equal(ql.dequantize(torch.float32), layers[name].dequantize(torch.float32)), name
 
 
-def test_gptq_asym_zero_point_zero_is_reported_in_the_summary(compose, tiny_model, tmp_path):
+def test_the_default_pack_of_an_asym_2bit_run_keeps_zero_points_of_zero(compose, tiny_model, tmp_path):
+    """pack.format=auto (the default) picks auto-round's plain layout for asym 2-bit: the loaded weights are
+    the quantized ones, zero points of 0 included (GPTQ v1 would read them back one step off)."""
     model, _, handle = tiny_model
-    cfg, _ = compose(["model=tiny_random", "quant=rtn", "quant.bits=4", "quant.group_size=32", "quant.sym=false"])
-    layers, skipped = quantize_linears(model, 4, 32, False)
+    cfg, _ = compose(["model=tiny_random", "quant=rtn", "quant.bits=2", "quant.group_size=32", "quant.sym=false"])
+    assert cfg.pack.format == "auto"
+    layers, skipped = quantize_linears(model, 2, 32, False)
     layers["model.layers.1.self_attn.k_proj"].zero[2, 1] = 0
+    assert sum(int((l.zero == 0).sum()) for l in layers.values()) >= 1
     ctx = _ctx(cfg, handle, tmp_path, layers, skipped)
     result = run(ctx)
-    assert result.summary["zero_wrap"] == "1 groups" and result.metrics["zero_wrap_groups"] == 1.0
-    wrap = json.loads((ctx.workdir / REPORT_FILE).read_text())["zero_point_wrap"]
-    assert wrap["layers"] == ["model.layers.1.self_attn.k_proj"] and "decodes zero 1" in wrap["meaning"]
-    assert result.summary["vllm"].startswith("refuses: ") and "sym=False" in result.summary["vllm"]
+    assert result.summary["format"] == "auto_round" and result.summary["vllm"].startswith("refuses: ")
+    loaded = load_quantized_model(checkpoint_dir(ctx.workdir), "cpu", torch.float32)
+    for name, ql in iter_quant_linears(loaded):
+        assert torch.equal(ql.dequantize(torch.float32), layers[name].dequantize(torch.float32)), name
 
 
 @pytest.mark.parametrize("overrides,key,pattern", [
@@ -91,6 +96,10 @@ def test_gptq_asym_zero_point_zero_is_reported_in_the_summary(compose, tiny_mode
     (["pack=auto_round", "quant=gptq", "quant.act_order=true"], "pack.format", "has no g_idx"),
     (["pack=auto_round", "pack.packing_format=auto_round:auto_awq", "quant.bits=3"], "pack.packing_format",
      "4-bit layers only"),
+    (["pack=gptq", "quant.sym=false"], "pack.format", "GPTQ v1 stores zero-1 .*use pack.format=auto"),
+    (["pack=gptq", "quant.overrides=[{pattern: '.*down_proj', sym: false}]"], "pack.format", "cannot hold an asym"),
+    (["pack=auto_round", "pack.packing_format=auto_round:auto_gptq", "quant.sym=false"], "pack.packing_format",
+     "auto_gptq stores zero-1"),
 ])
 def test_preflight_rejects_schemes_the_format_cannot_express(compose, overrides, key, pattern):
     cfg, _ = compose(["model=tiny_random", *overrides])
@@ -126,7 +135,7 @@ def smollm2_handle_free_tied(tmp_path):
 
 @pytest.mark.parametrize("override,pattern", [("pack.packing_format=awq", "choose from auto, auto_round:auto_gptq"),
                                               ("pack.max_shard_size=lots", "a size such as 4GB"),
-                                              ("pack.format=exl2", "choose from gptq, auto_round")])
+                                              ("pack.format=exl2", "choose from auto, gptq, gptq_v2, auto_round")])
 def test_config_validation_names_the_key_and_the_choices(compose, tmp_path, override, pattern):
     cfg, _ = compose(["model=tiny_random", f"run.outputs_dir={tmp_path}", override])
     with pytest.raises(ConfigError, match=pattern):
@@ -134,6 +143,10 @@ def test_config_validation_names_the_key_and_the_choices(compose, tmp_path, over
 
 
 def test_pack_groups_compose(compose):
+    cfg, _ = compose([])
+    assert cfg.pack.format == "auto"  # the default never writes a checkpoint that differs from the qstate
+    cfg, _ = compose(["pack=gptq_v2"])
+    assert cfg.pack.format == "gptq_v2"
     cfg, _ = compose(["pack=auto_round"])
     assert (cfg.pack.format, cfg.pack.packing_format, cfg.pack.max_shard_size) == ("auto_round", "auto", "4GB")
     cfg, _ = compose(["pack=gptq"])
@@ -141,11 +154,10 @@ def test_pack_groups_compose(compose):
 
 
 def test_the_dag_packs_what_quantize_produced(compose, tiny_overrides):
-    pytest.importorskip("stages.quantize")
     from pipeline.runner import PipelineRunner
     from pipeline.runtime import Runtime
 
-    cfg, _ = compose([*tiny_overrides, "quant=rtn", "quant.bits=3", "quant.sym=false", "pack=auto_round",
+    cfg, _ = compose([*tiny_overrides, "quant=rtn", "quant.bits=3", "quant.sym=false",
                       "run.stages=[calibrate,quantize,pack]"])
     outcomes = PipelineRunner(cfg, Runtime("cpu", "float32", log=lambda m: None)).run()
     pack = outcomes[-1]

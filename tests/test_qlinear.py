@@ -15,8 +15,8 @@ from stages.formats.qlinear import QuantLinear, iter_quant_linears, load_quantiz
 from stages.quant.base import LayerScheme
 from _formats_helpers import tiny_model, tiny_once  # noqa: F401  (fixtures)
 from _formats_helpers import (
-    act_order_layer, fake_quantize, logits, make_llama_folder, options, quantize_linears, random_ids, recipe,
-    save_test_qstate, source,
+    act_order_layer, fake_quantize, logits, make_llama_folder, options, pack_gptq_layout, quantize_linears, random_ids,
+    recipe, save_test_qstate, source,
 )
 
 
@@ -51,7 +51,7 @@ def _pack_folder(folder, tmp_path, bits=4, gs=32, sym=True, scheme_for=None, nam
     model = AutoModelForCausalLM.from_pretrained(folder)
     layers, skipped = quantize_linears(model, bits, gs, sym, scheme_for)
     qs = save_test_qstate(tmp_path / f"q-{name}", layers, skipped, model.config.num_hidden_layers)
-    pack_gptq(qs, source(folder), tmp_path / name, options(), recipe(bits, gs, sym), name)
+    pack_gptq_layout(qs, source(folder), tmp_path / name, options(), recipe(bits, gs, sym), name)
     return model, layers, tmp_path / name
 
 
@@ -80,7 +80,7 @@ def test_bfloat16_load_equals_the_bfloat16_fake_quantized_model(tiny_model, tmp_
     model, _, handle = tiny_model
     layers, skipped = quantize_linears(model, 4, 32, False)
     qs = save_test_qstate(tmp_path / "q", layers, skipped, 2)
-    pack_gptq(qs, source(handle.path), tmp_path / "ck", options(), recipe(4, 32, False), "i")
+    pack_gptq_layout(qs, source(handle.path), tmp_path / "ck", options(), recipe(4, 32, False), "i")
     loaded = load_quantized_model(tmp_path / "ck", "cpu", torch.bfloat16)
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
     assert loaded.model.rotary_emb.inv_freq.device.type == "cpu"
@@ -119,7 +119,7 @@ def test_cuda_load_matches_cpu(tiny_model, tmp_path):
     model, _, handle = tiny_model
     layers, skipped = quantize_linears(model, 3, 32, False)
     qs = save_test_qstate(tmp_path / "q", layers, skipped, 2)
-    pack_gptq(qs, source(handle.path), tmp_path / "ck", options(), recipe(3, 32, False), "i")
+    pack_gptq_layout(qs, source(handle.path), tmp_path / "ck", options(), recipe(3, 32, False), "i")
     ids = random_ids()
     cpu = logits(load_quantized_model(tmp_path / "ck", "cpu", torch.float32), ids)
     gpu_model = load_quantized_model(tmp_path / "ck", "cuda:0", torch.float32)

@@ -147,8 +147,8 @@ def test_preflight_override_group_size_error_names_the_override_key(compose, tmp
 def test_preflight_rejects_compile_for_other_methods_and_oversized_batches(compose):
     from stages.quantize import check_quant_config
 
-    cfg, _ = compose(["quant=rtn", "quant.compile=true"])
-    with pytest.raises(ConfigError, match="quant.compile=True only applies to autoround"):
+    cfg, _ = compose(["quant=rtn", "quant.compile=on"])
+    with pytest.raises(ConfigError, match="quant.compile=on only applies to autoround"):
         check_quant_config(cfg.quant, 128)
     cfg, _ = compose(["quant.batch_size=16"])
     with pytest.raises(ConfigError, match="quant.batch_size=16 exceeds the calibration samples"):
@@ -173,7 +173,7 @@ def test_rtn_stage_needs_no_calibration_stage(compose, tiny_overrides, tmp_path)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compile_", [False, True])
+@pytest.mark.parametrize("compile_", ["off", "on"])
 def test_cuda_low_gpu_mem_matches_device_resident_tuning(compile_):
     """On CUDA (bf16, amp): pinned-CPU caches + side-stream batches tune like device-resident caches."""
     from pipeline.schema import QuantConfig

@@ -12,9 +12,10 @@ precision). The tensors depend on `packing_format`, which auto-round picks from 
                                         scales float16 [groups, out]
   auto_round            (asym, other)   GPTQ layout with zeros stored as they are (no -1)
 
-`pack.packing_format=auto` makes the same choice; naming one explicitly is checked against
-what it can store (AWQ: 4-bit only). No layout here has g_idx, so act-order layers need
-pack.format=gptq.
+`pack.packing_format=auto` makes the same choice, decided by every layer (one asym layer
+rules out auto_gptq, whose v1 zeros cannot hold a zero point of 0); naming one explicitly
+is checked against what it can store (AWQ: 4-bit only; auto_gptq: sym only). No layout here
+has g_idx, so act-order layers need pack.format=gptq or gptq_v2.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import torch
 
 from pipeline.errors import ConfigError, InputError, choices
 from stages.formats.gptq import (
-    GPTQ_BITS, base_scheme, check_lm_head, check_packable, is_lm_head, pack_layer_tensors, unpack_layer_tensors,
-    unstorable_zeros,
+    GPTQ_BITS, base_scheme, check_lm_head, check_packable, check_zero_storable, is_lm_head, pack_layer_tensors,
+    unpack_layer_tensors,
 )
 from stages.formats.source import QStateReader, SourceModel, check_layer_values, check_qstate_matches_model
 from stages.formats.writer import LayerRecord, PackOptions, PackResult, Recipe, tensor_nbytes, write_checkpoint
@@ -88,17 +89,18 @@ def unpack_auto_round_layer(tensors: dict[str, torch.Tensor], scheme: LayerSchem
     return unpack_layer_tensors(tensors, scheme, ZERO_OFFSET[packing_format])
 
 
-def choose_packing_format(qstate: QStateReader, base: LayerScheme, requested: str) -> str:
-    """auto: what auto-round 0.16 picks (sym -> auto_gptq; asym with every layer 4-bit -> auto_awq;
-    else auto_round). An explicit choice must be able to store every layer.
+def choose_packing_format(qstate: QStateReader, requested: str) -> str:
+    """auto: what auto-round 0.16 picks, decided over every layer (all sym -> auto_gptq; any asym
+    with every layer 4-bit -> auto_awq; else auto_round). An explicit choice must store every layer exactly.
     """
     if requested not in PACKING_FORMATS:
         raise ConfigError("pack.packing_format", requested, choices(PACKING_FORMATS), "e.g. pack.packing_format=auto")
     all_4bit = all(qstate.scheme(n).bits == AWQ_BITS for n in qstate.names)
     if requested == "auto":
-        if base.sym:
+        if all(qstate.scheme(n).sym for n in qstate.names):
             return AUTO_GPTQ
         return AUTO_AWQ if all_4bit else AUTO_ROUND
+    check_zero_storable(qstate, ZERO_OFFSET[requested], f"pack.packing_format={requested}")
     if requested == AUTO_AWQ and not all_4bit:
         bits = sorted({qstate.scheme(n).bits for n in qstate.names})
         raise InputError(f"pack.packing_format={AUTO_AWQ} stores 4-bit weights only; the qstate has "
@@ -157,8 +159,8 @@ class AutoRoundLayout:
             raise InputError(f"pack.format=auto_round has no g_idx, so act-order layers cannot be stored "
                              f"({len(act)} layers, e.g. {act[0]}); use pack.format=gptq or quant.act_order=false")
 
-    def _resolve(self, qstate: QStateReader, recipe: Optional[Recipe]) -> str:
-        self.packing_format = choose_packing_format(qstate, base_scheme(qstate, recipe), self.requested)
+    def _resolve(self, qstate: QStateReader) -> str:
+        self.packing_format = choose_packing_format(qstate, self.requested)
         return self.packing_format
 
     def pack_layer(self, name: str, layer: QuantizedLayer) -> tuple[dict[str, torch.Tensor], LayerRecord]:
@@ -168,13 +170,14 @@ class AutoRoundLayout:
             tensors = pack_awq_layer(name, layer)
         else:
             tensors = pack_layer_tensors(name, layer, ZERO_OFFSET[fmt], with_g_idx=False)
-        n0, step = unstorable_zeros(layer, ZERO_OFFSET[fmt])
-        record = LayerRecord(layer.scheme, False, tuple(layer.codes.shape),
-                             sum(tensor_nbytes(t) for t in tensors.values()), n0, step)
+        record = LayerRecord(layer.scheme, False, tuple(layer.codes.shape), sum(tensor_nbytes(t) for t in tensors.values()))
         return tensors, record
 
+    def unpack_layer(self, tensors: dict[str, torch.Tensor], scheme: LayerScheme) -> QuantizedLayer:
+        return unpack_auto_round_layer(tensors, scheme, self.packing_format)
+
     def quantization_config(self, qstate: QStateReader, recipe: Optional[Recipe]) -> dict[str, Any]:
-        return auto_round_quantization_config(qstate, recipe, self._resolve(qstate, recipe))
+        return auto_round_quantization_config(qstate, recipe, self._resolve(qstate))
 
 
 def pack_auto_round(qstate: QStateReader, source: SourceModel, out: Path, options: PackOptions,

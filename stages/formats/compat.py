@@ -2,8 +2,8 @@
 
 The rules are read from the sources of the versions the project targets (docs/formats.md
 cites the files): vLLM 0.26.0 (the GPU machine's), Intel auto-round 0.16.1's own loader,
-and the classic ExLlama-derived GPTQ GEMM (2/3/4/8-bit, v1 zeros). The report also says
-when the GPTQ v1 zero-1 convention actually bites in this checkpoint (asym zero point 0).
+and the classic ExLlama-derived GPTQ GEMM (2/3/4/8-bit, v1 zeros). The report also records
+the pack-time exactness check (every layer read back equals the qstate).
 """
 
 from __future__ import annotations
@@ -80,17 +80,17 @@ def _marlin_refusal(s: LayerScheme, awq: bool) -> str | None:
 def vllm_report(result: PackResult) -> dict[str, Any]:
     """What vLLM 0.26 does with this checkpoint on a Hopper GPU (H100/H200)."""
     fmt = result.packing_format
-    method = "auto_gptq" if fmt == "gptq" else "inc"
+    method = "auto_gptq" if fmt in ("gptq", "gptq_v2") else "inc"
     if fmt == AUTO_ROUND:
         return {"loads": False, "quantization": method, "kernels": {},
                 "reason": f"Unsupported packing_format: {AUTO_ROUND} (vLLM's INC config takes only "
                           f"{AUTO_GPTQ} and {AUTO_AWQ}); use pack.packing_format=auto for sym or 4-bit asym"}
     qc = result.quantization_config
-    if fmt == "gptq" and (int(qc["bits"]) not in MARLIN_SYM_BITS or not qc["sym"]):
+    if fmt in ("gptq", "gptq_v2") and (int(qc["bits"]) not in MARLIN_SYM_BITS or not qc["sym"] or fmt == "gptq_v2"):
         return {"loads": False, "quantization": method, "kernels": {},
                 "reason": f"Unsupported quantization config: bits={qc['bits']}, sym={qc['sym']} (vLLM {VLLM_VERSION} "
                           "serves GPTQ weights only as sym 4/8-bit through Marlin-family kernels; asym 4-bit: "
-                          "pack=auto_round)"}
+                          "pack.format=auto writes auto-round's AWQ layout, which it serves)"}
     units, problems = _vllm_units(result.layers, result.extras.get("skipped", []))
     kernels: dict[str, int] = defaultdict(int)
     for unit, (s, act, in_f, out_f) in sorted(units.items()):
@@ -113,7 +113,7 @@ def vllm_report(result: PackResult) -> dict[str, Any]:
 
 def exllama_report(result: PackResult) -> dict[str, Any]:
     """The ExLlama-derived GPTQ GEMM (2/3/4/8-bit, sym or asym, reads zero+1): GPTQ layout with v1 zeros."""
-    if result.packing_format not in ("gptq", AUTO_GPTQ):
+    if result.packing_format not in ("gptq", AUTO_GPTQ):  # gptq_v2 keeps zeros as they are
         return {"loads": False, "reason": f"packing_format {result.packing_format} is not the GPTQ v1 layout"}
     bad = sorted({r.scheme.bits for r in result.layers.values()} - {2, 3, 4, 8})
     if bad:
@@ -136,19 +136,12 @@ def auto_round_loader_report(result: PackResult) -> dict[str, Any]:
                                    "(zeros as they are)"}
 
 
-def zero_wrap_report(result: PackResult) -> dict[str, Any]:
-    """GPTQ v1 stores zero-1: asym zero points of 0 decode as 1 (weights one step low). Did it happen here?"""
-    hit = {n: r for n, r in result.layers.items() if r.zero0_groups}
-    groups = sum(r.zero0_groups for r in hit.values())
-    out: dict[str, Any] = {"occurs": bool(hit), "groups": groups, "layers": sorted(hit)[:10],
-                           "max_step": max((r.zero0_max_step for r in hit.values()), default=0.0)}
-    if hit:
-        out["meaning"] = (f"{groups} asym groups in {len(hit)} layers have zero point 0, which GPTQ v1 (stores zero-1) "
-                          "cannot hold: they are stored as 0 like auto-round does, so every v1 reader (vLLM, "
-                          "exllama, auto-round, our loader) decodes zero 1 and those weights come back one "
-                          f"quantization step lower (up to {out['max_step']:.3g}). pack.format=auto_round "
-                          "stores asym zeros as they are (exact); sym never has this problem")
-    return out
+def exactness_report(result: PackResult) -> dict[str, Any]:
+    """The pack-time check: every packed layer was unpacked from the written files and equals the qstate."""
+    n = int(result.extras.get("verified_layers", 0))
+    return {"verified_layers": n, "layers": len(result.layers),
+            "meaning": f"{n} of {len(result.layers)} quantized layers read back from the checkpoint equal the "
+                       "quantize stage's codes, fp16 scales and zero points bit for bit"}
 
 
 def compatibility_report(result: PackResult) -> dict[str, Any]:
@@ -160,7 +153,7 @@ def compatibility_report(result: PackResult) -> dict[str, Any]:
         "auto_round_loader": {"version": "0.16.1", **auto_round_loader_report(result)},
         "transformers": "quant_method gptq needs the gptqmodel package; auto-round needs auto-round; "
                         "stages.formats.qlinear.load_quantized_model needs neither",
-        "zero_point_wrap": zero_wrap_report(result),
+        "exact": exactness_report(result),
     }
 
 
@@ -168,10 +161,9 @@ def summary_lines(report: dict[str, Any]) -> dict[str, str]:
     """Short strings for the stage summary table."""
     v = report["vllm"]
     kernels = ", ".join(f"{k} x{n}" for k, n in sorted(v["kernels"].items())) or "-"
-    wrap = report["zero_point_wrap"]
     return {
         "vllm": f"loads ({v['quantization']}: {kernels})" if v["loads"] else f"refuses: {v['reason'][:160]}",
         "exllama_gptq": "loads" if report["exllama_gptq"]["loads"] else "no",
         "auto_round_cpu": "loads" if report["auto_round_loader"]["cpu"] else "no",
-        "zero_wrap": f"{wrap['groups']} groups" if wrap["occurs"] else "none",
+        "exact": f"{report['exact']['verified_layers']}/{report['exact']['layers']} layers verified",
     }

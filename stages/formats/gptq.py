@@ -13,10 +13,9 @@ whole values per word; for 3 bits it is the standard cross-word layout (32 value
 words; values 10 and 21 straddle a word boundary), exactly what AutoGPTQ, GPTQModel,
 vLLM and Intel's auto-round read and write.
 
-GPTQ v1 stores zero-1, so an asym zero point of 0 cannot be stored: it is written as 0 (as
-auto-round does) and every v1 reader decodes it as 1, i.e. that group's weights come back
-one step (−scale) lower. `zero0_groups` counts where that happens; pack.format=auto_round
-stores asym zeros as they are.
+GPTQ v1 stores zero-1, so an asym zero point of 0 cannot be stored: the v1 layout is written
+for sym layers only (their zero 2^(b-1) is always storable). `checkpoint_format: gptq_v2`
+(GPTQModel's convention) stores zeros as they are and takes asym layers exactly, g_idx included.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from stages.quant.qdq import group_index
 
 GPTQ_BITS = (2, 3, 4, 8)
 V1_ZERO_OFFSET = 1  # GPTQ v1 stores zero - 1
+V2_ZERO_OFFSET = 0  # GPTQ v2 (checkpoint_format gptq_v2) stores zeros as they are
 # vLLM fuses these sibling Linears into one layer, so a per-layer rule must hold for all of them.
 FUSED_FAMILIES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _MASK32 = 0xFFFFFFFF
@@ -114,13 +114,17 @@ def unpack_qzeros(qzeros: torch.Tensor, bits: int, offset: int = V1_ZERO_OFFSET)
     return unpack_rows(qzeros.t(), bits).to(torch.int32) + offset
 
 
-def unstorable_zeros(layer: QuantizedLayer, offset: int) -> tuple[int, float]:
-    """(number of groups whose zero point is below `offset`, largest |scale| among them)."""
-    if offset == 0 or layer.scheme.sym:
-        return 0, 0.0
-    bad = layer.zero < offset
-    n = int(bad.sum())
-    return n, float(layer.scale.abs()[bad].max()) if n else 0.0
+def check_zero_storable(qstate: QStateReader, offset: int, what: str) -> None:
+    """A layout that stores zero-`offset` (GPTQ v1: offset 1) cannot hold asym layers exactly.
+
+    Raises:
+        InputError naming the asym layers and the formats that store them as they are.
+    """
+    asym = [n for n in qstate.names if not qstate.scheme(n).sym]
+    if offset and asym:
+        raise InputError(f"{what} stores zero-1 (GPTQ v1), so an asym zero point of 0 cannot be stored; the qstate "
+                         f"has {len(asym)} asym layers (e.g. {asym[0]}). Use pack.format=auto (exact for every "
+                         "scheme), pack.format=gptq_v2, or quantize with quant.sym=true")
 
 
 def pack_layer_tensors(name: str, layer: QuantizedLayer, zero_offset: int = V1_ZERO_OFFSET,
@@ -289,27 +293,41 @@ def gptq_quantization_config(qstate: QStateReader, recipe: Optional[Recipe]) -> 
 
 
 class GPTQLayout:
-    """Layout for write_checkpoint: GPTQ v1 tensors and config."""
+    """Layout for write_checkpoint: GPTQ tensors and config, v1 (zero-1, sym only) or v2 (zeros as they are)."""
 
-    name = "gptq"
-    packing_format = "gptq"
     config_file = "quantize_config.json"  # what AutoGPTQ/GPTQModel and vLLM look for next to config.json
+
+    def __init__(self, checkpoint_format: str = "gptq"):
+        self.name = self.packing_format = checkpoint_format
+        self.zero_offset = V2_ZERO_OFFSET if checkpoint_format == "gptq_v2" else V1_ZERO_OFFSET
 
     def check(self, qstate: QStateReader, source: SourceModel) -> None:
         check_qstate_matches_model(qstate, source)
         check_packable(qstate, GPTQ_BITS, self.name)
         check_lm_head(qstate, source, self.name)
+        check_zero_storable(qstate, self.zero_offset, f"pack.format={self.name}")
 
     def pack_layer(self, name: str, layer: QuantizedLayer) -> tuple[dict[str, torch.Tensor], LayerRecord]:
         check_layer_values(name, layer)
-        tensors = pack_layer_tensors(name, layer)
-        n0, step = unstorable_zeros(layer, V1_ZERO_OFFSET)
+        tensors = pack_layer_tensors(name, layer, self.zero_offset)
         record = LayerRecord(layer.scheme, layer.g_idx is not None, tuple(layer.codes.shape),
-                             sum(tensor_nbytes(t) for t in tensors.values()), n0, step)
+                             sum(tensor_nbytes(t) for t in tensors.values()))
         return tensors, record
 
+    def unpack_layer(self, tensors: dict[str, torch.Tensor], scheme: LayerScheme) -> QuantizedLayer:
+        return unpack_layer_tensors(tensors, scheme, self.zero_offset)
+
     def quantization_config(self, qstate: QStateReader, recipe: Recipe) -> dict[str, Any]:
-        return gptq_quantization_config(qstate, recipe)
+        cfg = gptq_quantization_config(qstate, recipe)
+        cfg["checkpoint_format"] = self.name
+        return cfg
+
+
+def pack_gptq_v2(qstate: QStateReader, source: SourceModel, out: Path, options: PackOptions,
+                 recipe: Optional[Recipe], identity: str, progress: Optional[Callable[[str], None]] = None) -> PackResult:
+    """Write a GPTQ checkpoint with `checkpoint_format: gptq_v2` (zeros as they are: asym is exact);
+    otherwise the same contract as `pack_gptq`."""
+    return write_checkpoint(GPTQLayout("gptq_v2"), qstate, source, out, options, recipe, identity, progress)
 
 
 def pack_gptq(qstate: QStateReader, source: SourceModel, out: Path, options: PackOptions,
@@ -323,6 +341,8 @@ def pack_gptq(qstate: QStateReader, source: SourceModel, out: Path, options: Pac
         recipe: the run's quant settings (None: derived from the qstate).
         identity: what defines this output; an existing `out` with another identity is an InputError.
     Returns:
-        PackResult (files, per-layer records incl. zero-point problems, sizes).
+        PackResult (files, per-layer records, sizes).
+    Raises:
+        InputError for asym layers (v1 cannot store a zero point of 0; see `check_zero_storable`).
     """
     return write_checkpoint(GPTQLayout(), qstate, source, out, options, recipe, identity, progress)

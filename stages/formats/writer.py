@@ -6,7 +6,9 @@ order, replaces each quantized Linear's `weight` by the tensors the format's `La
 shards by size, writes config.json with `quantization_config`, the format's extra config
 file, tokenizer and generation files. Everything goes into a temporary sibling folder that
 is renamed into place only when complete; an existing folder holding a different checkpoint
-is an error, never overwritten.
+is an error, never overwritten. Before the rename, every quantized layer is unpacked again
+from the written files and compared with the qstate bit for bit (`verify_packed`): a format
+that cannot hold the quantized numbers exactly fails the stage instead of shipping them.
 """
 
 from __future__ import annotations
@@ -20,11 +22,16 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pipeline.errors import InputError
-from stages.formats.source import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, QStateReader, SourceModel
+
+from stages.formats.source import (
+    SAFETENSORS_INDEX, SAFETENSORS_SINGLE, QStateReader, SourceModel, read_safetensors_headers,
+)
 from stages.quant.base import LayerScheme, QuantizedLayer
+from stages.quant.qdq import group_index
 
 PACKING_FILE = "packing.json"  # our own record inside the checkpoint (identity, layers)
 PACKER_VERSION = "1"
@@ -74,8 +81,6 @@ class LayerRecord:
     act_order: bool
     shape: tuple[int, int]  # [out, in]
     packed_bytes: int
-    zero0_groups: int = 0  # asym groups whose zero point is 0 (not storable under GPTQ v1)
-    zero0_max_step: float = 0.0  # largest |scale| among them: the weight shift those groups get
 
 
 @dataclass
@@ -107,6 +112,10 @@ class Layout(Protocol):
     def check(self, qstate: QStateReader, source: SourceModel) -> None: ...
 
     def pack_layer(self, name: str, layer: QuantizedLayer) -> tuple[dict[str, torch.Tensor], LayerRecord]: ...
+
+    def unpack_layer(self, tensors: dict[str, torch.Tensor], scheme: LayerScheme) -> QuantizedLayer:
+        """Inverse of pack_layer; `tensors` keys without the layer prefix (qweight, qzeros, scales, g_idx)."""
+        ...
 
     def quantization_config(self, qstate: QStateReader, recipe: Recipe) -> dict[str, Any]: ...
 
@@ -163,21 +172,70 @@ def _natural_key(name: str) -> list:
 
 
 def _write_tensors(layout: Layout, qstate: QStateReader, source: SourceModel, out: Path,
-                   options: PackOptions) -> tuple[list[str], dict[str, LayerRecord], int]:
-    """Source tensors in order; quantized weights replaced by their packed tensors."""
+                   options: PackOptions) -> tuple[list[str], dict[str, LayerRecord], dict[str, list[str]], int]:
+    """Source tensors in order; quantized weights replaced by their packed tensors.
+
+    Returns:
+        (files written, per-layer records, the packed tensor keys of each quantized layer, total tensor bytes)
+    """
     quantized = {f"{n}.weight": n for n in qstate.names}
     writer = ShardWriter(out, options.max_shard_bytes)
     records: dict[str, LayerRecord] = {}
+    packed_keys: dict[str, list[str]] = {}
     for key in sorted(source.tensors, key=_natural_key):
         if key in quantized:
             name = quantized[key]
             packed, records[name] = layout.pack_layer(name, qstate.layer(name))
+            packed_keys[name] = list(packed)
             for k, t in packed.items():
                 writer.add(k, t)
             continue
         t = source.load(key)
         writer.add(key, t.to(options.dtype) if t.is_floating_point() else t)
-    return writer.finish(), records, writer.total
+    return writer.finish(), records, packed_keys, writer.total
+
+
+def layer_difference(expected: QuantizedLayer, found: QuantizedLayer) -> Optional[str]:
+    """What differs between two layers bit for bit (codes, fp16 scales, zero points, group order), or None."""
+    if not torch.equal(expected.codes.to(torch.uint8), found.codes.to(torch.uint8)):
+        n = int((expected.codes.to(torch.int16) != found.codes.to(torch.int16)).sum())
+        return f"{n} codes differ"
+    e16, f16 = expected.scale.to(torch.float16).view(torch.int16), found.scale.to(torch.float16).view(torch.int16)
+    if not torch.equal(e16, f16):
+        return f"{int((e16 != f16).sum())} scales differ"
+    ez, fz = expected.zero.to(torch.int32), found.zero.to(torch.int32)
+    if not torch.equal(ez, fz):
+        return f"{int((ez != fz).sum())} zero points differ (e.g. {int(ez[ez != fz][0])} written as {int(fz[ez != fz][0])})"
+    natural = group_index(expected.codes.shape[1], expected.scheme.group_size)
+    eg = natural if expected.g_idx is None else expected.g_idx.to(torch.int32)
+    fg = natural if found.g_idx is None else found.g_idx.to(torch.int32)
+    return None if torch.equal(eg, fg) else "group order (g_idx) differs"
+
+
+def verify_packed(layout: Layout, qstate: QStateReader, folder: Path, packed_keys: dict[str, list[str]]) -> int:
+    """Unpack every quantized layer from the files in `folder` and compare it with the qstate bit for bit.
+
+    Returns:
+        The number of layers verified.
+    Raises:
+        InputError naming the layers whose packed numbers differ from the quantized ones.
+    """
+    headers = read_safetensors_headers(folder)
+    problems = []
+    for name, keys in packed_keys.items():
+        tensors = {}
+        for key in keys:
+            with safe_open(str(folder / headers[key].file), framework="pt") as f:
+                tensors[key[len(name) + 1:]] = f.get_tensor(key)
+        expected = qstate.layer(name)
+        diff = layer_difference(expected, layout.unpack_layer(tensors, expected.scheme))
+        if diff:
+            problems.append(f"{name}: {diff}")
+    if problems:
+        raise InputError(f"pack.format={layout.name} did not store the quantized weights exactly ({len(problems)} "
+                         f"layers, e.g. {'; '.join(problems[:3])}); nothing was written. Use pack.format=auto, "
+                         "which picks an exact layout for every scheme")
+    return len(packed_keys)
 
 
 def _config_json(source: SourceModel, qconfig: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
@@ -265,7 +323,10 @@ def write_checkpoint(layout: Layout, qstate: QStateReader, source: SourceModel, 
     try:
         if progress:
             progress(f"packing {len(qstate.names)} layers as {layout.name} into {out}")
-        files, records, total = _write_tensors(layout, qstate, source, tmp, options)
+        files, records, packed_keys, total = _write_tensors(layout, qstate, source, tmp, options)
+        if progress:
+            progress(f"verifying {len(packed_keys)} packed layers against the qstate")
+        verified = verify_packed(layout, qstate, tmp, packed_keys)
         (tmp / "config.json").write_text(json.dumps(_config_json(source, qconfig, options.dtype), indent=2) + "\n")
         (tmp / layout.config_file).write_text(json.dumps(qconfig, indent=2) + "\n")
         for aux in source.aux_files():
@@ -281,4 +342,5 @@ def write_checkpoint(layout: Layout, qstate: QStateReader, source: SourceModel, 
     names = sorted(p.name for p in out.iterdir() if p.is_file())
     size = sum((out / n).stat().st_size for n in names)
     return PackResult(out, names, qconfig, records, getattr(layout, "packing_format", layout.name), total, size,
-                      extras={"skipped": qstate.skipped, "dtype": str(options.dtype).removeprefix("torch.")})
+                      extras={"skipped": qstate.skipped, "dtype": str(options.dtype).removeprefix("torch."),
+                              "verified_layers": verified})

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.schema import QuantConfig
+from pipeline.schema import QuantConfig, switch_enabled
 from stages.quant.base import BlockInputs, BlockResult, LayerScheme, QuantizedLayer
 from stages.quant.blocks import run_block
 from stages.quant.fakequant import Bucket, build_buckets, export_layers, fake_quant, split_layers
@@ -138,8 +138,8 @@ class AutoRoundQuantizer:
         self.cfg, self.progress = cfg, progress
         self._compiled: Optional[Callable[..., torch.Tensor]] = None
 
-    def _loss_fn(self) -> Callable[..., torch.Tensor]:
-        if not self.cfg.compile:
+    def _loss_fn(self, device: torch.device) -> Callable[..., torch.Tensor]:
+        if not switch_enabled(self.cfg.compile, device.type):
             return batch_sse
         if self._compiled is None:
             self._compiled = torch.compile(batch_sse, dynamic=False)
@@ -193,7 +193,7 @@ class AutoRoundQuantizer:
         best = [t.detach().clone() for t in tensors] if cfg.use_best_iter else []
         state = TuneOutcome(torch.zeros(cfg.iters, device=device), torch.tensor(float("inf"), device=device),
                             torch.tensor(-1, device=device))
-        loss_fn, amp = self._loss_fn(), self._amp_dtype(device)
+        loss_fn, amp = self._loss_fn(device), self._amp_dtype(device)
         for it in tqdm(range(cfg.iters), desc="autoround block", leave=False, disable=not self.progress):
             total = torch.zeros((), device=device)
             for k in range(steps_per_iter):
