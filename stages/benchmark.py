@@ -28,8 +28,9 @@ def workload_from(cfg: BenchConfig) -> Workload:
                     cfg.seed)
 
 
-def resolve_backend(requested: str, device: str) -> tuple[str, str]:
-    """(backend to run, why): auto = vLLM when it is importable and the device is CUDA, else torch."""
+def resolve_backend(requested: str, device: str, vllm_verdict: Optional[dict[str, Any]] = None) -> tuple[str, str]:
+    """(backend to run, why): auto = vLLM when it is importable, the device is CUDA and the pack stage's
+    compatibility report (`vllm_verdict`, compat.json's "vllm" entry) does not say vLLM refuses the checkpoint."""
     from stages.bench.vllm_backend import vllm_available
 
     if requested != "auto":
@@ -38,6 +39,9 @@ def resolve_backend(requested: str, device: str) -> tuple[str, str]:
         return "torch", "auto: vLLM is not installed"
     if not device.startswith("cuda"):
         return "torch", "auto: vLLM needs a CUDA device"
+    if vllm_verdict is not None and not vllm_verdict.get("loads", False):
+        return "torch", (f"auto: vLLM {vllm_verdict.get('version', '')} refuses this checkpoint "
+                         f"({vllm_verdict.get('reason', 'see compat.json')}), so the torch backend runs it")
     return "vllm", "auto: vLLM is importable and a CUDA device is in use"
 
 
@@ -140,26 +144,51 @@ def metrics_of(record: dict[str, Any]) -> dict[str, float]:
     return m
 
 
-def run(ctx: StageContext) -> StageResult:
-    """Benchmark the baseline model or the packed checkpoint (ctx.variant) and write throughput.json."""
+def _measure(ctx: StageContext, name: str, target: BenchTarget, options: BenchOptions) -> dict[str, Any]:
     from stages import registry
 
+    backend = registry.resolve(registry.BENCH_BACKENDS, "bench.backend", name)()
+    extra = {"log_dir": ctx.workdir / "vllm"} if name == "vllm" else {}
+    return benchmark(backend, target, workload_from(ctx.cfg.bench), options, ctx.log, **extra)
+
+
+def comparable_baseline(ctx: StageContext, record: dict[str, Any], options: BenchOptions) -> Optional[dict[str, Any]]:
+    """The baseline record to compare with: the baseline stage's, or, when that ran another backend (auto fell
+    back to torch for this checkpoint), the unquantized model measured here on the same backend."""
+    if "baseline_benchmark" not in ctx.inputs:
+        return None
+    baseline = ctx.inputs["baseline_benchmark"].read_json(RESULT_FILE)
+    if baseline.get("backend") == record["backend"] or ctx.cfg.bench.backend != "auto":
+        return baseline
+    ctx.log(f"[{ctx.stage}] the baseline ran on {baseline.get('backend')}; measuring the unquantized model on "
+            f"{record['backend']} too, for a comparable speedup")
+    rerun = _measure(ctx, record["backend"], BenchTarget(ctx.model.path, "baseline", ctx.model.trust_remote_code),
+                     options)
+    record["baseline_same_backend"] = rerun
+    return rerun
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Benchmark the baseline model or the packed checkpoint (ctx.variant) and write throughput.json."""
     cfg = ctx.cfg.bench
-    name, why = resolve_backend(cfg.backend, ctx.device)
-    options = resolve_options(cfg, ctx.device, ctx.dtype)
+    verdict = None
     if ctx.variant == "baseline":
         path = ctx.model.path
     else:
-        from stages.pack import checkpoint_dir
+        from stages.pack import REPORT_FILE, checkpoint_dir
 
         path = str(checkpoint_dir(ctx.inputs["pack"].path))
-    target = BenchTarget(path, ctx.variant, ctx.model.trust_remote_code)
-    backend = registry.resolve(registry.BENCH_BACKENDS, "bench.backend", name)()
-    extra = {"log_dir": ctx.workdir / "vllm"} if name == "vllm" else {}
-    record = benchmark(backend, target, workload_from(cfg), options, ctx.log, **extra)
+        if (ctx.inputs["pack"].path / REPORT_FILE).is_file():
+            verdict = ctx.inputs["pack"].read_json(REPORT_FILE).get("vllm")
+    name, why = resolve_backend(cfg.backend, ctx.device, verdict)
+    if name != "vllm" and cfg.backend == "auto":
+        ctx.log(f"[{ctx.stage}] backend: {name} ({why})")
+    options = resolve_options(cfg, ctx.device, ctx.dtype)
+    record = _measure(ctx, name, BenchTarget(path, ctx.variant, ctx.model.trust_remote_code), options)
     record.update(backend_requested=cfg.backend, backend_choice=why)
-    if ctx.variant != "baseline" and "baseline_benchmark" in ctx.inputs:
-        attach_speedups(record, ctx.inputs["baseline_benchmark"].read_json(RESULT_FILE))
+    baseline = comparable_baseline(ctx, record, options) if ctx.variant != "baseline" else None
+    if baseline is not None:
+        attach_speedups(record, baseline)
     (ctx.workdir / RESULT_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
     first = record["results"][0]
     summary = {"backend": record["backend"],
@@ -168,5 +197,5 @@ def run(ctx: StageContext) -> StageResult:
         summary["speedup"] = ", ".join(f"b{b} {s:.2f}x" for b, s in record["speedup_vs_baseline"].items())
     ctx.log(f"[{ctx.stage}] {record['backend']}: {first['output_tokens_per_s']['median']:.1f} tok/s at batch "
             f"{first['batch_size']}")
-    artifacts = [RESULT_FILE] + (["vllm/vllm.log"] if name == "vllm" else [])
+    artifacts = [RESULT_FILE] + (["vllm/vllm.log"] if (ctx.workdir / "vllm" / "vllm.log").is_file() else [])
     return StageResult(metrics=metrics_of(record), summary=summary, artifacts=artifacts)

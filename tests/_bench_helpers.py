@@ -33,16 +33,17 @@ def rtn_qstate(model_path: str, out: Path, bits: int, group_size: int, sym: bool
 
 def pack_checkpoint(model_path: str, work: Path, bits: int = 4, group_size: int = 32, sym: bool = True,
                     dtype: torch.dtype = torch.float32) -> Path:
-    """A GPTQ v1 checkpoint folder of the model (RTN), written by stages.formats.gptq.pack_gptq."""
-    from stages.formats.gptq import pack_gptq
+    """A GPTQ checkpoint folder of the model (RTN): v1 for sym, gptq_v2 (zeros as they are) for asym."""
+    from stages.formats.gptq import pack_gptq, pack_gptq_v2
     from stages.formats.source import QStateReader, SourceModel
     from stages.formats.writer import PackOptions, Recipe
 
     qdir = rtn_qstate(model_path, work / "qstate", bits, group_size, sym)
     recipe = Recipe("rtn", bits, group_size, sym)
     out = work / "checkpoint"
-    pack_gptq(QStateReader.open(qdir), SourceModel.open(model_path), out, PackOptions(dtype), recipe,
-              f"test-{bits}-{group_size}-{sym}")
+    packer = pack_gptq if sym else pack_gptq_v2
+    packer(QStateReader.open(qdir), SourceModel.open(model_path), out, PackOptions(dtype), recipe,
+           f"test-{bits}-{group_size}-{sym}")
     return out
 
 

@@ -187,6 +187,31 @@ def test_auto_backend_and_switches_resolve_per_device(monkeypatch):
     assert (cpu.compile, cpu.cuda_graphs, gpu.compile, gpu.cuda_graphs) == (False, False, True, True)
 
 
+def test_auto_falls_back_to_torch_where_the_pack_report_says_vllm_refuses(monkeypatch, tmp_path, tiny_packed):
+    import stages.bench.vllm_backend as vb
+
+    monkeypatch.setattr(vb, "vllm_available", lambda: True)
+    refuses = {"version": "0.26.0", "loads": False, "reason": "Unsupported quantization config: bits=2, sym=False"}
+    name, why = bench.resolve_backend("auto", "cuda:0", refuses)
+    assert name == "torch" and "refuses this checkpoint (Unsupported quantization config: bits=2" in why
+    assert bench.resolve_backend("auto", "cuda:0", {"loads": True})[0] == "vllm"
+    assert bench.resolve_backend("vllm", "cuda:0", refuses) == ("vllm", "requested")  # an explicit choice is kept
+    # the baseline stage ran vLLM: the unquantized model is measured again on torch for a comparable speedup
+    handle = tiny_packed[0]
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    (base_dir / bench.RESULT_FILE).write_text(json.dumps({"backend": "vllm", "results": []}))
+    ctx = _ctx(tmp_path, handle, "quantized", {"baseline_benchmark": Artifact("baseline_benchmark", base_dir, {})},
+               ["bench.backend=auto"])
+    measured = []
+    monkeypatch.setattr(bench, "_measure", lambda c, n, target, o: measured.append((n, target.variant)) or
+                        {"backend": n, "results": []})
+    rerun = bench.comparable_baseline(ctx, {"backend": "torch"}, None)
+    assert measured == [("torch", "baseline")] and rerun == {"backend": "torch", "results": []}
+    same = bench.comparable_baseline(ctx, {"backend": "vllm"}, None)
+    assert same["backend"] == "vllm" and len(measured) == 1
+
+
 def test_bad_inputs_fail_before_work(monkeypatch, tiny_packed):
     import stages.bench.vllm_backend as vb
 
