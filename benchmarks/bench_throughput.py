@@ -69,8 +69,10 @@ def random_llama(dims: dict, device: str, dtype: torch.dtype, seed: int):
 
 
 def write_packed(model, out: Path, bits: int, group_size: int, sym: bool, lm_head: bool = False) -> dict:
-    """RTN-quantize the model's decoder Linears (and lm_head if asked) on their device and write a GPTQ
-    checkpoint folder with the project's packer (stages.formats.gptq via stages.formats.writer)."""
+    """RTN-quantize the model's decoder Linears (and lm_head if asked) on their device and write a checkpoint
+    folder with the project's packer in the layout pack.format=auto picks (sym: GPTQ v1; asym: auto-round's,
+    AWQ for 4-bit; stages.formats.choice)."""
+    from stages.formats.auto_round import AutoRoundLayout
     from stages.formats.gptq import GPTQLayout
     from stages.formats.source import QStateReader, TensorInfo
     from stages.formats.writer import PackOptions, Recipe, write_checkpoint
@@ -105,7 +107,7 @@ def write_packed(model, out: Path, bits: int, group_size: int, sym: bool, lm_hea
         def aux_files(self) -> list:
             return []
 
-    class HostLayout(GPTQLayout):  # packed on the GPU, handed to the (CPU) shard writer
+    class HostLayout(GPTQLayout if sym else AutoRoundLayout):  # packed on the GPU, handed to the (CPU) shard writer
         def pack_layer(self, name, layer):
             tensors, record = super().pack_layer(name, layer)
             return {k: v.cpu() for k, v in tensors.items()}, record

@@ -76,6 +76,7 @@ def open_tracker(cfg: PipelineConfig, overrides: list[str], sweep_dir: Optional[
     from dataclasses import asdict
 
     from pipeline import tracking
+    from pipeline.models import model_commit
     from pipeline.store import git_commit
 
     if not cfg.tracking.enabled:
@@ -86,8 +87,12 @@ def open_tracker(cfg: PipelineConfig, overrides: list[str], sweep_dir: Optional[
         parent = (sweep_dir / tracking.PARENT_RUN_FILE).read_text().strip()
     tags = {"git_commit": git_commit() or "unknown", "quant.method": cfg.quant.method, "model.name": cfg.model.name,
             "overrides": " ".join(overrides) or "(none)"}
+    params = tracking.flatten(container)
+    commit = model_commit(cfg.model, cfg.run.offline)
+    if commit:
+        params["model.commit"] = commit
     name = cfg.tracking.run_name or f"{cfg.quant.method}-w{cfg.quant.bits}g{cfg.quant.group_size}"
-    tracker = tracking.MlflowTracker(cfg.tracking, tracking.flatten(container), tags, name, parent)
+    tracker = tracking.MlflowTracker(cfg.tracking, params, tags, name, parent)
     tracker.log_text(OmegaConf.to_yaml(container), "config/resolved.yaml")
     tracker.log_text("\n".join(overrides) + "\n", "config/overrides.txt")
     return tracker

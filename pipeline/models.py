@@ -7,6 +7,7 @@ ordinary Hugging Face folder. Heavy imports happen inside functions.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -71,11 +72,56 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def is_hub_id(cfg: ModelConfig) -> bool:
+    """model.source=hf naming a hub repository rather than a local folder."""
+    return cfg.source == "hf" and bool(cfg.name_or_path) and not Path(str(cfg.name_or_path)).expanduser().is_dir()
+
+
+_GATED = "gated models such as Llama need the licence accepted on the hub and `hf auth login` or HF_TOKEN"
+_LOCAL = "or use a local copy: model=hf_local model.name_or_path=/path/to/folder"
+_HUB_FIX = f"run with run.offline=false to download it ({_GATED}), {_LOCAL}"
+_HUB_ONLINE_FIX = f"check the network and the model id ({_GATED}), {_LOCAL}"
+
+
+@functools.lru_cache(maxsize=16)
+def hub_commit(name: str, revision: Optional[str], offline: bool) -> str:
+    """The commit hash a hub model id resolves to: from the local cache offline, from the hub online.
+
+    Raises:
+        ConfigError naming model.name_or_path, run.offline and the local-folder alternative.
+    """
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if offline:
+        try:
+            folder = huggingface_hub.snapshot_download(repo_id=name, revision=revision, local_files_only=True,
+                                                       allow_patterns=["config.json"])
+        except (LocalEntryNotFoundError, FileNotFoundError) as exc:
+            raise ConfigError("model.name_or_path", name, "a local model folder, or a hub id reachable with "
+                              "run.offline=false", _HUB_FIX,
+                              problem="is not in the local Hugging Face cache and run.offline=true") from exc
+        return Path(folder).name  # snapshots/<commit hash>
+    try:
+        return huggingface_hub.HfApi().model_info(name, revision=revision).sha
+    except Exception as exc:  # network, auth (gated), not found: the hub client raises many types
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError("model.name_or_path", name, f"a hub model this machine can reach ({reason[:200]})",
+                          _HUB_ONLINE_FIX, problem="could not be resolved on the Hugging Face hub") from exc
+
+
+def model_commit(cfg: ModelConfig, offline: bool) -> Optional[str]:
+    """The resolved hub commit of a hub model (None for local folders, GGUF and random models)."""
+    return hub_commit(str(cfg.name_or_path), cfg.revision, offline) if is_hub_id(cfg) else None
+
+
 def _identity_hf(cfg: ModelConfig) -> dict[str, Any]:
     ident: dict[str, Any] = {"source": "hf", "name_or_path": cfg.name_or_path, "revision": cfg.revision}
     local = Path(str(cfg.name_or_path)).expanduser()
     if local.is_dir():
         ident["files"] = _folder_identity(local)
+    else:  # a re-uploaded model is a new commit: never reuse stages of the old one
+        ident["commit"] = hub_commit(str(cfg.name_or_path), cfg.revision, is_offline())
     return ident
 
 
@@ -152,9 +198,11 @@ def prepare_model(cfg: ModelConfig, store: "ArtifactStore", log: Callable[[str],
         A ModelHandle whose `path` works with `from_pretrained`.
     """
     source = MODEL_SOURCES[cfg.source]
-    fingerprint = _digest({"identity": source.identity(cfg), "version": MODEL_VERSION})
-    if source.materialise is None:
-        return ModelHandle(cfg.name, str(cfg.name_or_path), cfg.revision, fingerprint, cfg.trust_remote_code)
+    identity = source.identity(cfg)
+    fingerprint = _digest({"identity": identity, "version": MODEL_VERSION})
+    if source.materialise is None:  # hub ids load the resolved commit, so every stage sees the same files
+        revision = identity.get("commit") or cfg.revision
+        return ModelHandle(cfg.name, str(cfg.name_or_path), revision, fingerprint, cfg.trust_remote_code)
     entry = store.entry(MODEL_STAGE, fingerprint)
     if not entry.is_complete():
         with entry.writing() as work:

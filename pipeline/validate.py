@@ -241,6 +241,9 @@ def _check_model_paths(cfg: PipelineConfig) -> None:
         if _looks_local(m.name_or_path) and not (Path(m.name_or_path).expanduser() / "config.json").is_file():
             raise ConfigError("model.name_or_path", m.name_or_path, "a folder with config.json and weights",
                               "point it at a saved model folder or use a hub id", problem="is not a model folder")
+        from pipeline.models import model_commit
+
+        model_commit(m, cfg.run.offline)  # a hub id must resolve (cache offline, hub online) before any work
     elif m.source == "gguf":
         from pipeline.models import find_gguf
 

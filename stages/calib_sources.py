@@ -229,7 +229,9 @@ def _load_dataset(cfg: CalibConfig) -> Any:
             if os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0") else ""
         raise InputError(f"calib.dataset={cfg.dataset} (config {cfg.dataset_config}, split {cfg.split}) could not be "
                          f"loaded: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{offline}; "
-                         "or calibrate offline with calib=austen or calib=text calib.paths=[...]") from exc
+                         "or calibrate offline on the bundled novels with calib=austen calib.mode=random_window "
+                         "(any nsamples x seqlen up to about 1M tokens) or on your own text with calib=text "
+                         "calib.paths=[...]") from exc
 
 
 def load_hub_documents(cfg: CalibConfig) -> list[Document]:
