@@ -129,8 +129,15 @@ def _identity_gguf(cfg: ModelConfig) -> dict[str, Any]:
     return {"source": "gguf", "sha256": sha256_file(find_gguf(cfg))}
 
 
+def _random_dtype(cfg: ModelConfig) -> str:
+    """The dtype a random model's weights are drawn and saved in: model.dtype, float32 for auto."""
+    return "float32" if cfg.dtype == "auto" else cfg.dtype
+
+
 def _identity_random(cfg: ModelConfig) -> dict[str, Any]:
     ident: dict[str, Any] = {"source": "random", "dims": asdict(cfg.random)}
+    if _random_dtype(cfg) != "float32":  # float32 keeps the identity it always had
+        ident["dtype"] = _random_dtype(cfg)
     if cfg.random.tokenizer == "gguf":
         ident["tokenizer"] = _identity_gguf(cfg)
     return ident
@@ -168,7 +175,7 @@ def _materialise_random(cfg: ModelConfig, out: Path) -> None:
         rope_theta=r.rope_theta, tie_word_embeddings=r.tie_word_embeddings, bos_token_id=1, eos_token_id=2,
     )
     torch.manual_seed(r.seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = LlamaForCausalLM._from_config(config, dtype=getattr(torch, _random_dtype(cfg)))  # drawn in that dtype
     model.save_pretrained(out, safe_serialization=True)
     if r.tokenizer == "gguf":
         gguf = find_gguf(cfg)

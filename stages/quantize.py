@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 PROGRESS_DIR = "blocks"
 BLOCK_METRICS_FILE = "block_metrics.json"
 STEP_METRICS = {"loss_init": "block_loss_init", "loss_best": "block_loss_best", "best_iter": "block_best_iter",
-                "mse": "block_mse", "seconds": "block_seconds",
+                "mse": "block_mse", "seconds": "block_seconds", "tune_seconds": "block_tune_seconds",
                 # GPTQ's per-block numbers (layer-level errors, Hessian health, time split)
                 "layer_mse_gptq": "block_layer_mse_gptq", "layer_mse_rtn": "block_layer_mse_rtn",
                 "damp_retries": "block_damp_retries", "dead_columns": "block_dead_columns",
@@ -123,9 +123,11 @@ def _summary_metrics(block_metrics: list[dict], result_metrics: dict) -> dict[st
         vals = [m[key] for m in block_metrics if m.get(key) is not None]
         if vals:
             out[f"{key}_last_block"] = float(vals[-1])
-    tuned = [m["seconds"] for m in block_metrics if not m.get("resumed")]
+    tuned = [m for m in block_metrics if not m.get("resumed")]
     if tuned:
-        out["seconds_per_block"] = sum(tuned) / len(tuned)
+        out["seconds_per_block"] = sum(m["seconds"] for m in tuned) / len(tuned)
+    if any("tune_seconds" in m for m in tuned):  # AutoRound: the iteration loop alone (linear in quant.iters)
+        out["tune_seconds"] = float(sum(m.get("tune_seconds", 0.0) for m in tuned))
     out["blocks_resumed"] = float(sum(1 for m in block_metrics if m.get("resumed")))
     return out
 

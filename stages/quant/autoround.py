@@ -19,6 +19,7 @@ schedule), and `quant.compile` compiles the whole fake-quant + block + loss step
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -161,15 +162,16 @@ class AutoRoundQuantizer:
         frozen = [p for p in block.parameters() if p.requires_grad]
         for p in frozen:  # no grads for norms etc.: also skips the q/k/v input-gradient matmuls
             p.requires_grad_(False)
+        t0 = time.perf_counter()
         try:
             with torch.enable_grad():  # also when the caller runs under no_grad
                 outcome = self._tune(block, buckets, params, inputs, fp_targets, device)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
-        curve = outcome.losses.tolist()
+        curve = outcome.losses.tolist()  # the first host sync: the tuning loop has finished
         metrics = {"loss_init": curve[0], "loss_best": float(outcome.best_loss), "best_iter": int(outcome.best_iter),
-                   "loss_last": curve[-1]}
+                   "loss_last": curve[-1], "tune_seconds": time.perf_counter() - t0}
         if on_step is not None:
             for i, loss in enumerate(curve):
                 on_step(i, loss)
