@@ -10,7 +10,7 @@ engine. Decode throughput at batch 1 and 16, TTFT, weight memory, per-shape kern
 
 vllm part: a 16-layer Llama-3-shaped model (4.0B parameters, tied embeddings) as a bf16 folder and
 as our W4G128 sym GPTQ checkpoint, each in its own vLLM engine process: batches 1/16/128, 8-token
-prompts, 128 new tokens (the issue's anchor workload), and the linear kernel vLLM chose. Then
+prompts, 128 new tokens (a serving-style workload), and the linear kernel vLLM chose. Then
 2-layer checkpoints W2/W3 sym and W4 asym: which kernel vLLM uses, or exactly why it refuses.
 
 Needs only torch, transformers, safetensors, triton (+ vllm for the vllm part). Usage:
@@ -271,7 +271,7 @@ def vllm_part(args) -> dict:
     if not vllm_available() or not torch.cuda.is_available():
         why = "vllm is not importable" if not vllm_available() else "no CUDA device"
         log(f"vllm part skipped: {why}")
-        return {"part": "vllm", "skipped": f"{why} (install the wheels of ../shared/gpu/README.md, PYTHONPATH=/tmp/vsite)"}
+        return {"part": "vllm", "skipped": f"{why} (install vLLM's wheels as docs/gpu.md says)"}
     out, work = Path(args.out), Path(args.work) / "vllm"
     shutil.rmtree(work, ignore_errors=True)
     (out / "vllm_logs").mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-# Issue targets (quality vs the unquantized model, and cost) checked in the summary.
+# Targets (quality vs the unquantized model, and cost) checked in the summary.
 AUTOROUND_PPL_TARGETS = {"W2G64 asym": 1.7, "W3G64 asym": 1.13, "W4G64 sym": 1.025}
 SECONDS_TARGETS = {("autoround", "W2G64 asym"): 40.0, ("gptq", "W4G64 sym"): 20.0}
 TASK_METRICS = (("persuasion_ppl.bits_per_byte", "bits/byte"), ("persuasion_lastword.acc", "last-word acc"),

@@ -27,7 +27,7 @@ def _weight(seed: int, out_f: int = 12, in_f: int = 64) -> torch.Tensor:
 
 
 def _reference_group(vals: list[float], bits: int, sym: bool, fmin: float = 1.0, fmax: float = 1.0):
-    """One group, written out plainly: (codes, scale, zero) per DESIGN.md and qdq's docstring."""
+    """One group, written out plainly: (codes, scale, zero) per qdq's docstring."""
     t = torch.tensor(vals, dtype=torch.float32)
     lo = min(min(vals), 0.0) * fmin
     hi = max(max(vals), 0.0) * fmax

@@ -22,7 +22,7 @@ from stages.bench.options import BenchOptions, BenchTarget, special_token_ids, t
 from stages.bench.workload import Workload, prompt_token_ids
 
 INSTALL_HINT = ("install vLLM on a CUDA machine (pip install vllm==0.26.0; offline wheels: see "
-                "../shared/gpu/README.md) or use bench.backend=torch")
+                "docs/gpu.md) or use bench.backend=torch")
 _KERNEL_RE = re.compile(r"Using (\w+) for (\w+)")
 _QUANT_RE = re.compile(r"quantization=(\w+)")
 _LOAD_RE = re.compile(r"Model loading took ([\d.]+) GiB")

@@ -6,7 +6,7 @@ Conventions (shared by every quantizer, the packers and the loaders):
   ``group_size`` consecutive input columns per group (``-1``: one group = whole row).
 * Integer codes ``q`` are in ``[0, 2^bits - 1]``; per (row, group) a ``scale`` (float16
   values) and an integer ``zero`` in ``[0, 2^bits - 1]``; ``W_hat = scale * (q - zero)``.
-* asym (as DESIGN.md and the reference AutoRound): ``wmin = min(min(W_g), 0) * min_factor``,
+* asym (as the reference AutoRound): ``wmin = min(min(W_g), 0) * min_factor``,
   ``wmax = max(max(W_g), 0) * max_factor``, ``scale = (wmax - wmin) / (2^b - 1)`` rounded to
   float16 and clamped to >= float16(1e-5), ``zero = round(-wmin / scale)``.
 * sym ("full range", as the reference AutoRound's ``int_sym``): ``zero = 2^(b-1)`` always;
