@@ -4,7 +4,7 @@ Artifact layout (under the stage's store folder):
   checkpoint/    the Hugging Face folder (config.json with quantization_config, safetensors,
                  tokenizer, quantize_config.json or quantization_config.json, packing.json)
   compat.json    which engines/kernels load it (vLLM 0.26, ExLlama-style GPTQ, auto-round),
-                 the GPTQ v1 zero-point caveat when it occurs, and the sizes
+                 the pack-time exactness check (every layer read back equals the qstate), and the sizes
 Downstream stages find the folder with `checkpoint_dir(ctx.inputs["pack"].path)`.
 """
 

@@ -1,11 +1,12 @@
 """Packed checkpoint formats and their loader.
 
-gptq.py        GPTQ v1 layout (qweight/qzeros/scales/g_idx) and `pack_gptq`
+gptq.py        GPTQ layout (qweight/qzeros/scales/g_idx), v1 and v2, `pack_gptq` / `pack_gptq_v2`
 auto_round.py  Intel auto-round's native format and `pack_auto_round`
 qlinear.py     `load_quantized_model`: a packed folder back as a transformers model (QuantLinear)
 source.py      reading the qstate and the source model's files; input checks
 writer.py      the shared folder writer (shards, config files, atomic commit)
-compat.py      which engines/kernels load a checkpoint, and the GPTQ v1 zero-point caveat
+choice.py      pack.format=auto: the exact layout for the run's schemes
+compat.py      which engines/kernels load a checkpoint, and the pack-time exactness check
 
 This module itself stays torch-free so config validation can use `parse_size` cheaply.
 """
