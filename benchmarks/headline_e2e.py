@@ -15,6 +15,9 @@ Usage (GPU machine):
       --set quant.iters=100 bench=torch
   python benchmarks/headline_e2e.py --preset llama3_w4_g128 --outputs /tmp/e2e --out $OUT/e2e
   python benchmarks/headline_e2e.py --small --out /tmp/e2e-small      # CPU check on the tiny model
+A run too long for one call can be split with --set run.stages=[...] over several invocations into
+the same --outputs and --out: stages that ran are merged into the record (cached ones keep the earlier
+measurement), peaks are the maxima over the invocations.
 Writes <out>/headline_<preset>.json and .md; published_results.py --parts results merges them.
 """
 
@@ -146,6 +149,20 @@ def machine() -> dict[str, Any]:
     return environment(torch.device("cuda:0" if torch.cuda.is_available() else "cpu"), False)
 
 
+def merge_records(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """One record from invocations that ran different stages into the same outputs folder."""
+    stages = dict(old.get("stages", {}))
+    for name, row in new["stages"].items():
+        if row["status"] == "ran" or name not in stages:
+            stages[name] = row
+    invocations = old.get("invocations") or [old["overrides"]]
+    merged = {**new, "stages": stages, "invocations": invocations + [new["overrides"]],
+              "wall_seconds": old["wall_seconds"] + new["wall_seconds"],
+              "peak_host_rss_gib": max(old["peak_host_rss_gib"], new["peak_host_rss_gib"]),
+              "peak_gpu_used_gib": max(old["peak_gpu_used_gib"], new["peak_gpu_used_gib"])}
+    return merged
+
+
 def extrapolated_quantize_seconds(record: dict[str, Any], target_iters: int, iters: int) -> Optional[float]:
     """Quantize time at the preset's own iteration count: the tuning loop scales linearly, the rest stays."""
     q = record["metrics"].get("quantize", {})
@@ -158,9 +175,13 @@ def markdown(record: dict[str, Any]) -> str:
     q, p = record["metrics"].get("quantize", {}), record["metrics"].get("pack", {})
     compat = record.get("compat") or {}
     where = record["machine"].get("card") or f"CPU {record['machine'].get('cpu', '')}"
+    runs = record.get("invocations") or [record["overrides"]]
     lines = [f"### `{record['preset']}` ({where}, {record['machine'].get('date', '')})", "",
-             f"Command: `python -m pipeline {' '.join(record['overrides'])}` (exit {record['returncode']}, "
-             f"MLflow run {record.get('mlflow_status')})", "",
+             "Random bf16 weights in the Llama-3-8B shape (the real weights cannot be downloaded on the offline "
+             "GPU machine; time and memory are the same, scores are meaningless), the documented offline "
+             "calibration and the local evaluation tasks.", "",
+             *[f"- `python -m pipeline {' '.join(ov)}`" for ov in runs],
+             f"- last exit status {record['returncode']}, MLflow run {record.get('mlflow_status')}", "",
              "| stage | status | seconds |", "| --- | --- | --- |"]
     lines += [f"| {s} | {v['status']} | {v['seconds']:.1f} |" for s, v in record["stages"].items()]
     lines += ["", f"- wall time {record['wall_seconds']:.0f} s; peak host RSS {record['peak_host_rss_gib']:.1f} GiB; "
@@ -194,6 +215,7 @@ def main() -> None:
     p.add_argument("--out", required=True, help="folder for headline_<preset>.json/.md")
     p.add_argument("--set", nargs="*", default=[], help="extra pipeline overrides, e.g. quant.iters=100 bench=torch")
     p.add_argument("--small", action="store_true", help="tiny random model on the CPU (a check of this script)")
+    p.add_argument("--merge", action="store_true", help="merge into an existing record of the same preset in --out")
     args = p.parse_args()
     from pipeline.app import compose_job_config
 
@@ -205,7 +227,10 @@ def main() -> None:
                                                                             run_cfg.quant.iters)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"headline_{args.preset}.json").write_text(json.dumps(record, indent=1, default=str))
+    path = out / f"headline_{args.preset}.json"
+    if args.merge and path.is_file():
+        record = merge_records(json.loads(path.read_text()), record)
+    path.write_text(json.dumps(record, indent=1, default=str))
     text = markdown(record)
     (out / f"headline_{args.preset}.md").write_text(text)
     print(text)
