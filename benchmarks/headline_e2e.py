@@ -184,9 +184,10 @@ def markdown(record: dict[str, Any]) -> str:
              f"- last exit status {record['returncode']}, MLflow run {record.get('mlflow_status')}", "",
              "| stage | status | seconds |", "| --- | --- | --- |"]
     lines += [f"| {s} | {v['status']} | {v['seconds']:.1f} |" for s, v in record["stages"].items()]
-    lines += ["", f"- wall time {record['wall_seconds']:.0f} s; peak host RSS {record['peak_host_rss_gib']:.1f} GiB; "
-                  f"peak GPU memory in use {record['peak_gpu_used_gib']:.1f} GiB (vLLM reserves "
-                  "bench.gpu_memory_utilization of the card when it runs)",
+    lines += ["", f"- wall time {record['wall_seconds']:.0f} s over all invocations (beyond the stages: start-up, "
+                  f"planning and, when the store does not hold it yet, drawing and saving the random model); peak host RSS of the process tree "
+                  f"{record['peak_host_rss_gib']:.1f} GiB; peak GPU memory in use {record['peak_gpu_used_gib']:.1f} GiB "
+                  "(vLLM reserves bench.gpu_memory_utilization of the card when it runs)",
               f"- checkpoint: {compat.get('format', '?')}, {p.get('size_mb', 0) / 1000:.2f} GB on disk, "
               f"{int(p.get('verified_layers', 0))} layers verified bit for bit; vLLM 0.26: "
               f"{'loads' if (compat.get('vllm') or {}).get('loads') else 'refuses'}"]
