@@ -205,6 +205,9 @@ def validate_config(cfg: PipelineConfig) -> None:
                           problem="exceeds the number of calibration samples")
     for i, ov in enumerate(q.overrides):
         _check_override(f"quant.overrides[{i}]", ov)
+    from stages.pack import check_exact
+
+    check_exact(cfg.pack, q)  # a format that cannot hold the scheme fails before any model work
     for b in cfg.bench.batch_sizes:
         _int_at_least(1, 16)("bench.batch_sizes", b)
     if cfg.eval.perplexity.stride > cfg.eval.perplexity.seqlen:

@@ -108,6 +108,14 @@ def test_preflight_rejects_schemes_the_format_cannot_express(compose, overrides,
     assert err.value.key == key
 
 
+def test_an_asym_run_with_gptq_v1_fails_validation_before_any_model_work(compose, tmp_path):
+    cfg, _ = compose(["model=tiny_random", f"run.outputs_dir={tmp_path}", "pack=gptq", "quant.sym=false"])
+    with pytest.raises(ConfigError, match=r"^pack.format=gptq is not supported \(auto, gptq_v2 or auto_round for a "
+                                          r"run with asym layers.*use pack.format=auto"):
+        validate_config(cfg)
+    assert not (tmp_path / "store").exists()
+
+
 @pytest.mark.parametrize("overrides", [
     ["pack=auto_round", "quant=gptq", "quant.act_order=true", "quant.static_groups=true"],  # g_idx stays natural
     ["pack=auto_round", "quant=autoround", "quant.act_order=true"],  # act_order is a GPTQ option only
