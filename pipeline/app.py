@@ -87,7 +87,7 @@ def open_tracker(cfg: PipelineConfig, overrides: list[str], sweep_dir: Optional[
     tags = {"git_commit": git_commit() or "unknown", "quant.method": cfg.quant.method, "model.name": cfg.model.name,
             "overrides": " ".join(overrides) or "(none)"}
     name = cfg.tracking.run_name or f"{cfg.quant.method}-w{cfg.quant.bits}g{cfg.quant.group_size}"
-    tracker = tracking.MlflowTracker(cfg.tracking, tracking.flatten(container), tags, name, parent)
+    tracker = tracking.open_run(cfg.tracking, tracking.flatten(container), tags, name, parent)
     tracker.log_text(OmegaConf.to_yaml(container), "config/resolved.yaml")
     tracker.log_text("\n".join(overrides) + "\n", "config/overrides.txt")
     return tracker
