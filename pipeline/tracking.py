@@ -8,12 +8,13 @@ manifest is logged as an artifact.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from pipeline import tracking_db
 from pipeline.errors import ConfigError
@@ -24,6 +25,7 @@ log = logging.getLogger("pipeline.tracking")
 PARENT_RUN_FILE = ".mlflow_parent_run_id"
 MAX_PARAM_LEN = 6000
 HEALTH_TIMEOUT_S = 5.0
+MIGRATION_LOGGERS = ("alembic", "mlflow.store.db.utils")
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
@@ -82,6 +84,20 @@ def is_local_backend(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Hold these loggers at WARNING: alembic's and MLflow's per-step INFO lines are not the user's business."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 @functools.lru_cache(maxsize=1)
 def _schema_ops() -> SchemaOps:
     """The sqlite schema steps of the installed MLflow (the helpers behind `mlflow db upgrade`)."""
@@ -89,7 +105,8 @@ def _schema_ops() -> SchemaOps:
     from alembic.script import ScriptDirectory
     from mlflow.store.db import utils as db_utils  # private helpers; mlflow is pinned in pyproject.toml
 
-    script = ScriptDirectory.from_config(db_utils._get_alembic_config(""))
+    with _quiet(*MIGRATION_LOGGERS):
+        script = ScriptDirectory.from_config(db_utils._get_alembic_config(""))
 
     def is_known(revision: str) -> bool:
         try:
@@ -100,11 +117,12 @@ def _schema_ops() -> SchemaOps:
     def migrate(path: Path) -> None:
         engine = sqlalchemy.create_engine(f"sqlite:///{path}")
         try:
-            if db_utils._all_tables_exist(engine):
-                db_utils._upgrade_db(engine)
-            else:
-                db_utils._initialize_tables(engine)
-            db_utils._verify_schema(engine)
+            with _quiet(*MIGRATION_LOGGERS):
+                if db_utils._all_tables_exist(engine):
+                    db_utils._upgrade_db(engine)
+                else:
+                    db_utils._initialize_tables(engine)
+                db_utils._verify_schema(engine)
         finally:
             engine.dispose()
 

@@ -53,6 +53,17 @@ def tiny_store(tmp_path_factory) -> Path:
     return root / "store"
 
 
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory) -> Path:
+    """An MLflow sqlite DB created once (first-time migrations take seconds); tests copy it."""
+    from pipeline import tracking
+    from pipeline.schema import TrackingConfig
+
+    root = tmp_path_factory.mktemp("mlflow_template")
+    tracking.init_backend(TrackingConfig(uri=f"sqlite:///{root}/mlflow.db", artifact_location=str(root / "mlartifacts")))
+    return root / "mlflow.db"
+
+
 @pytest.fixture
 def tiny_outputs(tmp_path, tiny_store) -> Path:
     """A fresh outputs dir whose store already holds the tiny model (hard links, no reconversion)."""
