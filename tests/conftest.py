@@ -18,6 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tracking.uri defaults to MLFLOW_TRACKING_URI when set: keep a developer's server out of the tests.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
