@@ -67,11 +67,12 @@ class NullTracker:
         pass
 
 
-def _mlflow(tcfg: TrackingConfig):
+def _client(tcfg: TrackingConfig) -> Any:
+    """A client of tcfg.uri. (Never mlflow.set_tracking_uri: it also sets MLFLOW_TRACKING_URI in this
+    process's environment, which would become the next composed config's tracking.uri.)"""
     import mlflow
 
-    mlflow.set_tracking_uri(tcfg.uri)
-    return mlflow
+    return mlflow.MlflowClient(tracking_uri=tcfg.uri)
 
 
 def sqlite_path(uri: str) -> Optional[Path]:
@@ -146,7 +147,7 @@ def check_reachable(uri: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
 
 
 def _experiment_id(tcfg: TrackingConfig) -> str:
-    client = _mlflow(tcfg).MlflowClient()
+    client = _client(tcfg)
     exp = client.get_experiment_by_name(tcfg.experiment)
     if exp is not None:
         return exp.experiment_id
@@ -220,7 +221,7 @@ class MlflowTracker:
                  run_name: Optional[str] = None, parent_run_id: Optional[str] = None):
         self.tcfg = tcfg
         experiment_id = init_backend(tcfg)
-        self.client = _mlflow(tcfg).MlflowClient()
+        self.client = _client(tcfg)
         all_tags = dict(tags)
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
@@ -302,7 +303,7 @@ def start_parent_run(tcfg: TrackingConfig, name: str, tags: dict[str, str]) -> O
     """
     try:
         experiment_id = init_backend(tcfg)
-        client = _mlflow(tcfg).MlflowClient()
+        client = _client(tcfg)
         return client.create_run(experiment_id, run_name=name, tags={**tags, "sweep": "parent"}).info.run_id
     except Exception as exc:  # any backend failure, as in open_run
         skip_or_raise(tcfg, exc, what="tracking skipped for the sweep's parent run")
@@ -312,7 +313,7 @@ def start_parent_run(tcfg: TrackingConfig, name: str, tags: dict[str, str]) -> O
 def finish_parent_run(tcfg: TrackingConfig, run_id: str, artifacts: Iterable[Path], status: str = "FINISHED") -> None:
     """Log the sweep report to the parent run and close it (a failure is one warning line: the jobs are done)."""
     try:
-        client = _mlflow(tcfg).MlflowClient()
+        client = _client(tcfg)
         for path in artifacts:
             client.log_artifact(run_id, str(path), artifact_path="report")
         client.set_terminated(run_id, status=status)
@@ -321,6 +322,23 @@ def finish_parent_run(tcfg: TrackingConfig, run_id: str, artifacts: Iterable[Pat
 
 
 def search_runs(tcfg: TrackingConfig, filter_string: str = "") -> Any:
-    """Runs of the configured experiment as a pandas DataFrame (for reports and tests)."""
-    mlflow = _mlflow(tcfg)
-    return mlflow.search_runs(experiment_names=[tcfg.experiment], filter_string=filter_string)
+    """Runs of the configured experiment as a pandas DataFrame with mlflow.search_runs' columns
+    (run_id, status, start_time, params.*, metrics.*, tags.*), for reports and tests."""
+    import pandas as pd
+
+    client = _client(tcfg)
+    exp = client.get_experiment_by_name(tcfg.experiment)
+    rows, token = [], None
+    while exp is not None:
+        page = client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000,
+                                  page_token=token)
+        for run in page:
+            row = {"run_id": run.info.run_id, "status": run.info.status, "start_time": run.info.start_time}
+            row.update({f"params.{k}": v for k, v in run.data.params.items()})
+            row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
+            row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
+            rows.append(row)
+        token = page.token
+        if not token:
+            break
+    return pd.DataFrame(rows)

@@ -18,8 +18,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# tracking.uri defaults to MLFLOW_TRACKING_URI when set: keep a developer's server out of the tests.
-os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -29,6 +27,13 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if full_run and markexpr == "not slow and not gpu" and len(session.items) < MIN_TESTS_IN_DEFAULT_RUN:
         raise pytest.UsageError(f"only {len(session.items)} tests collected (expected >= {MIN_TESTS_IN_DEFAULT_RUN}); "
                                 "is the test tree broken?")
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_tracking_uri(monkeypatch):
+    """tracking.uri defaults to MLFLOW_TRACKING_URI: keep a developer's server, or a URI that
+    mlflow.set_tracking_uri left in the environment, out of every test."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
 def compose_config(overrides: list[str]):

@@ -19,6 +19,7 @@ import mlflow
 import pytest
 
 from pipeline import tracking
+from pipeline.app import run_job
 from pipeline.errors import ConfigError
 from pipeline.schema import TrackingConfig
 from pipeline.tracking_db import inspect_db
@@ -26,6 +27,7 @@ from pipeline.tracking_db import inspect_db
 from _mlflow_db_helpers import EXPERIMENT, STALE_REVISION, half_migrated_db
 from _mlflow_server import MlflowServer, api
 from conftest import REPO
+from test_tracking import fake_dag  # noqa: F401  (the two-stage fake DAG fixture)
 
 HEAD = tracking._schema_ops().head
 CALIB_ONLY = ["model=tiny_random", "run.stages=[calibrate]", "calib.nsamples=4", "calib.seqlen=16", "run.device=cpu",
@@ -150,24 +152,29 @@ def test_a_broken_database_with_runs_is_left_untouched_and_explained(tmp_path):
                         f"tracking.uri=sqlite:///{tmp_path}/mlflow-new.db")
 
 
-def test_a_job_on_an_unusable_database_runs_untracked_or_fails_when_tracking_is_required(tiny_outputs):
-    db = half_migrated_db(tiny_outputs / "mlflow.db", runs=1, stale=True)
+def skipped_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "tracking skipped" in r.getMessage()]
+
+
+def test_a_job_on_an_unusable_database_runs_untracked_or_fails_when_tracking_is_required(
+        tmp_path, compose, fake_dag, caplog, capsys):
+    db = half_migrated_db(tmp_path / "mlflow.db", runs=1, stale=True)
     original = sha(db)
-    args = [*CALIB_ONLY, f"run.outputs_dir={tiny_outputs}"]
-    proc = run_cli(args, cwd=tiny_outputs.parent)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
-    skipped = [line for line in (out + err).splitlines() if "tracking skipped" in line]
-    assert len(skipped) == 1, out + err
-    assert skipped[0].endswith(
-        "meanwhile record new runs in another file, e.g. tracking.uri=sqlite:///"
-        f"{tiny_outputs}/mlflow-new.db. The stages run without MLflow (tracking.required=true makes this an error)")
-    assert "[calibrate] running" in out and sha(db) == original
-    proc = run_cli([*args, "tracking.required=true"], cwd=tiny_outputs.parent)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2
-    assert err.strip().startswith(f"error: tracking.uri=sqlite:///{db} is an MLflow database this version cannot use")
-    assert len(err.strip().splitlines()) == 1 and sha(db) == original
+    _, dcfg = compose([f"run.outputs_dir={tmp_path}", "run.progress=false"])
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        outcomes = run_job(dcfg)
+    assert [o.status for o in outcomes] == ["ran", "ran"] and sha(db) == original
+    assert len(skipped_lines(caplog)) == 1 and skipped_lines(caplog)[0].endswith(
+        f"meanwhile record new runs in another file, e.g. tracking.uri=sqlite:///{tmp_path}/mlflow-new.db. "
+        "The stages run without MLflow (tracking.required=true makes this an error)")
+    _, dcfg = compose([f"run.outputs_dir={tmp_path}", "run.progress=false", "tracking.required=true"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_job(dcfg)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and sha(db) == original
+    assert err.startswith(f"error: tracking.uri=sqlite:///{db} is an MLflow database this version cannot use")
+    assert len(err.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,35 +189,35 @@ def mlflow_server(tmp_path):
     server.stop()
 
 
-def test_runs_go_to_the_server_in_mlflow_tracking_uri_and_are_skipped_when_it_is_down(tiny_outputs, mlflow_server):
+def test_runs_go_to_the_server_in_mlflow_tracking_uri_and_are_skipped_when_it_is_down(
+        tmp_path, compose, fake_dag, mlflow_server, monkeypatch, caplog, capsys):
     port = mlflow_server.start()
-    env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
-    args = [*CALIB_ONLY, f"run.outputs_dir={tiny_outputs}"]
-    out, err = run_cli(args, cwd=tiny_outputs.parent, env=env).communicate(timeout=300)
-    assert "tracking skipped" not in out + err and "[calibrate] running" in out, err[-2000:]
-    assert not (tiny_outputs / "mlflow.db").exists()  # nothing went to the default sqlite file
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    _, dcfg = compose([f"run.outputs_dir={tmp_path}", "run.progress=false"])
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        assert [o.status for o in run_job(dcfg)] == ["ran", "ran"]
+    assert skipped_lines(caplog) == [] and not (tmp_path / "mlflow.db").exists()  # not the default sqlite file
     exp = api(port, "experiments/get-by-name?experiment_name=autoround-pipeline")["experiment"]
     found = api(port, "runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
     assert len(found) == 1 and found[0]["info"]["status"] == "FINISHED"
     params = {p["key"]: p["value"] for p in found[0]["data"]["params"]}
-    assert params["tracking.uri"] == f"http://127.0.0.1:{port}" and params["calib.nsamples"] == "4"
+    metrics = {m["key"]: m["value"] for m in found[0]["data"]["metrics"]}
+    assert params["tracking.uri"] == uri and metrics["quantize.value"] == 1.0
     mlflow_server.stop()
+    reason = (f"tracking.uri={uri} is not reachable (no answer from {uri}/health: [Errno 111] Connection refused); "
+              "start the server or fix tracking.uri (or MLFLOW_TRACKING_URI)")
     t0 = time.time()
-    proc = run_cli(args, cwd=tiny_outputs.parent, env=env)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and time.time() - t0 < 120
-    skipped = [line for line in (out + err).splitlines() if "tracking skipped" in line]
-    assert len(skipped) == 1 and skipped[0].endswith(
-        f"tracking skipped: tracking.uri=http://127.0.0.1:{port} is not reachable (no answer from "
-        f"http://127.0.0.1:{port}/health: [Errno 111] Connection refused); start the server or fix tracking.uri "
-        "(or MLFLOW_TRACKING_URI). The stages run without MLflow (tracking.required=true makes this an error)")
-    assert "[calibrate] cached" in out
-    proc = run_cli([*args, "tracking.required=true"], cwd=tiny_outputs.parent, env=env)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2
-    assert err.strip() == (f"error: tracking.uri=http://127.0.0.1:{port} is not reachable (no answer from "
-                           f"http://127.0.0.1:{port}/health: [Errno 111] Connection refused); start the server or "
-                           "fix tracking.uri (or MLFLOW_TRACKING_URI)")
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        assert [o.status for o in run_job(dcfg)] == ["cached", "cached"]
+    assert time.time() - t0 < 30
+    assert skipped_lines(caplog) == [f"tracking skipped: {reason}. The stages run without MLflow "
+                                     "(tracking.required=true makes this an error)"]
+    _, dcfg = compose([f"run.outputs_dir={tmp_path}", "run.progress=false", "tracking.required=true"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_job(dcfg)
+    assert exc.value.code == 2 and capsys.readouterr().err == f"error: {reason}\n"
 
 
 def test_mlflow_tracking_uri_is_the_default_and_an_explicit_override_wins(compose, monkeypatch):
