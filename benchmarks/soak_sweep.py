@@ -275,7 +275,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     result: dict[str, Any] = {"machine": machine(), "command": " ".join(["python", *sys.argv]), "work": str(work),
                               "config": {"grid": grid_args(grid), "jobs": len(cells(grid)), "n_jobs": n_jobs,
                                          "kill_rounds": rounds, "kill_delay_s": delays, "seed": args.seed}}
-    passes = [run_pass("fresh", work, grid, n_jobs, [], None, rng), run_pass("again", work, grid, n_jobs, [], None, rng)]
+    passes = [run_pass(name, work, grid, n_jobs, [], None, rng) for name in ("fresh", "again")]
     for i in range(rounds):
         passes.append(run_pass(f"kill-{i + 1}", work, grid, n_jobs, ["run.seed=1"], rng.uniform(*delays), rng))
     passes.append(run_pass("finish", work, grid, n_jobs, ["run.seed=1"], None, rng))

@@ -4,6 +4,11 @@ One MLflow run per pipeline job; a multirun gets a parent run that its jobs nest
 Params are the flattened config with dotted names, metrics carry their stage prefix
 (`quantize.seconds`, `eval.persuasion_ppl.word_perplexity`, ...), and every stage's
 manifest is logged as an artifact.
+
+The backend is made usable before a run starts (`init_backend`): a sqlite file is created,
+upgraded or repaired by one process at a time (pipeline.tracking_db), a server must answer its
+health check. A backend that cannot be used, at the start or later, makes the job run untracked
+with one warning line, or stops it with the tracking.uri ConfigError when tracking.required.
 """
 
 from __future__ import annotations

@@ -57,7 +57,8 @@ def test_truncated_weights_are_reported_with_sizes(model_folder):
     full, data = weights.stat().st_size, _data_bytes(weights)
     _truncate(weights, full - 1000)
     assert check_model_folder(model_folder) == (
-        f"model.safetensors is truncated: its header describes {data} bytes of tensor data, the file holds {data - 1000}")
+        f"model.safetensors is truncated: its header describes {data} bytes of tensor data, "
+        f"the file holds {data - 1000}")
     with pytest.raises(Exception):  # the safetensors library agrees the file is unusable
         with safe_open(str(weights), "pt") as f:
             [f.get_tensor(k) for k in f.keys()]
