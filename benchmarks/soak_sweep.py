@@ -237,12 +237,15 @@ def markdown(result: dict) -> str:
              "| pack ran/reused | SIGKILL |", "|---|---|---|---|---|---|---|---|---|"]
     for row in result["passes"]:
         st = row["stages"]
-        kill = f"pid {row['killed']['pid']} at {row['killed']['after_s']} s" if row["killed"] else "-"
+        kill = f"pid {row['killed']['pid']}, {row['killed']['after_s']} s in" if row["killed"] else "-"
         lines.append(f"| {row['pass']} | {row['seconds']} | {row['exit_code']} | {row['jobs_finished']}/{row['jobs']} "
                      f"| {row['jobs_interrupted']} | " + " | ".join(f"{st[s]['ran']}/{st[s]['cached']}" for s in STAGES)
                      + f" | {kill} |")
     ml, store, ref = result["mlflow"], result["store"], result["reference"]
-    lines += ["", f"- MLflow job runs by status: {ml['job_runs']} (a SIGKILLed job's run stays RUNNING); parent runs: "
+    lines += ["", "SIGKILL: one random joblib worker, that many seconds after the pass's quantize work began; "
+              "loky then stops the other workers, so every job in flight is interrupted and the multirun exits 1. "
+              "kill-N and finish use run.seed=1: new quantize and pack artifacts, the same calibration.",
+              "", f"- MLflow job runs by status: {ml['job_runs']} (a SIGKILLed job's run stays RUNNING); parent runs: "
               f"{ml['parent_runs']} (an aborted multirun never closes its parent); sqlite integrity_check: "
               f"{ml['integrity_check']}.",
               f"- Store: {store['artifacts_checked']} complete artifacts re-hashed in full against their manifests, "
@@ -263,7 +266,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--work", type=Path, default=None, help="fresh work folder (default: a new temporary one)")
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "soak_cpu.json")
     p.add_argument("--markdown", type=Path, default=REPO / "benchmarks" / "results" / "soak_cpu.md")
+    p.add_argument("--render", type=Path, default=None, help="only rewrite --markdown from this JSON result")
     args = p.parse_args(argv)
+    if args.render:
+        args.markdown.write_text(markdown(json.loads(args.render.read_text())))
+        return 0
     grid, n_jobs = GRIDS["small" if args.small else "full"], 2 if args.small else 4
     rounds = args.kill_rounds if args.kill_rounds is not None else (1 if args.small else 3)
     delays = (0.0, 5.0) if args.small else (0.0, 20.0)  # seconds after quantize work started
