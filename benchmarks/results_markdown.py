@@ -119,6 +119,9 @@ def write_results_markdown(results: Path, md_path: Path) -> str:
     lines += _section_from_md("3. Inference: torch backend", results / "throughput_torch")
     lines += _section_from_md("3. Inference: vLLM", results / "throughput_vllm")
     lines += _section_from_md("4. The headline command end to end: Llama-3-8B-shaped model", results / "headline")
+    soak = Path(__file__).resolve().parent / "results" / "soak_cpu.md"  # CPU, from benchmarks/soak_sweep.py
+    if soak.is_file():
+        lines += ["## 5. Reliability: parallel sweep soak (CPU)", "", soak.read_text().strip(), ""]
     text = "\n".join(lines).rstrip() + "\n"
     md_path.write_text(text)
     return text

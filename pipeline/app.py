@@ -92,7 +92,7 @@ def open_tracker(cfg: PipelineConfig, overrides: list[str], sweep_dir: Optional[
     if commit:
         params["model.commit"] = commit
     name = cfg.tracking.run_name or f"{cfg.quant.method}-w{cfg.quant.bits}g{cfg.quant.group_size}"
-    tracker = tracking.MlflowTracker(cfg.tracking, params, tags, name, parent)
+    tracker = tracking.open_run(cfg.tracking, params, tags, name, parent)
     tracker.log_text(OmegaConf.to_yaml(container), "config/resolved.yaml")
     tracker.log_text("\n".join(overrides) + "\n", "config/overrides.txt")
     return tracker

@@ -1,9 +1,10 @@
 """Hydra callbacks: a multirun gets one MLflow parent run and, at the end, a sweep report.
 
 Order of events in a multirun:
-1. on_multirun_start (launcher process): check the sweep's own parameters (hydra.sweeper.params,
-   e.g. from conf/experiment/compare_methods.yaml) like command-line overrides, create the
-   tracking database and the parent run, write its id into <sweep_dir>/.mlflow_parent_run_id;
+1. on_multirun_start (launcher process): check the outputs folder and the sweep's own parameters
+   (hydra.sweeper.params, e.g. from conf/experiment/compare_methods.yaml) like command-line
+   overrides, create the parent run (when the tracking backend is available), write its id into
+   <sweep_dir>/.mlflow_parent_run_id;
 2. each job (in whichever process the launcher uses) claims a GPU of its own when several are
    visible (on_job_start, see claim_gpu), nests its MLflow run under the parent and, in
    on_job_end, writes <job output dir>/job.json: status, overrides and the artifacts it produced;
@@ -89,14 +90,33 @@ def check_sweep_params(config: DictConfig) -> None:
     check_cli_overrides(overrides, Path(CONF_DIR))
 
 
+def check_outputs_dir(config: DictConfig) -> None:
+    """Exit 2 with one line if run.outputs_dir cannot be used, before Hydra creates its folders there.
+
+    (A literal `run.outputs_dir=` on the command line was checked even earlier, in pipeline.app.main.)
+    """
+    from pipeline.errors import ConfigError
+    from pipeline.validate import check_writable
+
+    try:
+        check_writable("run.outputs_dir", str(OmegaConf.select(config, "run.outputs_dir")), create=False)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 class SweepCallback(Callback):
-    """Creates the tracking database and parent run before any sweep job starts."""
+    """Checks the outputs folder before Hydra writes there; creates the sweep's parent run first."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_outputs_dir(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from pipeline import tracking
         from pipeline.app import to_pipeline_config
         from pipeline.errors import ConfigError
 
+        check_outputs_dir(config)
         try:
             check_sweep_params(config)
         except ConfigError as exc:
@@ -107,10 +127,14 @@ class SweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if not cfg.tracking.enabled:
             return
-        # The database must exist before parallel jobs start (concurrent first-time
-        # migrations crash MLflow 3.17).
-        run_id = tracking.start_parent_run(cfg.tracking, f"sweep-{sweep_dir.name}",
-                                           {"sweep_dir": str(sweep_dir.resolve())})
+        try:
+            run_id = tracking.start_parent_run(cfg.tracking, f"sweep-{sweep_dir.name}",
+                                               {"sweep_dir": str(sweep_dir.resolve())})
+        except ConfigError as exc:  # the backend is unavailable and tracking.required=true
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        if run_id is None:
+            return
         (sweep_dir / tracking.PARENT_RUN_FILE).write_text(run_id)
         log.info("MLflow parent run %s for sweep %s", run_id, sweep_dir)
 

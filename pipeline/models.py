@@ -211,7 +211,7 @@ def prepare_model(cfg: ModelConfig, store: "ArtifactStore", log: Callable[[str],
         revision = identity.get("commit") or cfg.revision
         return ModelHandle(cfg.name, str(cfg.name_or_path), revision, fingerprint, cfg.trust_remote_code)
     entry = store.entry(MODEL_STAGE, fingerprint)
-    if not entry.is_complete():
+    if not entry.reusable(log):  # a corrupted materialised model is removed and made again
         with entry.writing() as work:
             if work is None:  # materialised by another process meanwhile
                 return ModelHandle(cfg.name, str(entry.path), None, fingerprint, cfg.trust_remote_code)

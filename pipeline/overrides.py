@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, List
 
 from pipeline.errors import ConfigError, choices, close_matches
 from pipeline.schema import PipelineConfig
-from pipeline.validate import check_field
+from pipeline.validate import check_field, check_writable
 
+OUTPUTS_KEY = "run.outputs_dir"
 # Hydra flags that consume the following argument.
 _FLAGS_WITH_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c",
                      "--package", "-p", "--info", "-i", "--experimental-rerun"}
@@ -49,13 +50,16 @@ def _field_type(schema: Any, name: str) -> Any:
     return hints[name]
 
 
-def _check_key(key: str) -> None:
-    """Walk the dataclass schema along a dotted key; unknown parts raise ConfigError."""
+def _check_key(key: str) -> Any:
+    """Walk the dataclass schema along a dotted key; unknown parts raise ConfigError.
+
+    Returns the field's type, or None when the key reaches inside a list or dict value.
+    """
     node: Any = PipelineConfig
     path: list[str] = []
     for part in key.split("."):
         if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
-            return  # inside a list/dict value: Hydra checks the element type
+            return None  # inside a list/dict value: Hydra checks the element type
         names = [f.name for f in dataclasses.fields(node)]
         if part not in names:
             where = ".".join(path) or "the config"
@@ -65,6 +69,44 @@ def _check_key(key: str) -> None:
             raise ConfigError(key, "...", f"{where} has keys: {', '.join(names)}", fix, problem="is not a known key")
         node = _field_type(node, part)
         path.append(part)
+    return node
+
+
+def _type_words(ftype: Any) -> str:
+    """What a value of this schema type looks like on the command line."""
+    args = [a for a in typing.get_args(ftype) if a is not type(None)]
+    if type(None) in typing.get_args(ftype) and len(args) == 1:
+        return f"{_type_words(args[0])}, or null"
+    if typing.get_origin(ftype) in (list, List):
+        item = typing.get_args(ftype)[0] if typing.get_args(ftype) else str
+        if dataclasses.is_dataclass(item):
+            return f"a list of mappings with keys {', '.join(f.name for f in dataclasses.fields(item))}"
+        return f"a list such as [a,b] of {_type_words(item).split(', or')[0]} items"
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return words.get(ftype, f"a {getattr(ftype, '__name__', ftype)} mapping")
+
+
+def _show_default(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def _check_type(schema: Any, key: str, ftype: Any, value: Any) -> None:
+    """The value must merge into the typed schema as Hydra will merge it (quant.sym=maybe does not)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.update(schema, key, value, merge=True)
+    except OmegaConfBaseException:
+        default = OmegaConf.select(OmegaConf.structured(PipelineConfig), key, throw_on_missing=False,
+                                   throw_on_resolution_failure=False)
+        raise ConfigError(key, value, _type_words(ftype), f"e.g. {key}={_show_default(default)}") from None
 
 
 def _values(override: Any) -> list[Any]:
@@ -73,13 +115,33 @@ def _values(override: Any) -> list[Any]:
     return [override.value()]
 
 
-def check_cli_overrides(argv: list[str], conf_dir: Path) -> None:
-    """Raise ConfigError for the first unknown key, unknown group option or out-of-range value."""
+def parse_overrides(args: list[str]) -> list[Any]:
+    """Hydra's parse of the overrides; a syntax error becomes a ConfigError naming the override."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
 
     parser = OverridesParser.create()
+    parsed = []
+    for arg in args:
+        try:
+            parsed.extend(parser.parse_overrides([arg]))
+        except OverrideParseException as exc:
+            key, _, value = arg.partition("=")
+            reason = next((line for line in str(exc).splitlines() if not line.startswith(("Error parsing", "See "))),
+                          "syntax error")
+            raise ConfigError(key.lstrip("+~"), value or "(no value)", f"Hydra's override syntax: {reason}",
+                              "write key=value; quote values with spaces or special characters, lists are [a,b], "
+                              "a sweep is a,b (see python -m pipeline --help)", problem="cannot be parsed") from None
+    return parsed
+
+
+def check_cli_overrides(argv: list[str], conf_dir: Path) -> None:
+    """Raise ConfigError for the first unknown key, unknown group option or out-of-range value."""
+    from omegaconf import OmegaConf
+
     groups = config_groups(conf_dir)
-    for ov in parser.parse_overrides(override_args(argv)):
+    schema = OmegaConf.structured(PipelineConfig)  # receives each value as Hydra will merge it
+    for ov in parse_overrides(override_args(argv)):
         key = ov.key_or_group
         if key.startswith("hydra") or ov.is_delete():
             continue
@@ -94,6 +156,10 @@ def check_cli_overrides(argv: list[str], conf_dir: Path) -> None:
                     raise ConfigError(key, value, choices(options), hint or f"e.g. {key}={options[0]}",
                                       problem="is not an option of config group " + key)
             continue
-        _check_key(key)
+        ftype = _check_key(key)
         for value in _values(ov):
             check_field(key, value)
+            if ftype is not None:
+                _check_type(schema, key, ftype, value)
+            if key == OUTPUTS_KEY and isinstance(value, str) and "${" not in value:
+                check_writable(key, value, create=False)  # before Hydra creates its run folder in it

@@ -95,7 +95,7 @@ class PipelineRunner:
         selected_names = {s.name for s in plan.selected}
         for spec in plan.selected:
             for dep in spec.needs:
-                if dep not in selected_names and not self.store.entry(dep, fps[dep]).is_complete():
+                if dep not in selected_names and not self.store.entry(dep, fps[dep]).reusable(self.log):
                     raise InputError(
                         f"stage '{spec.name}' needs '{dep}', which is neither selected nor in the store "
                         f"({self.store.entry(dep, fps[dep]).path}); add it: run.stages=[{dep},{spec.name},...]")
@@ -130,7 +130,7 @@ class PipelineRunner:
             entry.remove()
         t0 = time.perf_counter()
         status = "cached"
-        if not entry.is_complete():
+        if not entry.reusable(self.log):
             with entry.writing() as work:
                 if work is not None:  # None: another process finished it while we waited
                     status = "ran"

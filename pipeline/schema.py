@@ -240,11 +240,17 @@ class RunConfig:
 
 @dataclass
 class TrackingConfig:
+    """MLflow tracking (`tracking.*`); see docs/sweeps.md."""
+
     enabled: bool = True
-    uri: str = "sqlite:///${run.outputs_dir}/mlflow.db"
+    # MLFLOW_TRACKING_URI when set (e.g. a team's server), else a sqlite file in the outputs folder.
+    uri: str = "${oc.env:MLFLOW_TRACKING_URI,sqlite:///${run.outputs_dir}/mlflow.db}"
+    # Where a local backend (sqlite) keeps run artifacts; a tracking server uses its own artifact store.
     artifact_location: str = "${run.outputs_dir}/mlartifacts"
     experiment: str = "autoround-pipeline"
     run_name: Optional[str] = None
+    # An unavailable backend stops the job (exit 2) instead of running the stages untracked.
+    required: bool = False
 
 
 @dataclass

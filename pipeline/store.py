@@ -4,7 +4,9 @@ An artifact is complete exactly when its folder exists under its final name with
 manifest. Work happens in `<root>/<stage>/.partial-<fingerprint>/`, which survives a crash
 (so a stage such as quantize can resume block by block) and is renamed into place only
 after the manifest has been written. One process at a time holds an artifact's lock, so
-two sweep jobs that need the same artifact compute it once and the other reuses it.
+two sweep jobs that need the same artifact compute it once and the other reuses it. Before
+a complete artifact is reused its files are checked against its manifest (`Entry.reusable`);
+a corrupted one is removed and computed again.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 MANIFEST = "manifest.json"
+# Before a complete artifact is reused, every output's size is checked, and the sha256 of
+# outputs up to this size (calibration sets, JSON, small checkpoints) too.
+HASH_CHECK_MAX_BYTES = 16 << 20
 
 
 def fingerprint(obj: Any) -> str:
@@ -46,6 +51,24 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def verify_outputs(folder: Path, outputs: list[dict]) -> Optional[str]:
+    """Check files against manifest entries {path, bytes, sha256}; returns the first problem or None.
+
+    Sizes always; the sha256 only for files up to HASH_CHECK_MAX_BYTES (a large checkpoint is
+    read once when written, not at every reuse).
+    """
+    for out in outputs:
+        path = folder / out["path"]
+        if not path.is_file():
+            return f"{out['path']} is missing"
+        size = path.stat().st_size
+        if out.get("bytes") is not None and size != out["bytes"]:
+            return f"{out['path']} has {size} bytes, the manifest says {out['bytes']}"
+        if size <= HASH_CHECK_MAX_BYTES and sha256_file(path) != out["sha256"]:
+            return f"{out['path']} does not match the sha256 in the manifest"
+    return None
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -131,6 +154,39 @@ class Entry:
         with open(self.path / MANIFEST) as f:
             return json.load(f)
 
+    def problem(self) -> Optional[str]:
+        """What is wrong with this complete artifact's files against its manifest, or None."""
+        try:
+            manifest = self.manifest()
+            outputs = manifest["outputs"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"{MANIFEST} is unreadable ({type(exc).__name__})"
+        if manifest.get("stage") != self.stage or manifest.get("fingerprint") != self.fingerprint:
+            return f"{MANIFEST} names {manifest.get('stage')}/{manifest.get('fingerprint')}"
+        return verify_outputs(self.path, outputs)
+
+    def reusable(self, log: Callable[[str], None]) -> bool:
+        """True for a complete artifact whose files match its manifest.
+
+        A corrupted one (a truncated, missing or altered file) is removed, with one log line,
+        so that the caller computes it again.
+        """
+        if not self.is_complete():
+            return False
+        if self.problem() is None:
+            return True
+        with self.lock():  # another process may have replaced it meanwhile
+            problem = self.problem() if self.is_complete() else None
+            if problem is not None:
+                log(f"[{self.stage}] stored artifact {self.path} is corrupted ({problem}): removed, computing it again")
+                self._discard()
+        return self.is_complete()
+
+    def _discard(self) -> None:
+        trash = self.path.with_name(f".trash-{self.fingerprint}-{os.getpid()}")
+        os.replace(self.path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         self.lockfile.parent.mkdir(parents=True, exist_ok=True)
@@ -145,9 +201,7 @@ class Entry:
         """Delete the complete artifact (used by run.force)."""
         with self.lock():
             if self.path.exists():
-                trash = self.path.with_name(f".trash-{self.fingerprint}-{os.getpid()}")
-                os.replace(self.path, trash)
-                shutil.rmtree(trash, ignore_errors=True)
+                self._discard()
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[Optional[Work]]:
@@ -168,9 +222,7 @@ class Entry:
             if work.manifest is None:
                 raise RuntimeError(f"stage {self.stage} finished without writing its manifest")
             if self.path.exists():  # a forced rerun replaces the old artifact
-                trash = self.path.with_name(f".trash-{self.fingerprint}-{os.getpid()}")
-                os.replace(self.path, trash)
-                shutil.rmtree(trash, ignore_errors=True)
+                self._discard()
             os.replace(self.partial, self.path)
 
 

@@ -63,8 +63,14 @@ def _limit(key: str, value: Any) -> None:
                           f"e.g. {key}=100")
 
 
+def _list_of_names(key: str, value: Any, example: str) -> None:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(key, value, f"a list such as [{example}]", f"e.g. {key}=[{value}]")
+
+
 def _task_names(key: str, value: Any) -> None:
     """eval.tasks: task names (whether each exists is checked by the evaluate stage's preflight)."""
+    _list_of_names(key, value, "persuasion_nextsent")
     for name in value:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(key, value, "a list of lm-eval task names", f"e.g. {key}=[persuasion_nextsent]")
@@ -107,6 +113,7 @@ def _device(key: str, value: Any) -> None:
 def _stage_list(key: str, value: Any) -> None:
     from pipeline.dag import STAGE_NAMES
 
+    _list_of_names(key, value, "calibrate,quantize")
     for name in value:
         one_of(key, name, STAGE_NAMES)
 
@@ -241,25 +248,50 @@ def _check_model_paths(cfg: PipelineConfig) -> None:
         if not m.name_or_path:
             raise ConfigError("model.name_or_path", m.name_or_path, "a Hugging Face model id or a local folder",
                               "e.g. model.name_or_path=meta-llama/Meta-Llama-3-8B", problem="is required when model.source=hf")
-        if _looks_local(m.name_or_path) and not (Path(m.name_or_path).expanduser() / "config.json").is_file():
+        folder = Path(m.name_or_path).expanduser()
+        if _looks_local(m.name_or_path) and not (folder / "config.json").is_file():
             raise ConfigError("model.name_or_path", m.name_or_path, "a folder with config.json and weights",
                               "point it at a saved model folder or use a hub id", problem="is not a model folder")
-        from pipeline.models import model_commit
+        if _looks_local(m.name_or_path):
+            from pipeline.weights_check import check_model_folder
 
-        model_commit(m, cfg.run.offline)  # a hub id must resolve (cache offline, hub online) before any work
+            problem = check_model_folder(folder)
+            if problem:
+                raise ConfigError("model.name_or_path", m.name_or_path, problem,
+                                  "copy or download the model again, or save it again with save_pretrained",
+                                  problem="holds damaged weights")
+        else:
+            from pipeline.models import model_commit
+
+            model_commit(m, cfg.run.offline)  # a hub id must resolve (cache offline, hub online) before any work
     elif m.source == "gguf":
         from pipeline.models import find_gguf
 
         find_gguf(m)  # raises ConfigError naming the key
 
 
-def check_writable(key: str, path: str) -> None:
-    """Fail early if the outputs folder cannot be created or written."""
+def check_writable(key: str, path: str, create: bool = True) -> None:
+    """Fail at once, with one ConfigError, if the outputs folder cannot be used.
+
+    An existing folder must take a new file; a missing one needs an existing, writable parent
+    (only the last level is ever created, so a mistyped parent path is caught). With
+    `create=False` (before Hydra starts) nothing is created: the probe file is removed.
+    """
     p = Path(path).expanduser()
+    fix = f"choose another folder, e.g. {key}=/tmp/autoround-outputs"
+    parent = p.parent
+    if not p.exists() and parent.exists() and not parent.is_dir():
+        raise ConfigError(key, path, f"its parent {parent} is a file", fix, problem="cannot be created")
+    if not p.exists() and not parent.is_dir():
+        raise ConfigError(key, path, f"its parent folder {parent} does not exist",
+                          f"create the parent first (mkdir -p {parent}) or {fix}", problem="cannot be created")
+    if p.exists() and not p.is_dir():
+        raise ConfigError(key, path, "a folder is needed and this is a file", fix, problem="is not a folder")
     try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-check-"):
+        if create:
+            p.mkdir(exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p if p.is_dir() else parent, prefix=".write-check-"):
             pass
     except OSError as exc:
-        raise ConfigError(key, path, f"a writable folder ({exc.strerror})",
-                          f"choose another folder, e.g. {key}=/tmp/autoround-outputs", problem="is not writable") from exc
+        raise ConfigError(key, path, f"creating a file there failed: {exc.strerror or exc}", fix,
+                          problem="is not writable") from exc

@@ -29,6 +29,13 @@ def pytest_collection_finish(session: pytest.Session) -> None:
                                 "is the test tree broken?")
 
 
+@pytest.fixture(autouse=True)
+def _no_mlflow_tracking_uri(monkeypatch):
+    """tracking.uri defaults to MLFLOW_TRACKING_URI: keep a developer's server, or a URI that
+    mlflow.set_tracking_uri left in the environment, out of every test."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 def compose_config(overrides: list[str]):
     """Compose conf/ like `python -m pipeline <overrides>` and return (PipelineConfig, DictConfig)."""
     from pipeline.app import compose_job_config
@@ -51,6 +58,17 @@ def tiny_store(tmp_path_factory) -> Path:
     cfg, _ = compose_config(["model=tiny_random", f"run.outputs_dir={root}"])
     prepare_model(cfg.model, ArtifactStore(root / "store"), log=lambda m: None)
     return root / "store"
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory) -> Path:
+    """An MLflow sqlite DB created once (first-time migrations take seconds); tests copy it."""
+    from pipeline import tracking
+    from pipeline.schema import TrackingConfig
+
+    root = tmp_path_factory.mktemp("mlflow_template")
+    tracking.init_backend(TrackingConfig(uri=f"sqlite:///{root}/mlflow.db", artifact_location=str(root / "mlartifacts")))
+    return root / "mlflow.db"
 
 
 @pytest.fixture

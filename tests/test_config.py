@@ -142,8 +142,10 @@ def test_unwritable_outputs_dir_is_rejected(compose, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     cfg, _ = compose([f"run.outputs_dir={blocker}/sub"])
-    with pytest.raises(ConfigError, match="is not writable"):
+    with pytest.raises(ConfigError) as err:
         validate_config(cfg)
+    assert str(err.value) == (f"run.outputs_dir={blocker}/sub cannot be created (its parent {blocker} is a file); "
+                              "choose another folder, e.g. run.outputs_dir=/tmp/autoround-outputs")
 
 
 def test_cli_reports_one_clean_error_and_status_2(tmp_path):

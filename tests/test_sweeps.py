@@ -57,17 +57,6 @@ def assert_two_calibrate_jobs(outputs: Path) -> dict[str, dict]:
     return records
 
 
-@pytest.fixture(scope="session")
-def migrated_db(tmp_path_factory) -> Path:
-    """An MLflow sqlite DB created once (first-time migrations take seconds); tests copy it."""
-    from pipeline import tracking
-    from pipeline.schema import TrackingConfig
-
-    root = tmp_path_factory.mktemp("mlflow_template")
-    tracking.init_backend(TrackingConfig(uri=f"sqlite:///{root}/mlflow.db", artifact_location=str(root / "mlartifacts")))
-    return root / "mlflow.db"
-
-
 def test_basic_launcher_sweep_nests_runs_under_one_parent(tiny_outputs, migrated_db):
     import shutil
 
