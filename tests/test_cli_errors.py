@@ -68,10 +68,10 @@ def test_outputs_dir_under_proc_fails_in_under_a_second_before_hydra(monkeypatch
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["pipeline", "run.outputs_dir=/proc/autoround-outputs"])
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time, not wall time: a busy machine must not fail the test
     with pytest.raises(SystemExit) as exc:
         main()
-    assert time.perf_counter() - t0 < 1.0
+    assert time.process_time() - t0 < 1.0
     assert exc.value.code == 2
     assert list(tmp_path.iterdir()) == []
 
