@@ -118,6 +118,7 @@ def write_results_markdown(results: Path, md_path: Path) -> str:
     lines += _section_from_md("2. Quantization cost: Llama-3-8B-shaped block, GPTQ", results / "block_gptq")
     lines += _section_from_md("3. Inference: torch backend", results / "throughput_torch")
     lines += _section_from_md("3. Inference: vLLM", results / "throughput_vllm")
+    lines += _section_from_md("4. CPU: the quickstart (benchmarks/bench_quickstart.py)", results / "quickstart_cpu")
     text = "\n".join(lines).rstrip() + "\n"
     md_path.write_text(text)
     return text

@@ -89,7 +89,7 @@ def local_run(tiny):
     from stages.evaluate import evaluate
 
     model, tokenizer, _ = tiny
-    cfg, _ = compose_config(["model=tiny_random", "eval.limit=3", "eval.batch_size=4",
+    cfg, _ = compose_config(["model=tiny_random", "eval=local", "eval.limit=3", "eval.batch_size=4",
                              "eval.perplexity.seqlen=64", "eval.perplexity.stride=32",
                              "eval.perplexity.max_windows=3"])
     text = taskdata.read_heldout_text()[:20000]
