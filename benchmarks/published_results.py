@@ -13,7 +13,8 @@ Parts (``--parts``, comma list; default all but ``results``):
            --parts block) and GPTQ (benchmarks/bench_gptq.py --parts block).
   torch    throughput on the torch backend (benchmarks/bench_throughput.py --part torch).
   vllm     throughput on vLLM (benchmarks/bench_throughput.py --part vllm; needs vLLM installed).
-  results  merge every part's JSON found under --results into RESULTS.md (runs anywhere).
+  results  merge every part's JSON found under --results into RESULTS.md (runs anywhere), with the
+           CPU quickstart timings that benchmarks/bench_quickstart.py writes to <results>/quickstart_cpu/.
 
 Each part writes JSON (with the card, torch version, date and command) under --results, so parts
 can run in separate calls on an offline GPU machine and be merged afterwards:

@@ -122,6 +122,7 @@ def write_results_markdown(results: Path, md_path: Path) -> str:
     soak = Path(__file__).resolve().parent / "results" / "soak_cpu.md"  # CPU, from benchmarks/soak_sweep.py
     if soak.is_file():
         lines += ["## 5. Reliability: parallel sweep soak (CPU)", "", soak.read_text().strip(), ""]
+    lines += _section_from_md("6. CPU: the quickstart (benchmarks/bench_quickstart.py)", results / "quickstart_cpu")
     text = "\n".join(lines).rstrip() + "\n"
     md_path.write_text(text)
     return text

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.dag import NotImplementedStageError
 from pipeline.errors import ConfigError, InputError
+from pipeline.next_steps import format_next_steps
 from pipeline.runner import PipelineRunner
 from pipeline.runtime import setup_runtime
 from pipeline.schema import GROUP_SCHEMAS, PipelineConfig
@@ -120,6 +121,8 @@ def run_job(dcfg: DictConfig) -> list:
         raise
     summary = format_summary(outcomes)
     print("\n" + summary)
+    if sweep_dir is None:
+        print("\n" + format_next_steps(cfg, outcomes, rt.device, overrides))
     if getattr(tracker, "run_id", None):
         tracker.log_text(summary + "\n", "summary.md")
     tracker.end()

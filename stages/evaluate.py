@@ -24,8 +24,8 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.models import ModelHandle, is_offline, offline_env
 from pipeline.schema import EvalConfig, PipelineConfig
 from stages.eval.harness import EvalTarget, check_tokenizer_files, check_vllm_available, run_lm_eval
-from stages.eval.results import (deltas_vs_baseline, flatten_lm_eval, perplexity_metrics, short_summary,
-                                 summary_table)
+from stages.eval.results import (deltas_vs_baseline, flatten_lm_eval, paired_ppl_ratio, perplexity_metrics,
+                                 short_summary, summary_table)
 from stages.eval.tasks import check_task_names
 from stages.eval.texts import check_text_source, load_perplexity_text
 from stages.registry import EVAL_BACKENDS, EVAL_TASK_SOURCES, resolve
@@ -212,13 +212,14 @@ def scoped_env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = old
 
 
-def _baseline_metrics(ctx: StageContext) -> Optional[dict[str, float]]:
+def _baseline_record(ctx: StageContext) -> Optional[dict[str, Any]]:
+    """The baseline_evaluate artifact's metrics.json ({"metrics", "perplexity", ...}), or None."""
     art = ctx.inputs.get("baseline_evaluate")
     if ctx.variant == "baseline" or art is None:
         return None
     if (art.path / METRICS_FILE).is_file():
-        return art.read_json(METRICS_FILE)["metrics"]
-    return {k: v for k, v in art.manifest.get("metrics", {}).items() if k != "seconds"}
+        return art.read_json(METRICS_FILE)
+    return {"metrics": {k: v for k, v in art.manifest.get("metrics", {}).items() if k != "seconds"}}
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -230,13 +231,18 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.eval
     target = _target(ctx)
     text = load_perplexity_text(cfg.perplexity) if cfg.perplexity.enabled else None
-    env = offline_env() if cfg.task_source == "local" else {}
+    # Local tasks are small: lm-eval's bootstrap standard errors (100k resamples) take about a second
+    # in this process, less than forking its pool of copies of this process (the model included).
+    env = {**offline_env(), "DISABLE_MULTIPROC": "1"} if cfg.task_source == "local" else {}
     with scoped_env(env):
         outcome = evaluate(target, cfg, text, ctx.progress)
     metrics = dict(outcome.metrics)
-    baseline = _baseline_metrics(ctx)
-    if baseline is not None:
+    record = _baseline_record(ctx)
+    baseline = record["metrics"] if record is not None else None
+    if record is not None:
         metrics.update(deltas_vs_baseline(metrics, baseline))
+        if outcome.perplexity is not None and record.get("perplexity"):
+            metrics.update(paired_ppl_ratio(outcome.perplexity, record["perplexity"]))
     table = summary_table(metrics, baseline)
     title = f"{'baseline' if ctx.variant == 'baseline' else 'packed checkpoint'}: {target.path}"
     ctx.log(f"[{ctx.stage}] {title}\n{table}")

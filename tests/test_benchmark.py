@@ -159,6 +159,8 @@ def test_stage_records_baseline_and_packed_with_speedup(tmp_path, tiny_packed, m
     assert set(rec["speedup_vs_baseline"]) == {"1", "2"} and rec["weight_memory_ratio"] == pytest.approx(1.0, abs=0.01)
     assert {p["routes"][0] for p in rec["kernels"]} == {"dequant_once", "dense"}
     assert res.metrics["speedup_vs_baseline"] == rec["speedup_vs_baseline"]["1"]
+    # on the CPU the summary says it only checked the path, and shows no speedup
+    assert res.summary["check"] == base.summary["check"] == bench.CPU_LABEL and "speedup" not in res.summary
     assert rec["quantized_linear_bytes"] < rec["weight_memory_bytes"]
 
 

@@ -433,7 +433,7 @@ def test_bad_input_fails_in_preflight_before_any_stage_runs(compose, tiny_overri
 
 
 def test_quickstart_calibration_is_fast(compose, tiny_overrides, tiny_store, smol_tok, austen_docs):
-    """The quickstart's calib (austen, 32 x 256, SmolLM2 tokenizer): lazy tokenization, quick checks."""
+    """A calib twice the quickstart's (austen, 32 x 256, SmolLM2 tokenizer): lazy tokenization, quick checks."""
     import time
 
     cfg, _ = compose(tiny_overrides + ["calib.nsamples=32", "calib.seqlen=256"])

@@ -47,6 +47,21 @@ def test_default_is_the_quickstart_recipe(compose):
         assert explicit == cfg
 
 
+def test_quickstart_evaluates_a_small_slice_and_only_checks_the_benchmark_path(compose):
+    cfg, dcfg = compose([])
+    assert (dcfg.hydra.runtime.choices["eval"], dcfg.hydra.runtime.choices["bench"]) == ("quick", "path_check")
+    assert (cfg.eval.task_source, cfg.eval.tasks, cfg.eval.limit) == ("local", ["persuasion_lastword"], 24)
+    assert (cfg.eval.perplexity.seqlen, cfg.eval.perplexity.max_windows) == (512, 8)
+    w = cfg.bench
+    assert (w.num_prompts, w.input_len, w.output_len, w.batch_sizes, w.warmup, w.repeats) == (2, 16, 16, [1], 0, 1)
+
+
+@pytest.mark.parametrize("experiment", ["smollm2_w2_g64", "smollm2_w4_g64", "compare_methods"])
+def test_gpu_presets_choose_the_fuller_eval_and_bench(compose, experiment):
+    _, dcfg = compose([f"+experiment={experiment}"])
+    assert (dcfg.hydra.runtime.choices["eval"], dcfg.hydra.runtime.choices["bench"]) == ("local", "auto")
+
+
 def test_quant_recipes_set_reference_values(compose):
     cfg, _ = compose(["quant=autoround"])
     assert (cfg.quant.iters, cfg.calib.nsamples, cfg.calib.seqlen, cfg.quant.batch_size) == (200, 128, 2048, 8)

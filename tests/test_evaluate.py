@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from pipeline.errors import ConfigError, InputError
 from stages.eval import taskdata
 from stages.eval.harness import EvalTarget, check_tokenizer_files, lm_eval_limit
 from stages.eval.perplexity import perplexity, tokenize_text
-from stages.eval.results import deltas_vs_baseline, flatten_lm_eval, short_summary, summary_table
+from stages.eval.results import (deltas_vs_baseline, flatten_lm_eval, paired_ppl_ratio, perplexity_metrics,
+                                 short_summary, summary_table)
 from stages.eval.tasks import TASKS_DIR, check_task_names, local_task_names
 
 LOCAL_TASKS = ["persuasion_ppl", "persuasion_lastword", "persuasion_nextsent"]
@@ -87,7 +89,7 @@ def local_run(tiny):
     from stages.evaluate import evaluate
 
     model, tokenizer, _ = tiny
-    cfg, _ = compose_config(["model=tiny_random", "eval.limit=3", "eval.batch_size=4",
+    cfg, _ = compose_config(["model=tiny_random", "eval=local", "eval.limit=3", "eval.batch_size=4",
                              "eval.perplexity.seqlen=64", "eval.perplexity.stride=32",
                              "eval.perplexity.max_windows=3"])
     text = taskdata.read_heldout_text()[:20000]
@@ -183,15 +185,41 @@ def test_flatten_lm_eval_results():
 
 
 def test_deltas_and_summary_table():
-    metrics = {"ppl": 12.0, "ppl.nll": 2.5, **flatten_lm_eval(RAW)}
-    baseline = {"ppl": 10.0, "t1.acc": 0.625, "t2.bits_per_byte": 1.0}
+    metrics = {"ppl": 12.0, "ppl.nll": 2.5, "ppl.stderr": 0.5, **flatten_lm_eval(RAW)}
+    baseline = {"ppl": 10.0, "ppl.stderr": 0.25, "t1.acc": 0.625, "t1.acc_stderr": 0.125, "t2.bits_per_byte": 1.0}
     deltas = deltas_vs_baseline(metrics, baseline)
     assert deltas == {"ppl.delta_vs_baseline": 2.0, "t1.delta_vs_baseline": -0.125, "t2.delta_vs_baseline": 0.25}
     table = summary_table({**metrics, **deltas}, baseline)
-    assert table.splitlines()[0].split("|")[1:-1] == [" task ", " metric        ", " value ", " baseline ", " delta  "]
-    assert "| t1   | acc           | 0.5   | 0.625    | -0.125 |" in table
-    assert short_summary({**metrics, **deltas}) == {"ppl": 12.0, "ppl.delta": 2.0, "t1.acc": 0.5, "t1.delta": -0.125,
-                                                    "t2.bits_per_byte": 1.25, "t2.delta": 0.25}
+    assert table.splitlines()[0].split("|")[1:-1] == [" task ", " metric        ", " value     ", " baseline     ",
+                                                      " delta  "]
+    assert "| t1   | acc           | 0.5 ± 0.1 | 0.625 ± 0.12 | -0.125 |" in table
+    assert "| ppl  | ppl           | 12 ± 0.5  | 10 ± 0.25    | 2      |" in table
+    assert "| t2   | bits_per_byte | 1.25      | 1            | 0.25   |" in table  # lm-eval gave no stderr ("N/A")
+    assert short_summary({**metrics, **deltas}) == {"ppl": "12 ± 0.5", "ppl.delta": "2", "t1.acc": "0.5 ± 0.1",
+                                                    "t1.delta": "-0.125", "t2.bits_per_byte": "1.25", "t2.delta": "0.25"}
+
+
+def test_perplexity_metrics_carry_the_windows_standard_error():
+    out = {"ppl": 20.0, "nll": 3.0, "tokens": 90, "windows": 3, "nll_stderr": 0.05}
+    assert perplexity_metrics(out) == {"ppl": 20.0, "ppl.nll": 3.0, "ppl.tokens": 90.0, "ppl.windows": 3.0,
+                                       "ppl.nll_stderr": 0.05, "ppl.stderr": pytest.approx(1.0)}
+    assert "ppl.stderr" not in perplexity_metrics({**out, "windows": 1, "nll_stderr": None})
+
+
+def test_paired_perplexity_ratio_over_the_same_windows():
+    base = {"window_nll_sum": [30.0, 20.0, 25.0], "window_tokens": [10, 10, 10]}
+    quant = {"window_nll_sum": [31.0, 22.0, 26.5], "window_tokens": [10, 10, 10]}
+    got = paired_ppl_ratio(quant, base)
+    diffs = [0.1, 0.2, 0.15]  # per-token NLL difference of each window
+    assert got["ppl.ratio_vs_baseline"] == pytest.approx(math.exp(0.15), rel=1e-12)
+    assert got["ppl.ratio_vs_baseline_stderr"] == pytest.approx(
+        math.exp(0.15) * statistics.stdev(diffs) / math.sqrt(3), rel=1e-9)
+    # different windows (or a baseline without per-window numbers): no paired ratio
+    assert paired_ppl_ratio(quant, {**base, "window_tokens": [10, 10, 9]}) == {}
+    assert paired_ppl_ratio(quant, {"ppl": 3.0}) == {}
+    table = summary_table({"ppl": 12.0, **got}, {"ppl": 10.0})
+    assert "| ppl  | ratio_vs_baseline | 1.162 ± 0.034 | -        | -     |" in table
+    assert short_summary({"ppl": 12.0, **got})["ppl/baseline"] == "1.162 ± 0.034"
 
 
 def test_limit_conversion():
@@ -294,7 +322,7 @@ STAGE_EVAL = ["eval.limit=2", "eval.batch_size=4", "eval.perplexity.seqlen=32", 
 
 
 def test_baseline_is_cached_on_second_run(tiny_overrides, compose):
-    overrides = tiny_overrides + STAGE_EVAL + ["run.stages=[baseline_evaluate]"]
+    overrides = tiny_overrides + ["eval=local"] + STAGE_EVAL + ["run.stages=[baseline_evaluate]"]
     first = _runner(overrides, compose).run()
     assert [(o.name, o.status) for o in first] == [("baseline_evaluate", "ran")]
     folder = first[0].path
@@ -333,6 +361,10 @@ def test_packed_checkpoint_is_scored_with_deltas(tiny_overrides, compose):
     with torch.no_grad():
         assert torch.equal(dense(ids[None, :40]).logits, model(ids[None, :40]).logits)
     assert ev["ppl.delta_vs_baseline"] == pytest.approx(ev["ppl"] - base["ppl"])
+    # paired over the same 2 windows: the ratio of the perplexities, with a standard error from the windows
+    assert ev["ppl.ratio_vs_baseline"] == pytest.approx(ev["ppl"] / base["ppl"], rel=1e-9)
+    assert ev["ppl.ratio_vs_baseline_stderr"] > 0 and base["ppl.stderr"] > 0
+    assert out["evaluate"].summary["ppl/baseline"].startswith(f"{ev['ppl.ratio_vs_baseline']:.4g} ± ")
     assert ev["persuasion_lastword.delta_vs_baseline"] == pytest.approx(
         ev["persuasion_lastword.acc"] - base["persuasion_lastword.acc"])
     files = sorted(p.name for p in out["evaluate"].path.iterdir())

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from stages.eval.perplexity import Window, bits_per_byte, make_windows, perplexity, tokenize_text
+from stages.eval.perplexity import Window, bits_per_byte, make_windows, perplexity, tokenize_text, window_stderr
 
 
 class BigramLM(torch.nn.Module):
@@ -87,6 +88,33 @@ def test_bigram_perplexity_is_exact():
     kept = [per_token[t - 1] for t in range(1, 57) if t % 8 != 0]
     assert out["tokens"] == len(kept) == 49
     assert out["nll_sum"] == pytest.approx(sum(kept), rel=1e-6)
+
+
+def test_per_window_numbers_and_their_standard_error_on_the_bigram_model():
+    """Each window's NLL is the sum of its targets' closed-form NLLs; the standard error treats windows as units."""
+    torch.manual_seed(1)
+    model = BigramLM(13)
+    ids = torch.randint(0, 13, (50,))
+    logp = torch.log_softmax(model.table.detach().double(), dim=-1)
+    windows = make_windows(50, seqlen=10, stride=10)
+    expected = [sum(-logp[ids[t - 1], ids[t]].item() for t in range(w.first_target, w.end)) for w in windows]
+    out = perplexity(model, ids, seqlen=10, stride=10, batch_size=2)
+    assert out["window_tokens"] == [w.n_targets for w in windows] == [9] * 5
+    assert out["window_nll_sum"] == pytest.approx(expected, rel=1e-6)
+    assert sum(out["window_nll_sum"]) == pytest.approx(out["nll_sum"], rel=1e-12)
+    # equal windows: the standard error of the mean of the per-window means
+    means = [s / 9 for s in expected]
+    assert out["nll_stderr"] == pytest.approx(statistics.stdev(means) / math.sqrt(5), rel=1e-6)
+
+
+def test_window_stderr_weights_unequal_windows_like_a_ratio_mean():
+    sums, counts = [10.0, 4.0, 9.0], [4, 2, 3]
+    m = 23.0 / 9
+    # cluster-robust standard error of sum(sums) / sum(counts), written out term by term
+    expected = math.sqrt(3 / 2 * ((10 - 4 * m) ** 2 + (4 - 2 * m) ** 2 + (9 - 3 * m) ** 2)) / 9
+    assert window_stderr(sums, counts) == pytest.approx(expected, rel=1e-12)
+    assert window_stderr([6.0, 6.0], [3, 3]) == 0.0
+    assert window_stderr([6.0], [3]) is None
 
 
 @pytest.mark.parametrize("seqlen,stride,batch_size", [(16, 16, 1), (16, 16, 3), (16, 5, 2), (13, 7, 4), (8, 1, 8)])

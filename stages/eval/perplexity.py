@@ -130,12 +130,15 @@ def perplexity(model: Any, ids: torch.Tensor, seqlen: int, stride: int, batch_si
 
     Returns:
         dict with ppl (exp of the mean NLL), nll (mean negative log-likelihood per scored token,
-        nats), nll_sum (total, nats), tokens (scored tokens), windows (forward windows).
+        nats), nll_sum (total, nats), tokens (scored tokens), windows (forward windows),
+        window_nll_sum / window_tokens (per window, in stream order) and nll_stderr (standard
+        error of `nll` with windows as the sampling units, see `window_stderr`; None for one window).
     """
     ids = ids.reshape(-1).long()
     windows = make_windows(int(ids.numel()), seqlen, stride, max_windows)
     trimmed = _accepts_logits_to_keep(model)
-    nll_sum, tokens, done = 0.0, 0, 0
+    sums: list[float] = []
+    counts: list[int] = []
     for batch in _batches(windows, max(1, batch_size)):
         inputs = torch.stack([ids[w.begin:w.end] for w in batch]).to(device)
         n = batch[0].n_targets
@@ -143,13 +146,37 @@ def perplexity(model: Any, ids: torch.Tensor, seqlen: int, stride: int, batch_si
         targets = inputs[:, -n:]
         for row in range(len(batch)):  # one row at a time bounds the float32 copy of the logits
             logp = torch.log_softmax(logits[row].float(), dim=-1)
-            nll_sum -= logp.gather(-1, targets[row].unsqueeze(-1)).double().sum().item()
-        tokens += n * len(batch)
-        done += len(batch)
+            sums.append(-logp.gather(-1, targets[row].unsqueeze(-1)).double().sum().item())
+            counts.append(n)
         if on_window is not None:
-            on_window(done, len(windows))
+            on_window(len(sums), len(windows))
+    nll_sum, tokens = sum(sums), sum(counts)
     mean = nll_sum / tokens
-    return {"ppl": math.exp(mean), "nll": mean, "nll_sum": nll_sum, "tokens": tokens, "windows": len(windows)}
+    return {"ppl": math.exp(mean), "nll": mean, "nll_sum": nll_sum, "tokens": tokens, "windows": len(windows),
+            "window_nll_sum": sums, "window_tokens": counts, "nll_stderr": window_stderr(sums, counts)}
+
+
+def window_stderr(sums: list[float], counts: list[int]) -> Optional[float]:
+    """Standard error of the per-token mean sum(sums) / sum(counts), windows as the sampling units.
+
+    Tokens of one window are not independent, so the windows are the units (the cluster-robust
+    standard error of a ratio mean): se = sqrt(k / (k - 1) * sum_w (s_w - m * n_w)^2) / sum_w n_w
+    with m the overall mean. For windows of equal length it is stdev(per-window means) / sqrt(k).
+
+    Args:
+        sums: per window, the summed quantity (e.g. NLL in nats, or a paired difference of NLLs).
+        counts: per window, the scored tokens.
+
+    Returns:
+        The standard error, or None with fewer than two windows.
+    """
+    k = len(sums)
+    if k < 2:
+        return None
+    total = sum(counts)
+    mean = sum(sums) / total
+    spread = sum((s - mean * n) ** 2 for s, n in zip(sums, counts))
+    return math.sqrt(k / (k - 1) * spread) / total
 
 
 def bits_per_byte(nll_sum: float, n_bytes: int) -> float:

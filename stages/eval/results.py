@@ -39,10 +39,54 @@ def flatten_lm_eval(results: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def perplexity_metrics(out: dict[str, float]) -> dict[str, float]:
-    """Metrics of the perplexity evaluator: ppl, ppl.nll, ppl.tokens, ppl.windows."""
-    return {PPL: out["ppl"], f"{PPL}.nll": out["nll"], f"{PPL}.tokens": float(out["tokens"]),
-            f"{PPL}.windows": float(out["windows"])}
+def perplexity_metrics(out: dict[str, Any]) -> dict[str, float]:
+    """Metrics of the perplexity evaluator: ppl, ppl.nll, ppl.tokens, ppl.windows, and with two or
+    more windows ppl.nll_stderr and ppl.stderr (= ppl * nll_stderr, the delta method for exp)."""
+    metrics = {PPL: out["ppl"], f"{PPL}.nll": out["nll"], f"{PPL}.tokens": float(out["tokens"]),
+               f"{PPL}.windows": float(out["windows"])}
+    if out.get("nll_stderr") is not None:
+        metrics[f"{PPL}.nll_stderr"] = out["nll_stderr"]
+        metrics[stderr_key(PPL)] = out["ppl"] * out["nll_stderr"]
+    return metrics
+
+
+def paired_ppl_ratio(out: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
+    """ppl / baseline ppl on the same windows, with the standard error of the paired difference.
+
+    ratio = exp(nll - baseline nll); its standard error is ratio * se, where se is the windows'
+    standard error of the per-token NLL difference (both models scored the same tokens, so the
+    text's own difficulty cancels and the ratio is far more precise than either perplexity).
+
+    Args:
+        out, baseline: the perplexity evaluator's outputs (with window_nll_sum / window_tokens).
+
+    Returns:
+        {"ppl.ratio_vs_baseline", "ppl.ratio_vs_baseline_stderr"}, or {} when the two were not
+        scored on the same windows (or lack per-window numbers).
+    """
+    from stages.eval.perplexity import window_stderr
+
+    counts = out.get("window_tokens")
+    if not counts or counts != baseline.get("window_tokens") or not baseline.get("window_nll_sum"):
+        return {}
+    diffs = [q - b for q, b in zip(out["window_nll_sum"], baseline["window_nll_sum"])]
+    ratio = math.exp(sum(diffs) / sum(counts))
+    metrics = {f"{PPL}.ratio_vs_baseline": ratio}
+    se = window_stderr(diffs, counts)
+    if se is not None:
+        metrics[stderr_key(f"{PPL}.ratio_vs_baseline")] = ratio * se
+    return metrics
+
+
+def stderr_key(key: str) -> str:
+    """Where a metric's standard error is kept: lm-eval's `<task>.<metric>_stderr`, `ppl.stderr`."""
+    return f"{PPL}.stderr" if key == PPL else f"{key}_stderr"
+
+
+def with_stderr(metrics: dict[str, float], key: str) -> str:
+    """`value ± stderr` (4 significant digits, the stderr to 2), or the value alone without one."""
+    se = metrics.get(stderr_key(key))
+    return f"{metrics[key]:.4g}" + (f" ± {se:.2g}" if se is not None else "")
 
 
 def task_names(metrics: dict[str, float]) -> list[str]:
@@ -76,29 +120,36 @@ def deltas_vs_baseline(metrics: dict[str, float], baseline: dict[str, float]) ->
 
 
 def summary_table(metrics: dict[str, float], baseline: Optional[dict[str, float]] = None) -> str:
-    """Markdown table: task | metric | value (| baseline | delta), one row per task's primary metric."""
+    """Markdown table: task | metric | value ± stderr (| baseline | delta), one row per task's primary
+    metric, plus the perplexity ratio over the baseline when it was measured."""
     rows = []
     for task in task_names(metrics):
         key = primary_metric(task, metrics)
         if key is None:
             continue
         metric = key if task == PPL else key[len(task) + 1:]
-        row: list[Any] = [task, metric, metrics[key]]
+        row: list[Any] = [task, metric, with_stderr(metrics, key)]
         if baseline is not None:
             base = baseline.get(key)
-            row += [base if base is not None else "-", metrics[key] - base if base is not None else "-"]
+            row += [with_stderr(baseline, key) if base is not None else "-",
+                    metrics[key] - base if base is not None else "-"]
         rows.append(row)
+    ratio = f"{PPL}.ratio_vs_baseline"
+    if ratio in metrics:
+        rows.append([PPL, "ratio_vs_baseline", with_stderr(metrics, ratio)] + (["-", "-"] if baseline is not None else []))
     headers = ["task", "metric", "value"] + (["baseline", "delta"] if baseline is not None else [])
     return format_table(headers, rows)
 
 
-def short_summary(metrics: dict[str, float]) -> dict[str, float]:
-    """Each task's primary metric (and its delta when present), for the pipeline's final table."""
+def short_summary(metrics: dict[str, float]) -> dict[str, str]:
+    """Each task's primary metric as `value ± stderr` (and its delta when present), for the final table."""
     out = {}
     for task in task_names(metrics):
         key = primary_metric(task, metrics)
         if key is not None:
-            out[key] = metrics[key]
-        if f"{task}.delta_vs_baseline" in metrics:
-            out[f"{task}.delta"] = metrics[f"{task}.delta_vs_baseline"]
+            out[key] = with_stderr(metrics, key)
+        if task == PPL and f"{PPL}.ratio_vs_baseline" in metrics:
+            out["ppl/baseline"] = with_stderr(metrics, f"{PPL}.ratio_vs_baseline")
+        elif f"{task}.delta_vs_baseline" in metrics:
+            out[f"{task}.delta"] = f"{metrics[f'{task}.delta_vs_baseline']:.4g}"
     return out
