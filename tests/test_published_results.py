@@ -36,4 +36,4 @@ def test_small_quality_grid_runs_through_the_pipeline_and_renders_results(tiny_o
         assert f"| {method} | W4G64 sym |" in text
     assert "Calibrated on 8 x 64 tokens of austen" in text and "AutoRound 4 iterations" in text
     assert "## 3. Inference: vLLM" in text and "(not run: no results in throughput_vllm/)" in text
-    assert "## 4. CPU: the quickstart" in text and "(not run: no results in quickstart_cpu/)" in text
+    assert "## 6. CPU: the quickstart" in text and "(not run: no results in quickstart_cpu/)" in text
