@@ -101,6 +101,8 @@ def benchmark(backend: Backend, target: BenchTarget, workload: Workload, options
     record = backend.run(target, workload, options, log, **backend_kwargs)
     record.update(variant=target.variant, model_path=str(target.path), workload=workload.to_dict(),
                   **folder_size(target.path))
+    if target.adapter is not None:
+        record["adapter_on_disk_bytes"] = folder_size(target.adapter)["size_on_disk_bytes"]
     return record
 
 
@@ -147,13 +149,17 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.bench
     name, why = resolve_backend(cfg.backend, ctx.device)
     options = resolve_options(cfg, ctx.device, ctx.dtype)
+    adapter = None
     if ctx.variant == "baseline":
         path = ctx.model.path
     else:
         from stages.pack import checkpoint_dir
+        from stages.recovery.adapter import find_adapter
 
         path = str(checkpoint_dir(ctx.inputs["pack"].path))
-    target = BenchTarget(path, ctx.variant, ctx.model.trust_remote_code)
+        found = find_adapter(ctx.inputs["pack"].path)
+        adapter = None if found is None else str(found)
+    target = BenchTarget(path, ctx.variant, ctx.model.trust_remote_code, adapter)
     backend = registry.resolve(registry.BENCH_BACKENDS, "bench.backend", name)()
     extra = {"log_dir": ctx.workdir / "vllm"} if name == "vllm" else {}
     record = benchmark(backend, target, workload_from(cfg), options, ctx.log, **extra)
