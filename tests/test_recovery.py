@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import InputError
 from pipeline.schema import RecoverConfig
 from stages.quant.base import LayerScheme, QuantizedLayer
 from stages.quant.qdq import dequantize, quantize_weight
@@ -153,3 +154,33 @@ def test_recover_config_defaults_name_registered_choices():
     assert cfg.mode == "none" and cfg.loss in registry.RECOVER_LOSSES and cfg.teacher in registry.RECOVER_TEACHERS
     assert cfg.schedule in registry.RECOVER_SCHEDULES and cfg.lora_init in registry.LORA_INITS
     assert set(registry.RECOVER_MODES) == {"scales", "lora"}
+
+
+def test_torch_backend_lora_on_fused_linears_equals_peft_per_module():
+    from stages.bench.lora import LoraKernelLinear, add_lora
+    from stages.kernels.linear import DenseWeight, KernelLinear, Route
+
+    torch.manual_seed(0)
+    outs = {"q": 64, "k": 32, "v": 32}
+    w = {n: torch.randn(o, 64) for n, o in outs.items()}
+    fused = KernelLinear({"dense": DenseWeight(torch.cat(list(w.values())))}, [Route(1 << 30, "dense")])
+    down = KernelLinear({"dense": DenseWeight(torch.randn(64, 128))}, [Route(1 << 30, "dense")])
+    weights = {f"model.layers.0.self_attn.{n}_proj": (torch.randn(4, 64), torch.randn(o, 4))
+               for n, o in outs.items() if n != "k"}  # k has no adapter: its slice stays the base output
+    adapter = LoraAdapter(4, 8.0, ["q_proj", "v_proj"], weights)
+    linears = {"layers.0.qkv": fused, "layers.0.down": down}
+    sizes = {"layers.0.qkv": list(outs.values()), "layers.0.down": [64]}
+    assert add_lora(linears, adapter, sizes, "model.layers", torch.float32, "cpu") == 1
+    assert isinstance(linears["layers.0.qkv"], LoraKernelLinear) and linears["layers.0.down"] is down
+    x = torch.randn(3, 64)
+    want = []
+    for n in outs:
+        y = F.linear(x, w[n])
+        if f"model.layers.0.self_attn.{n}_proj" in weights:
+            a, b = weights[f"model.layers.0.self_attn.{n}_proj"]
+            y = y + (x @ a.t()) @ b.t() * adapter.scaling
+        want.append(y)
+    assert torch.allclose(linears["layers.0.qkv"](x), torch.cat(want, -1), atol=1e-5)
+    stray = LoraAdapter(4, 8.0, ["lm_head"], {"lm_head": (torch.randn(4, 64), torch.randn(10, 4))})
+    with pytest.raises(InputError, match="cannot place"):
+        add_lora({"layers.0.down": down}, stray, {"layers.0.down": [64]}, "model.layers", torch.float32, "cpu")
