@@ -67,8 +67,13 @@ def random_model(shape: ModelShape, dtype: torch.dtype, device: torch.device, se
                          num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
                          max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built directly in bf16 on the GPU: no float32 copy of 8B weights
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
     return model.eval()
 
 
@@ -126,7 +131,7 @@ def markdown(env: dict, shape: ModelShape, rows: list[dict[str, Any]]) -> str:
         scheme = f"W{r['bits']}G{r['group_size']} {'sym' if r['sym'] else 'asym'}"
         lines.append("| " + " | ".join([
             r["row"], scheme, f"{r['batch']} x {r['seqlen'] - 1}", str(r["grad_checkpointing"]),
-            f"{r['trainable_params'] / 1e6:.1f} M", fmt(r["peak_gib_run"], 1), fmt(r["peak_gib_training"], 1),
+            f"{r['trainable_params'] / 1e6:.2f} M", fmt(r["peak_gib_run"], 1), fmt(r["peak_gib_training"], 1),
             fmt(r["tokens_per_s"], 0), fmt(r["seconds_per_1m_tokens"], 1),
             f"{r['train_loss_init']:.3g} -> {r['train_loss_final']:.3g}"]) + " |")
     return "\n".join(lines) + "\n"

@@ -151,7 +151,8 @@ def upstream(name: str, active: Optional[set[str]] = None) -> set[str]:
 
 
 def downstream(name: str, active: Optional[set[str]] = None) -> set[str]:
-    return {s.name for s in STAGES if name in upstream(s.name, active)}
+    """All stages that depend on `name`, transitively, among `active` ones (all when None)."""
+    return {s.name for s in STAGES if (active is None or s.name in active) and name in upstream(s.name, active)}
 
 
 def select(stages: list[str]) -> list[StageSpec]:

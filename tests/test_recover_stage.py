@@ -79,7 +79,10 @@ def test_lora_adapter_lands_beside_the_checkpoint_and_peft_reproduces_the_traine
     from pipeline.store import ArtifactStore
     from stages.evaluate import densify_quant_linears
 
-    ov = tiny_overrides + RECOVER + ["recover=lora", "recover.rank=4", "recover.lr=0.001", STAGES]
+    ov = tiny_overrides + RECOVER + ["recover=lora", "recover.rank=4", "recover.lr=0.001", "eval.tasks=[]",
+                                     "eval.perplexity.seqlen=32", "eval.perplexity.stride=32",
+                                     "eval.perplexity.max_windows=2",
+                                     "run.stages=[calibrate,quantize,recover,pack,baseline_evaluate,evaluate]"]
     cfg, out = _run(compose, ov)
     m = out["recover"].metrics
     assert m["train_loss_final"] < 0.7 * m["train_loss_init"]
@@ -102,6 +105,15 @@ def test_lora_adapter_lands_beside_the_checkpoint_and_peft_reproduces_the_traine
     got, want = _logits(with_adapter, ids), _logits(student.model, ids)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
     assert (got - plain).abs().max() > 100 * (got - want).abs().max()  # the adapter changes the logits
+    # the evaluate stage scored the checkpoint + adapter: its perplexity is the trained student's
+    from stages.eval.perplexity import perplexity, tokenize_text
+    from stages.eval.texts import read_heldout_text
+    from pipeline.models import load_tokenizer
+
+    text_ids = tokenize_text(load_tokenizer(handle), read_heldout_text())
+    with torch.no_grad():
+        want_ppl = perplexity(student.model, text_ids, 32, 32, max_windows=2)["ppl"]
+    assert out["evaluate"].metrics["ppl"] == pytest.approx(want_ppl, rel=1e-5)
 
 
 def test_a_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_one(compose, tiny_overrides,
@@ -150,8 +162,13 @@ def test_recover_none_leaves_pack_exactly_as_without_the_stage(compose, tiny_ove
     on, _ = _plan(compose, tiny_overrides + ["quant=rtn", "recover=scales"])
     assert on.inputs["pack"] == ["quantize", "recover"] and on.fps["pack"] != off.fps["pack"]
     assert on.fps["quantize"] == off.fps["quantize"]
-    _, out = _run(compose, tiny_overrides + ["quant=rtn", "run.stages=[calibrate,quantize,recover,pack]"])
+    export = Path(cfg.run.outputs_dir) / "dvc"
+    _, out = _run(compose, tiny_overrides + ["quant=rtn", "run.stages=[calibrate,quantize,recover,pack]",
+                                             f"run.export_dir={export}"])
     assert out["recover"].status == "skipped" and out["pack"].status == "ran"
+    # DVC's recover stage still gets its outs: a marker folder and empty metrics
+    assert json.loads((export / "recover" / "skipped.json").read_text())["stage"] == "recover"
+    assert json.loads((export / "recover.metrics.json").read_text()) == {}
     assert json.loads((out["pack"].path / "manifest.json").read_text())["inputs"] == \
         {"quantize": out["quantize"].fingerprint}
 
@@ -187,3 +204,52 @@ def test_negative_steps_exit_with_one_clear_error():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == \
         "error: recover.steps=-1 is not supported (an integer >= 0); e.g. recover.steps=200"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,lr", [("scales", 2e-3), ("lora", 1e-3)])
+def test_recovery_lowers_distillation_loss_and_heldout_perplexity_of_smollm2(smollm2_handle, mode, lr):
+    """Real SmolLM2-135M, RTN W3G64 asym, 16 x 128 Austen calibration tokens, 12 steps of batch 4:
+    the distillation loss and the perplexity on the first 4 Persuasion windows (512 tokens) drop.
+    The scales model is scored in its exported form (float16 scales, integer zeros, tuned norms)."""
+    import copy
+
+    from pipeline.models import load_model, load_tokenizer
+    from pipeline.schema import CalibConfig, RecoverConfig
+    from stages.calib_sources import load_austen_documents
+    from stages.calibrate import sample_calibration
+    from stages.eval.perplexity import perplexity, tokenize_text
+    from stages.eval.taskdata import read_heldout_text
+    from stages.quant.base import LayerScheme
+    from stages.quant.rtn import rtn_layer
+    from stages.recovery.core import recover_model
+    from stages.recovery.student import build_student
+
+    tok = load_tokenizer(smollm2_handle)
+    base = load_model(smollm2_handle, torch.float32, "cpu")
+    ccfg = CalibConfig(source="austen", nsamples=16, seqlen=128, seed=42)
+    calib = sample_calibration([d.text for d in load_austen_documents(ccfg)], tok, ccfg)
+    ids = tokenize_text(tok, read_heldout_text())
+    layers = {n: rtn_layer(m.weight.detach(), LayerScheme(3, 64, False)) for n, m in base.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}
+
+    def ppl(model):
+        with torch.no_grad():
+            return perplexity(model, ids, 512, 512, batch_size=2, max_windows=4)["ppl"]
+
+    fp = ppl(base)
+    quantized = ppl(build_student(copy.deepcopy(base), layers.items(), torch.device("cpu")).model)
+    cfg = RecoverConfig(mode=mode, steps=12, batch_size=4, lr=lr, topk=32, checkpoint_every=0)
+    student = copy.deepcopy(base)
+    result = recover_model(student, layers.items(), calib, cfg, "cpu", load_teacher=lambda: None,
+                           fp_weight=lambda n: None)
+    m = result.metrics
+    assert m["train_loss_final"] < 0.8 * m["train_loss_init"], m
+    if mode == "scales":  # the exported checkpoint's numbers: a fresh model with the exported layers and norms
+        shipped = build_student(copy.deepcopy(base), result.export.layers.items(), torch.device("cpu")).model
+        shipped.load_state_dict(result.export.replacements, strict=False)
+    else:
+        shipped = student
+    recovered = ppl(shipped)
+    assert 20 < fp < 100 and quantized > 1.5 * fp
+    assert recovered < fp + 0.7 * (quantized - fp), (fp, quantized, recovered)
