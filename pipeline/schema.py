@@ -136,7 +136,7 @@ class RecoverConfig:
     teacher: str = "topk"
     topk: int = 64
     steps: int = 200  # optimizer steps; 0 = export the quantized model unchanged
-    lr: Optional[float] = None  # None: the mode's default (scales 1e-3, a relative step; lora 1e-3)
+    lr: Optional[float] = None  # None: the mode's default (scales 2e-3, a relative step; lora 1e-3)
     # Registry key in stages.registry.RECOVER_SCHEDULES: constant | linear | cosine (to 0 at the last step)
     schedule: str = "cosine"
     warmup_steps: int = 0

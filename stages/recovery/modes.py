@@ -24,7 +24,7 @@ from stages.quant.base import QuantizedLayer
 from stages.recovery.adapter import LoraAdapter
 from stages.recovery.student import Student, enable_norms, layer_names_matching
 
-DEFAULT_LR = {"scales": 1e-3, "lora": 1e-3}
+DEFAULT_LR = {"scales": 2e-3, "lora": 1e-3}
 
 
 @dataclass
