@@ -9,6 +9,12 @@ Parts (``--parts``, comma list; default all but ``results``):
            tasks; cost: quantize seconds and peak GPU memory per cell. Sym cells are packed in the
            GPTQ format (what vLLM serves), asym cells in the auto-round format (it stores zero
            points as they are; GPTQ v1's zero-1 cannot store a zero of 0).
+  recover  the recover stage on SmolLM2-135M through the same runner and data as the quality part:
+           RTN, GPTQ and AutoRound at W2G64 asym and W4G64 sym (AutoRound also W3G64 asym), each
+           without recovery and with it (RECOVER_CELLS; AutoRound W2G64 with both modes side by
+           side), scored on Persuasion after loading the packed checkpoint (+ adapter) back; plus
+           the 8B-shaped cost (benchmarks/bench_recover.py: peak GPU memory, seconds per 1M
+           training tokens). About 7 minutes on an H200.
   block    per-block cost on a Llama-3-8B-shaped block: AutoRound (benchmarks/bench_quantize.py
            --parts block) and GPTQ (benchmarks/bench_gptq.py --parts block).
   torch    throughput on the torch backend (benchmarks/bench_throughput.py --part torch).
@@ -20,8 +26,9 @@ Each part writes JSON (with the card, torch version, date and command) under --r
 can run in separate calls on an offline GPU machine and be merged afterwards:
   python benchmarks/published_results.py --parts quality,block --results benchmarks/results/published
   python benchmarks/published_results.py --parts torch,vllm --results benchmarks/results/published
+  python benchmarks/published_results.py --parts recover --results benchmarks/results/published
   python benchmarks/published_results.py --parts results --results benchmarks/results/published
-``--small`` runs the quality and block parts on CPU-sized problems (tiny random model, few iters).
+``--small`` runs the quality, recover and block parts on CPU-sized problems (tiny random model, few iters).
 The quality part needs the pipeline's own dependencies (hydra-core, lm-eval) but not MLflow.
 """
 
@@ -45,6 +52,16 @@ if str(REPO) not in sys.path:
 SCHEMES = (("W2G64 asym", 2, 64, False), ("W3G64 asym", 3, 64, False), ("W4G64 sym", 4, 64, True))
 METHODS = ("rtn", "gptq", "autoround")
 QUALITY_STAGES = "[calibrate,quantize,pack,baseline_evaluate,evaluate]"
+RECOVER_STAGES = "[calibrate,quantize,recover,pack,baseline_evaluate,evaluate]"
+W2, W3, W4 = SCHEMES[0], SCHEMES[1], SCHEMES[2]
+# (scheme, quantizer, recover config group): every quantizer with and without recovery
+RECOVER_CELLS = (
+    (W2, "autoround", "none"), (W2, "autoround", "scales"), (W2, "autoround", "lora"),
+    (W2, "rtn", "none"), (W2, "rtn", "lora"), (W2, "gptq", "none"), (W2, "gptq", "lora"),
+    (W3, "autoround", "none"), (W3, "autoround", "scales"),
+    (W4, "autoround", "none"), (W4, "autoround", "scales"), (W4, "rtn", "none"), (W4, "rtn", "scales"),
+    (W4, "gptq", "none"), (W4, "gptq", "scales"),
+)
 
 
 def machine() -> dict[str, Any]:
@@ -73,25 +90,49 @@ def cell_overrides(scheme: tuple, method: str, small: bool, store: Path) -> list
 
 def run_quality(args: argparse.Namespace, out: Path) -> None:
     """Every cell through the pipeline runner; results (manifests per cell) written after each cell."""
+    store = Path(args.outputs)
+    cells = [(s, m, cell_overrides(s, m, args.small, store) + list(args.set)) for s in SCHEMES for m in METHODS
+             if not args.cells or s[0] in args.cells.split(",")]
+    run_cells(cells, out, "quality", store)
+
+
+def run_cells(cells: list[tuple[tuple, str, list[str]]], out: Path, name: str, store: Path) -> None:
+    """(scheme, method, overrides) cells through the pipeline runner; the record is rewritten after each cell."""
     from pipeline.app import compose_job_config  # the same composition as `python -m pipeline`
     from pipeline.runner import PipelineRunner
     from pipeline.runtime import setup_runtime
     from pipeline.validate import validate_config
 
-    store = Path(args.outputs)
-    cells = [(s, m) for s in SCHEMES for m in METHODS if not args.cells or s[0] in args.cells.split(",")]
     record: dict[str, Any] = {"machine": machine(), "cells": [], "outputs": str(store)}
-    for scheme, method in cells:
-        overrides = cell_overrides(scheme, method, args.small, store) + list(args.set)
+    for scheme, method, overrides in cells:
         cfg, _ = compose_job_config(overrides)
         validate_config(cfg)
         t0 = time.perf_counter()
         outcomes = PipelineRunner(cfg, setup_runtime(cfg, print)).run()
-        manifests = {o.name: json.loads((o.path / "manifest.json").read_text()) for o in outcomes}
-        record["cells"].append({"scheme": scheme[0], "method": method, "overrides": overrides,
-                                "wall_seconds": time.perf_counter() - t0, "manifests": manifests})
-        (out / "quality.json").write_text(json.dumps(record, indent=1, default=str))
-        print(f"[quality] {method} {scheme[0]}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+        manifests = {o.name: json.loads((o.path / "manifest.json").read_text()) for o in outcomes if o.status != "skipped"}
+        record["cells"].append({"scheme": scheme[0], "method": method, "recover": cfg.recover.mode,
+                                "overrides": overrides, "wall_seconds": time.perf_counter() - t0, "manifests": manifests})
+        (out / f"{name}.json").write_text(json.dumps(record, indent=1, default=str))
+        print(f"[{name}] {method} {scheme[0]} recover={cfg.recover.mode}: done in {time.perf_counter() - t0:.1f} s",
+              flush=True)
+
+
+def run_recover(args: argparse.Namespace, out: Path) -> None:
+    """RECOVER_CELLS through the runner (recover.json), then the 8B-shaped cost script."""
+    store = Path(args.outputs)
+    cells = []
+    for scheme, method, mode in RECOVER_CELLS:
+        if args.cells and scheme[0] not in args.cells.split(","):
+            continue
+        ov = cell_overrides(scheme, method, args.small, store)
+        ov = [o if not o.startswith("run.stages=") else f"run.stages={RECOVER_STAGES}" for o in ov]
+        ov += [f"recover={mode}"] + (["recover.steps=4", "recover.batch_size=4", "recover.topk=16"]
+                                     if args.small and mode != "none" else [])
+        cells.append((scheme, method, ov + list(args.set)))
+    run_cells(cells, out, "recover", store)
+    small = ["--small"] if args.small else []
+    run_script([sys.executable, "benchmarks/bench_recover.py", "--out", str(out / "recover_cost"), *small],
+               out / "recover_cost.log")
 
 
 def run_script(cmd: list[str], log: Path) -> int:
@@ -136,6 +177,8 @@ def main() -> None:
     parts = args.parts.split(",")
     if "quality" in parts:
         run_quality(args, out)
+    if "recover" in parts:
+        run_recover(args, out)
     if "block" in parts:
         run_block(args, out)
     for part in ("torch", "vllm"):

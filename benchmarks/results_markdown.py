@@ -9,6 +9,9 @@ from typing import Any, Optional
 # Targets (quality vs the unquantized model, and cost) checked in the summary.
 AUTOROUND_PPL_TARGETS = {"W2G64 asym": 1.7, "W3G64 asym": 1.13, "W4G64 sym": 1.025}
 SECONDS_TARGETS = {("autoround", "W2G64 asym"): 40.0, ("gptq", "W4G64 sym"): 20.0}
+# Recovery targets: perplexity vs the unquantized model after AutoRound + recovery, and its time budget.
+RECOVER_PPL_TARGETS = {"W2G64 asym": 1.35, "W3G64 asym": 1.08, "W4G64 sym": 1.015}
+RECOVER_SECONDS_TARGET = ("W2G64 asym", 150.0)  # quantize + recover, AutoRound
 TASK_METRICS = (("persuasion_ppl.bits_per_byte", "bits/byte"), ("persuasion_lastword.acc", "last-word acc"),
                 ("persuasion_nextsent.acc", "next-sentence acc"))
 
@@ -98,6 +101,59 @@ def _section_from_md(title: str, folder: Path) -> list[str]:
     return lines
 
 
+def recover_rows(record: dict) -> tuple[list[list[str]], dict[tuple[str, str, str], dict]]:
+    """One row per (quantizer, scheme, recovery) cell: quality, time, extra bytes."""
+    cells = record["cells"]
+    base = next((c["manifests"].get("baseline_evaluate") for c in cells if "baseline_evaluate" in c["manifests"]), None)
+    base_ppl = _metric(base, "ppl")
+    rows, numbers = [], {}
+    for c in cells:
+        m = c["manifests"]
+        ppl = _metric(m.get("evaluate"), "ppl")
+        ratio = ppl / base_ppl if ppl and base_ppl else None
+        q_s, r_s = _metric(m.get("quantize"), "seconds"), _metric(m.get("recover"), "seconds")
+        both = (q_s or 0.0) + (r_s or 0.0) if q_s is not None else None
+        loss = "–"
+        if m.get("recover"):
+            loss = f"{_metric(m['recover'], 'train_loss_init'):.3f} -> {_metric(m['recover'], 'train_loss_final'):.3f}"
+        numbers[(c["method"], c["scheme"], c.get("recover", "none"))] = {"ratio": ratio, "seconds": both}
+        rows.append([c["method"], c["scheme"], c.get("recover", "none"), _fmt(ppl, 2), _fmt(ratio), loss,
+                     _fmt(q_s, 1), _fmt(r_s, 1), _fmt(both, 1), _fmt(_metric(m.get("pack"), "size_mb"), 1),
+                     _fmt(_metric(m.get("recover"), "adapter_mb"), 2)])
+    return [["unquantized", "bf16/fp32", "–", _fmt(base_ppl, 2), "1.000", *["–"] * 6]] + rows, numbers
+
+
+def recover_target_lines(numbers: dict[tuple[str, str, str], dict]) -> list[str]:
+    out = []
+    for scheme, target in RECOVER_PPL_TARGETS.items():
+        best = [(v["ratio"], mode) for (meth, sch, mode), v in numbers.items()
+                if meth == "autoround" and sch == scheme and mode != "none" and v["ratio"] is not None]
+        if best:
+            r, mode = min(best)
+            out.append(f"- AutoRound + recovery ({mode}) {scheme}: perplexity {r:.3f}x the unquantized model "
+                       f"(target <= {target}x): {'met' if r <= target else 'NOT met'}")
+    scheme, limit = RECOVER_SECONDS_TARGET
+    for (meth, sch, mode), v in sorted(numbers.items()):
+        if meth == "autoround" and sch == scheme and mode != "none" and v["seconds"] is not None:
+            out.append(f"- AutoRound + {mode} {scheme}: quantize + recover {v['seconds']:.1f} s (target <= "
+                       f"{limit:.0f} s): {'met' if v['seconds'] <= limit else 'NOT met'}")
+    return out
+
+
+def recover_section(results: Path) -> list[str]:
+    path = results / "recover.json"
+    title = "## 4. Recovery after quantization: SmolLM2-135M"
+    if not path.is_file():
+        return [title, "", "(not run)", ""]
+    record = json.loads(path.read_text())
+    rows, numbers = recover_rows(record)
+    heads = ["method", "scheme", "recovery", "ppl (Persuasion)", "ppl / unquantized", "train KL init -> final",
+             "quantize s", "recover s", "quantize + recover s", "packed MB", "adapter MB"]
+    return [title, "", f"Run: {_machine_line(record['machine'])}", "", calibration_line(record), "",
+            table(heads, rows), "", *recover_target_lines(numbers), ""] + \
+        _section_from_md("4. Recovery cost: Llama-3-8B-shaped model", results / "recover_cost")
+
+
 def write_results_markdown(results: Path, md_path: Path) -> str:
     """Write RESULTS.md from a results folder; returns the text."""
     lines = ["# Published results", "",
@@ -118,6 +174,7 @@ def write_results_markdown(results: Path, md_path: Path) -> str:
     lines += _section_from_md("2. Quantization cost: Llama-3-8B-shaped block, GPTQ", results / "block_gptq")
     lines += _section_from_md("3. Inference: torch backend", results / "throughput_torch")
     lines += _section_from_md("3. Inference: vLLM", results / "throughput_vllm")
+    lines += recover_section(results)
     lines += _section_from_md("4. The headline command end to end: Llama-3-8B-shaped model", results / "headline")
     soak = Path(__file__).resolve().parent / "results" / "soak_cpu.md"  # CPU, from benchmarks/soak_sweep.py
     if soak.is_file():

@@ -32,6 +32,10 @@ class StageSpec:
     # e.g. the bytes of a local corpus; folded into the fingerprint.
     identity: Optional[str] = None
     identity_of: str = ""  # the config section passed to `identity`
+    # "module:function" (PipelineConfig) -> bool: whether the node is part of the DAG for this config.
+    # A disabled node is skipped, and the nodes that need it run without it (their fingerprints
+    # then equal those of a DAG without the node).
+    enabled_when: Optional[str] = None
 
     @property
     def module(self) -> str:
@@ -47,6 +51,12 @@ class StageSpec:
                 raise NotImplementedStageError(self.name, module) from exc
             raise
         return getattr(mod, attr)
+
+    def enabled(self, cfg: PipelineConfig) -> bool:
+        if self.enabled_when is None:
+            return True
+        module, _, attr = self.enabled_when.partition(":")
+        return bool(getattr(importlib.import_module(module), attr)(cfg))
 
     def preflight(self) -> Optional[Callable[..., None]]:
         """The stage module's optional `preflight(cfg, model)` check, run before any work."""
@@ -68,8 +78,11 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("quantize", "stages.quantize:run", needs=("calibrate",), params=("quant", "run.seed"),
               metric_prefix="quantize", device_sensitive=True,
               description="RTN / GPTQ / AutoRound per block -> integer codes, scales, zeros"),
-    StageSpec("pack", "stages.pack:run", needs=("quantize",), params=("pack", "model.dtype"), metric_prefix="pack",
-              version="2",
+    StageSpec("recover", "stages.recover:run", needs=("quantize", "calibrate"), params=("recover", "run.seed"),
+              metric_prefix="recover", device_sensitive=True, enabled_when="stages.recover:enabled",
+              description="tune scales end to end or train LoRA adapters on the quantized model (recover.mode)"),
+    StageSpec("pack", "stages.pack:run", needs=("quantize", "recover"), params=("pack", "model.dtype"),
+              metric_prefix="pack", version="2",
               description="write a GPTQ or auto-round checkpoint folder"),
     StageSpec("baseline_evaluate", "stages.evaluate:run", params=("eval",), metric_prefix="baseline.eval",
               variant="baseline", device_sensitive=True, description="score the unquantized model"),
@@ -81,7 +94,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("benchmark", "stages.benchmark:run", needs=("pack", "baseline_benchmark"), params=("bench",),
               metric_prefix="bench", device_sensitive=True, description="throughput of the packed checkpoint"),
     StageSpec("report", "stages.report:run", needs=("quantize",),
-              optional_needs=("pack", "evaluate", "baseline_evaluate", "benchmark", "baseline_benchmark"),
+              optional_needs=("recover", "pack", "evaluate", "baseline_evaluate", "benchmark", "baseline_benchmark"),
               params=("report.plots",), metric_prefix="report", uses_model=False,
               description="comparison table and plots for this run"),
 )
@@ -114,20 +127,33 @@ def topological_order(specs: Optional[tuple[StageSpec, ...]] = None) -> list[Sta
     return [by_name[n] for n in done]
 
 
-def upstream(name: str) -> set[str]:
-    """All stages `name` depends on (required and optional), transitively."""
+def active_names(cfg: PipelineConfig) -> set[str]:
+    """The nodes that are part of the DAG for this config (see StageSpec.enabled_when)."""
+    return {s.name for s in STAGES if s.enabled(cfg)}
+
+
+def edges(spec: StageSpec, active: Optional[set[str]] = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(needs, optional needs) of a node, without the disabled nodes (all nodes when `active` is None)."""
+    if active is None:
+        return spec.needs, spec.optional_needs
+    return tuple(d for d in spec.needs if d in active), tuple(d for d in spec.optional_needs if d in active)
+
+
+def upstream(name: str, active: Optional[set[str]] = None) -> set[str]:
+    """All stages `name` depends on (required and optional), transitively, among `active` ones."""
     out: set[str] = set()
-    stack = list(SPECS[name].needs + SPECS[name].optional_needs)
+    stack = list(sum(edges(SPECS[name], active), ()))
     while stack:
         dep = stack.pop()
         if dep not in out:
             out.add(dep)
-            stack.extend(SPECS[dep].needs + SPECS[dep].optional_needs)
+            stack.extend(sum(edges(SPECS[dep], active), ()))
     return out
 
 
-def downstream(name: str) -> set[str]:
-    return {s.name for s in STAGES if name in upstream(s.name)}
+def downstream(name: str, active: Optional[set[str]] = None) -> set[str]:
+    """All stages that depend on `name`, transitively, among `active` ones (all when None)."""
+    return {s.name for s in STAGES if (active is None or s.name in active) and name in upstream(s.name, active)}
 
 
 def select(stages: list[str]) -> list[StageSpec]:

@@ -9,6 +9,8 @@ Order of events for one pipeline job:
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +27,13 @@ from pipeline.schema import PipelineConfig
 from pipeline.store import ArtifactStore, export_artifact, import_exported
 from pipeline.tracking import NullTracker
 
+SKIPPED_FILE = "skipped.json"  # the export of a node the config switches off
+
 
 @dataclass
 class StageOutcome:
     name: str
-    status: str  # ran | cached
+    status: str  # ran | cached | skipped (a node the config switches off, e.g. recover.mode=none)
     seconds: float
     fingerprint: str
     path: Path
@@ -46,6 +50,7 @@ class Plan:
     inputs: dict[str, list[str]]  # stage -> upstream stages it reads (the ones its fingerprint covers)
     model: Optional[ModelHandle]
     forced: set[str]
+    skipped: list[dag.StageSpec] = field(default_factory=list)  # selected but switched off by the config
 
 
 class PipelineRunner:
@@ -59,11 +64,13 @@ class PipelineRunner:
 
     # -- planning -----------------------------------------------------------------------
     def plan(self) -> Plan:
-        selected = dag.select(self.cfg.run.stages)
+        active = dag.active_names(self.cfg)
+        chosen = dag.select(self.cfg.run.stages)
+        selected = [s for s in chosen if s.name in active]
         selected_names = {s.name for s in selected}
         needed = set(selected_names)
         for s in selected:
-            needed |= dag.upstream(s.name)
+            needed |= dag.upstream(s.name, active)
         model = None
         if any(dag.SPECS[n].uses_model for n in needed):
             model = prepare_model(self.cfg.model, self.store, self.log)
@@ -72,15 +79,16 @@ class PipelineRunner:
         for spec in dag.topological_order():
             if spec.name not in needed:
                 continue
-            inputs[spec.name] = list(spec.needs) + [
-                d for d in spec.optional_needs
-                if d in fps and (d in selected_names or self.store.entry(d, fps[d]).is_complete())]
+            needs, optional = dag.edges(spec, active)
+            inputs[spec.name] = list(needs) + [
+                d for d in optional if d in fps and (d in selected_names or self.store.entry(d, fps[d]).is_complete())]
             fps[spec.name] = dag.stage_fingerprint(spec, self.cfg, {d: fps[d] for d in inputs[spec.name]},
                                                    model.fingerprint if model else None,
                                                    self.rt.device, self.rt.dtype_name)
             if self.cfg.run.export_dir and spec.name not in selected_names:
                 self._import_exported(spec.name, fps[spec.name])
-        return Plan(selected, fps, inputs, model, self._forced(selected_names))
+        return Plan(selected, fps, inputs, model, self._forced(selected_names, active),
+                    [s for s in chosen if s.name not in active])
 
     def _import_exported(self, stage: str, fp: str) -> None:
         """An upstream artifact that DVC restored at its export path counts as in the store."""
@@ -94,7 +102,7 @@ class PipelineRunner:
         fps = plan.fps
         selected_names = {s.name for s in plan.selected}
         for spec in plan.selected:
-            for dep in spec.needs:
+            for dep in (d for d in spec.needs if d in plan.inputs[spec.name]):
                 if dep not in selected_names and not self.store.entry(dep, fps[dep]).reusable(self.log):
                     raise InputError(
                         f"stage '{spec.name}' needs '{dep}', which is neither selected nor in the store "
@@ -106,10 +114,10 @@ class PipelineRunner:
                 if check is not None:
                     check(self.cfg, plan.model, spec)
 
-    def _forced(self, selected_names: set[str]) -> set[str]:
+    def _forced(self, selected_names: set[str], active: set[str]) -> set[str]:
         forced = set(self.cfg.run.force)
         for name in list(forced):
-            forced |= dag.downstream(name) & selected_names
+            forced |= dag.downstream(name, active) & selected_names
         return forced
 
     # -- execution ----------------------------------------------------------------------
@@ -117,10 +125,11 @@ class PipelineRunner:
         plan = self.plan()
         self.check(plan)
         outcomes: list[StageOutcome] = []
-        bar = tqdm(plan.selected, desc="pipeline", unit="stage", disable=not self.cfg.run.progress, leave=True)
+        order = [s for s in dag.topological_order() if s in plan.selected or s in plan.skipped]
+        bar = tqdm(order, desc="pipeline", unit="stage", disable=not self.cfg.run.progress, leave=True)
         for spec in bar:
             bar.set_postfix_str(spec.name)
-            outcomes.append(self._run_stage(spec, plan))
+            outcomes.append(self._skip(spec) if spec in plan.skipped else self._run_stage(spec, plan))
         bar.close()
         return outcomes
 
@@ -153,6 +162,18 @@ class PipelineRunner:
             export_artifact(entry.path, Path(self.cfg.run.export_dir) / spec.name, metrics=manifest.get("metrics", {}))
         return StageOutcome(spec.name, status, seconds, entry.fingerprint, entry.path, manifest.get("metrics", {}),
                             manifest.get("summary", {}))
+
+    def _skip(self, spec: dag.StageSpec) -> StageOutcome:
+        """A selected node the config switches off: reported, and exported as an empty folder for DVC."""
+        why = f"switched off by the config ({spec.enabled_when})"
+        self.log(f"[{spec.name}] skipped: {why}")
+        path = Path(self.cfg.run.outputs_dir)
+        if self.cfg.run.export_dir:  # DVC expects the stage's outs even when there is nothing to do
+            path = Path(self.cfg.run.export_dir) / spec.name
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / SKIPPED_FILE).write_text(json.dumps({"stage": spec.name, "skipped": why}) + "\n")
+                export_artifact(Path(tmp), path, metrics={})
+        return StageOutcome(spec.name, "skipped", 0.0, "-", path, summary={"skipped": why})
 
     def _artifact(self, stage: str, fp: str) -> Artifact:
         entry = self.store.entry(stage, fp)

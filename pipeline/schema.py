@@ -131,6 +131,47 @@ class QuantConfig:
 
 
 @dataclass
+class RecoverConfig:
+    """Recovery after quantization (`recover=` group); see docs/recovery.md."""
+
+    # none (skip the stage) or a registry key in stages.registry.RECOVER_MODES:
+    # scales (tune the quantization scales end to end; the checkpoint format is unchanged) |
+    # lora (train low-rank adapters on the frozen quantized model; a PEFT adapter beside the checkpoint)
+    mode: str = "none"
+    # Registry key in stages.registry.RECOVER_LOSSES: kl (distil the unquantized model's next-token
+    # distribution) | lm (next-token cross-entropy of the calibration text)
+    loss: str = "kl"
+    # kl only (stages.registry.RECOVER_TEACHERS): topk (the teacher's top-k distribution, computed once
+    # for the calibration set and cached) | online (the full distribution, teacher run at every step)
+    teacher: str = "topk"
+    topk: int = 64
+    steps: int = 200  # optimizer steps; 0 = export the quantized model unchanged
+    lr: Optional[float] = None  # None: the mode's default (scales 2e-3, a relative step; lora 1e-3)
+    # Registry key in stages.registry.RECOVER_SCHEDULES: constant | linear | cosine (to 0 at the last step)
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    batch_size: int = 8  # calibration samples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = 1.0  # None: no clipping
+    val_samples: int = 0  # calibration samples held out of training to report a validation loss
+    grad_checkpointing: bool = False  # recompute each block in backward (less memory, ~30% more time)
+    amp: bool = True  # bf16 autocast on CUDA; trainable parameters stay float32
+    checkpoint_every: int = 50  # save the trainable state every this many steps (resume after a crash)
+    # scales mode
+    tune_zeros: bool = False  # asym: zero points as continuous values, rounded in the forward (straight-through)
+    tune_norms: bool = True  # the unquantized normalisation weights train too (written into the checkpoint)
+    # lora mode
+    rank: int = 16
+    alpha: float = 32.0
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    # Registry key in stages.registry.LORA_INITS: peft (A Kaiming-uniform, B zero: starts at the quantized
+    # model) | svd (A, B from the top singular vectors of the quantization error W - W_q)
+    lora_init: str = "peft"
+
+
+@dataclass
 class PackConfig:
     """Checkpoint format (`pack=` group); see docs/formats.md."""
 
@@ -258,6 +299,7 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
@@ -271,6 +313,7 @@ GROUP_SCHEMAS = {
     "model": ModelConfig,
     "calib": CalibConfig,
     "quant": QuantConfig,
+    "recover": RecoverConfig,
     "pack": PackConfig,
     "eval": EvalConfig,
     "bench": BenchConfig,

@@ -37,6 +37,14 @@ def _positive_or_none(example: float) -> Callable[[str, Any], None]:
     return check
 
 
+def _positive(example: float) -> Callable[[str, Any], None]:
+    def check(key: str, value: Any) -> None:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(key, value, "a number > 0", f"e.g. {key}={example}")
+
+    return check
+
+
 def _nonempty_str(example: str) -> Callable[[str, Any], None]:
     def check(key: str, value: Any) -> None:
         if not isinstance(value, str) or not value.strip():
@@ -51,6 +59,20 @@ def _int_at_least_or_none(low: int, example: int) -> Callable[[str, Any], None]:
             _int_at_least(low, example)(key, value)
 
     return check
+
+
+def _non_negative(example: float) -> Callable[[str, Any], None]:
+    def check(key: str, value: Any) -> None:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ConfigError(key, value, "a number >= 0", f"e.g. {key}={example}")
+
+    return check
+
+
+def _module_names(key: str, value: Any) -> None:
+    """recover.target_modules: a non-empty list of module names (matched against the model by the preflight)."""
+    if not value or any(not isinstance(v, str) or not v.strip() for v in value):
+        raise ConfigError(key, value, "a non-empty list of Linear module names", f"e.g. {key}=[q_proj,v_proj]")
 
 
 def _limit(key: str, value: Any) -> None:
@@ -154,6 +176,24 @@ FIELD_RULES: dict[str, Callable[[str, Any], None]] = {
     "quant.grad_accum": _int_at_least(1, 1),
     "quant.damp_percent": _fraction,
     "quant.block_columns": _int_at_least(1, 128),
+    "recover.mode": _choice(_registry("RECOVER_MODES", ("none",)), "scales"),
+    "recover.loss": _choice(_registry("RECOVER_LOSSES"), "kl"),
+    "recover.teacher": _choice(_registry("RECOVER_TEACHERS"), "topk"),
+    "recover.schedule": _choice(_registry("RECOVER_SCHEDULES"), "cosine"),
+    "recover.lora_init": _choice(_registry("LORA_INITS"), "peft"),
+    "recover.topk": _int_at_least(1, 64),
+    "recover.steps": _int_at_least(0, 200),
+    "recover.lr": _positive_or_none(0.001),
+    "recover.warmup_steps": _int_at_least(0, 0),
+    "recover.batch_size": _int_at_least(1, 8),
+    "recover.grad_accum": _int_at_least(1, 1),
+    "recover.weight_decay": _non_negative(0.0),
+    "recover.max_grad_norm": _positive_or_none(1.0),
+    "recover.val_samples": _int_at_least(0, 0),
+    "recover.checkpoint_every": _int_at_least(0, 50),
+    "recover.rank": _int_at_least(1, 16),
+    "recover.alpha": _positive(32),
+    "recover.target_modules": _module_names,
     "pack.format": _choice(_registry("PACK_FORMATS"), "auto"),
     "pack.packing_format": _choice(_registry("PACKING_FORMATS"), "auto"),
     "pack.max_shard_size": _shard_size,

@@ -106,6 +106,8 @@ def benchmark(backend: Backend, target: BenchTarget, workload: Workload, options
     record = backend.run(target, workload, options, log, **backend_kwargs)
     record.update(variant=target.variant, model_path=str(target.path), workload=workload.to_dict(),
                   **folder_size(target.path))
+    if target.adapter is not None:
+        record["adapter_on_disk_bytes"] = folder_size(target.adapter)["size_on_disk_bytes"]
     return record
 
 
@@ -172,20 +174,23 @@ def comparable_baseline(ctx: StageContext, record: dict[str, Any], options: Benc
 def run(ctx: StageContext) -> StageResult:
     """Benchmark the baseline model or the packed checkpoint (ctx.variant) and write throughput.json."""
     cfg = ctx.cfg.bench
-    verdict = None
+    verdict, adapter = None, None
     if ctx.variant == "baseline":
         path = ctx.model.path
     else:
         from stages.pack import REPORT_FILE, checkpoint_dir
+        from stages.recovery.adapter import find_adapter
 
         path = str(checkpoint_dir(ctx.inputs["pack"].path))
         if (ctx.inputs["pack"].path / REPORT_FILE).is_file():
             verdict = ctx.inputs["pack"].read_json(REPORT_FILE).get("vllm")
+        found = find_adapter(ctx.inputs["pack"].path)
+        adapter = None if found is None else str(found)
     name, why = resolve_backend(cfg.backend, ctx.device, verdict)
     if name != "vllm" and cfg.backend == "auto":
         ctx.log(f"[{ctx.stage}] backend: {name} ({why})")
     options = resolve_options(cfg, ctx.device, ctx.dtype)
-    record = _measure(ctx, name, BenchTarget(path, ctx.variant, ctx.model.trust_remote_code), options)
+    record = _measure(ctx, name, BenchTarget(path, ctx.variant, ctx.model.trust_remote_code, adapter), options)
     record.update(backend_requested=cfg.backend, backend_choice=why)
     baseline = comparable_baseline(ctx, record, options) if ctx.variant != "baseline" else None
     if baseline is not None:

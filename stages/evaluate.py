@@ -28,6 +28,7 @@ from stages.eval.results import (deltas_vs_baseline, flatten_lm_eval, paired_ppl
                                  short_summary, summary_table)
 from stages.eval.tasks import check_task_names
 from stages.eval.texts import check_text_source, load_perplexity_text
+from stages.recovery.adapter import apply_adapter_with_peft, find_adapter
 from stages.registry import EVAL_BACKENDS, EVAL_TASK_SOURCES, resolve
 
 METRICS_FILE = "metrics.json"
@@ -127,6 +128,10 @@ def preflight(cfg: PipelineConfig, model: Optional[ModelHandle], spec: Any) -> N
     if getattr(spec, "variant", "quantized") == "baseline":
         if model is not None:
             check_tokenizer_files(model.path, "model folder")
+    elif cfg.recover.mode == "lora" and not e.dense_weights:
+        raise ConfigError("eval.dense_weights", False, "true with recover.mode=lora (PEFT wraps plain Linear layers; "
+                          "the packed layers become plain Linears with eval.dense_weights=true)",
+                          "set eval.dense_weights=true")
     elif importlib.util.find_spec(QLINEAR_MODULE) is None:
         raise InputError(f"evaluate loads the packed checkpoint with {QLINEAR_MODULE}.load_quantized_model, "
                          "which is not installed yet; evaluate the unquantized model with "
@@ -182,6 +187,7 @@ def _target(ctx: StageContext) -> EvalTarget:
                           trust_remote_code=handle.trust_remote_code)
     folder = packed_folder(ctx.inputs["pack"].path)
     check_tokenizer_files(folder, "packed checkpoint")
+    adapter = find_adapter(ctx.inputs["pack"].path)
 
     def load() -> Any:
         from stages.formats.qlinear import load_quantized_model
@@ -191,10 +197,14 @@ def _target(ctx: StageContext) -> EvalTarget:
         if ctx.cfg.eval.dense_weights:
             ctx.log(f"[{ctx.stage}] dequantized {densify_quant_linears(model, ctx.torch_dtype())} packed Linears "
                     "once (eval.dense_weights=true)")
+        if adapter is not None:
+            model = apply_adapter_with_peft(model, adapter)
+            ctx.log(f"[{ctx.stage}] LoRA adapter {adapter} applied with PEFT")
         return model
 
     return EvalTarget(str(folder), load, lambda: AutoTokenizer.from_pretrained(folder), ctx.device, ctx.dtype,
-                      quantized=True, trust_remote_code=ctx.model.trust_remote_code)
+                      quantized=True, trust_remote_code=ctx.model.trust_remote_code,
+                      adapter=None if adapter is None else str(adapter))
 
 
 @contextlib.contextmanager

@@ -70,20 +70,23 @@ def run(ctx: StageContext) -> StageResult:
     from stages.formats.compat import compatibility_report, summary_lines
     from stages.formats.source import QStateReader, SourceModel
     from stages.formats.writer import PackOptions, Recipe
+    from stages.recover import attach_adapter, qstate_input
     from stages.registry import PACK_FORMATS, resolve
 
     cfg = ctx.cfg.pack
     quantize = ctx.inputs["quantize"]
-    qstate = QStateReader.open(quantize.path)
+    qstate_art = qstate_input(ctx.inputs)  # the recovered qstate when recover.mode=scales ran
+    qstate = QStateReader.open(qstate_art.path)
     source = SourceModel.open(ctx.model.path, ctx.model.revision)
     quant = quantize.manifest.get("config", {}).get("quant") or asdict(ctx.cfg.quant)
     recipe = Recipe.from_quant_config(quant)
     options = PackOptions(checkpoint_dtype(ctx.cfg.model.dtype, source.dtype()), parse_size(cfg.max_shard_size),
                           cfg.packing_format)
-    identity = fingerprint({"qstate": _qstate_digest(quantize.manifest) or qstate.digest(),
+    identity = fingerprint({"qstate": _qstate_digest(qstate_art.manifest) or qstate.digest(),
                             "model": source.identity(), "pack": asdict(cfg), "dtype": str(options.dtype)})
     packer = resolve(PACK_FORMATS, "pack.format", cfg.format)
     result = packer(qstate, source, checkpoint_dir(ctx.workdir), options, recipe, identity, ctx.log)
+    attach_adapter(ctx.inputs, ctx.workdir)  # recover.mode=lora: the PEFT adapter beside checkpoint/
     report = compatibility_report(result)
     metrics = size_metrics(result)
     record = {"checkpoint": CHECKPOINT_DIR, "identity": identity, "files": result.files, "metrics": metrics,

@@ -39,6 +39,31 @@ QUANT_METHODS: dict[str, str] = {
     "autoround": "stages.quant.autoround:AutoRoundQuantizer",
 }
 
+# recover.mode -> recovery mode class (constructed as cls(RecoverConfig)); "none" skips the stage
+RECOVER_MODES: dict[str, str] = {
+    "scales": "stages.recovery.modes:ScalesMode",
+    "lora": "stages.recovery.modes:LoraMode",
+}
+
+# recover.loss -> target factory: (RecoverConfig, TargetInputs) -> TargetSource
+RECOVER_LOSSES: dict[str, str] = {
+    "kl": "stages.recovery.targets:distillation_targets",
+    "lm": "stages.recovery.targets:lm_targets",
+}
+
+# recover.teacher (recover.loss=kl): where the teacher's distribution comes from
+RECOVER_TEACHERS: tuple[str, ...] = ("topk", "online")
+
+# recover.schedule -> learning-rate factor (step, total) -> float
+RECOVER_SCHEDULES: dict[str, str] = {
+    "constant": "stages.recovery.trainer:constant_schedule",
+    "linear": "stages.recovery.trainer:linear_schedule",
+    "cosine": "stages.recovery.trainer:cosine_schedule",
+}
+
+# recover.lora_init: how the adapters start (stages.recovery.modes.LoraMode)
+LORA_INITS: tuple[str, ...] = ("peft", "svd")
+
 # pack.format -> packer (auto: the exact layout for the qstate, see stages.formats.choice)
 PACK_FORMATS: dict[str, str] = {
     "auto": "stages.formats.choice:pack_auto",

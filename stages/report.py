@@ -26,7 +26,7 @@ from pipeline.context import StageContext, StageResult
 from pipeline.errors import InputError
 
 JOB_FILE = "job.json"  # written into each sweep job folder by pipeline.sweep.write_job_record
-KEY_COLUMNS = ("method", "bits", "group_size", "sym", "iters")
+KEY_COLUMNS = ("method", "bits", "group_size", "sym", "iters", "recover")
 LOWER_IS_BETTER_RE = re.compile(r"(ppl|perplexity|bits_per_byte|nll)$")
 # Methods whose tuning iterations are fixed whatever quant.iters says: RTN never tunes (0),
 # GPTQ has no iterations (None, shown as "-").
@@ -46,6 +46,8 @@ class CostColumn:
 
 COST_COLUMNS = (
     CostColumn("quantize_seconds", "quantize", r"^seconds$", "quant s"),
+    CostColumn("recover_seconds", "recover", r"^seconds$", "recover s"),
+    CostColumn("adapter_mb", "recover", r"^adapter_mb$", "adapter MB"),
     CostColumn("peak_memory_mb", "quantize", r"peak.*(mem|memory)", "peak mem MB"),
     CostColumn("size_mb", "pack", r"^size(_on_disk)?_(mb|mib|gb|bytes)$", "size MB"),
     CostColumn("tokens_per_s", "benchmark", r"^(output_)?tokens_per_s$", "tok/s"),
@@ -117,11 +119,12 @@ def _cost(manifests: Mapping[str, dict], col: CostColumn) -> Optional[float]:
     return _to_mb(key, value) if col.name.endswith("_mb") else value
 
 
-def _scheme(quantize: dict) -> dict[str, Any]:
+def _scheme(quantize: dict, recover: Optional[dict] = None) -> dict[str, Any]:
     quant = quantize.get("config", {}).get("quant", {})
     scheme = {k: quant.get(k) for k in KEY_COLUMNS}
     if scheme["method"] in FIXED_ITERS:
         scheme["iters"] = FIXED_ITERS[scheme["method"]]
+    scheme["recover"] = (recover or {}).get("config", {}).get("recover", {}).get("mode", "none")
     return scheme
 
 
@@ -145,11 +148,13 @@ def job_label(scheme: Mapping[str, Any]) -> str:
         label += " asym"
     if scheme.get("iters"):
         label += f" i{scheme['iters']}"
+    if scheme.get("recover") not in (None, "none"):
+        label += f" +{scheme['recover']}"
     return label
 
 
 def _quantized_row(name: str, manifests: Mapping[str, dict], baseline: dict[str, Any]) -> dict[str, Any]:
-    scheme = _scheme(manifests["quantize"])
+    scheme = _scheme(manifests["quantize"], manifests.get("recover"))
     row: dict[str, Any] = {"kind": "quantized", "job": name, "label": job_label(scheme), **scheme}
     ev = manifests.get("evaluate")
     if ev is not None:
@@ -256,7 +261,7 @@ def _sort_key(row: dict[str, Any]) -> tuple:
         return float(value) if isinstance(value, (int, float)) else -1.0
 
     return (str(row.get("method")), num("bits"), num("group_size"), not row.get("sym"), num("iters"),
-            str(row.get("job")))
+            str(row.get("recover")), str(row.get("job")))
 
 
 def _make_labels_unique(rows: list[dict[str, Any]]) -> None:
@@ -435,7 +440,8 @@ def _sweep_notes(jobs: list[SweepJob]) -> list[str]:
             notes.append(f"job {job.name} ({overrides}) {job.record.get('status', 'FAILED').lower()}: "
                          f"{job.record.get('error') or 'see its log'}")
         else:
-            missing = [s for s in job.record.get("stages", {}) if s not in job.manifests]
+            missing = [s for s, info in job.record.get("stages", {}).items()
+                       if s not in job.manifests and info.get("status") != "skipped"]
             if missing:
                 notes.append(f"job {job.name}: artifacts of {', '.join(missing)} are no longer in the store")
     return notes

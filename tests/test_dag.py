@@ -14,7 +14,7 @@ from pipeline.runtime import Runtime
 
 def test_topological_order_respects_dependencies():
     order = [s.name for s in dag.topological_order()]
-    assert order == ["calibrate", "quantize", "pack", "baseline_evaluate", "evaluate", "baseline_benchmark",
+    assert order == ["calibrate", "quantize", "recover", "pack", "baseline_evaluate", "evaluate", "baseline_benchmark",
                      "benchmark", "report"]
     for spec in dag.STAGES:
         for dep in spec.needs + spec.optional_needs:
@@ -34,8 +34,11 @@ def test_select_subset_keeps_order():
 
 
 def test_upstream_and_downstream():
-    assert dag.upstream("evaluate") == {"pack", "quantize", "calibrate", "baseline_evaluate"}
-    assert dag.downstream("quantize") == {"pack", "evaluate", "benchmark", "report"}
+    assert dag.upstream("evaluate") == {"pack", "recover", "quantize", "calibrate", "baseline_evaluate"}
+    assert dag.downstream("quantize") == {"recover", "pack", "evaluate", "benchmark", "report"}
+    active = set(dag.STAGE_NAMES) - {"recover"}  # recover.mode=none switches the node off
+    assert dag.upstream("evaluate", active) == {"pack", "quantize", "calibrate", "baseline_evaluate"}
+    assert dag.downstream("quantize", active) == {"pack", "evaluate", "benchmark", "report"}
 
 
 def test_fingerprint_depends_only_on_declared_params(compose):

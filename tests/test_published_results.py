@@ -37,3 +37,30 @@ def test_small_quality_grid_runs_through_the_pipeline_and_renders_results(tiny_o
     assert "Calibrated on 8 x 64 tokens of austen" in text and "AutoRound 4 iterations" in text
     assert "## 3. Inference: vLLM" in text and "(not run: no results in throughput_vllm/)" in text
     assert "## 6. CPU: the quickstart" in text and "(not run: no results in quickstart_cpu/)" in text
+
+
+def test_small_recover_part_runs_every_cell_with_and_without_recovery_and_the_cost_script(tiny_outputs, tmp_path):
+    results, md = tmp_path / "results", tmp_path / "RESULTS.md"
+    cmd = [sys.executable, "benchmarks/published_results.py", "--small", "--parts", "recover", "--cells", "W3G64 asym",
+           "--results", str(results), "--outputs", str(tiny_outputs)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((results / "recover.json").read_text())
+    assert [(c["method"], c["recover"]) for c in record["cells"]] == [("autoround", "none"), ("autoround", "scales")]
+    plain, recovered = (c["manifests"] for c in record["cells"])
+    assert "recover" not in plain and plain["pack"]["inputs"] == {"quantize": plain["quantize"]["fingerprint"]}
+    assert recovered["pack"]["inputs"]["recover"] == recovered["recover"]["fingerprint"]
+    assert recovered["quantize"]["fingerprint"] == plain["quantize"]["fingerprint"]  # the same quantized model
+    assert recovered["recover"]["metrics"]["steps"] == 4.0 and recovered["recover"]["metrics"]["train_loss_final"] > 0
+    cost = json.loads((results / "recover_cost" / "recover_cost.json").read_text())
+    assert [r["row"] for r in cost["rows"]] == ["scales", "lora"]
+    assert all(r["seconds_per_1m_tokens"] > 0 and r["trainable_params"] > 0 for r in cost["rows"])
+
+    proc = subprocess.run([sys.executable, "benchmarks/published_results.py", "--parts", "results", "--results",
+                           str(results), "--markdown", str(md)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = md.read_text()
+    assert "## 4. Recovery after quantization: SmolLM2-135M" in text
+    assert "| autoround | W3G64 asym | none |" in text and "| autoround | W3G64 asym | scales |" in text
+    assert "- AutoRound + recovery (scales) W3G64 asym: perplexity" in text
+    assert "### Recovery cost: small Llama shape (CPU check)" in text

@@ -66,12 +66,33 @@ def test_table_values_deltas_and_speedup_are_exact():
     assert gptq3["iters"] is None  # GPTQ has no iterations
     assert rows["rtn W2G64 asym"]["iters"] == 0 and rows["autoround W2G64 asym i2"]["iters"] == 2
     # only each task's primary metric is a score column (no stderr, nll, or the stage's own delta)
-    assert report.columns[6:11] == ["eval.ppl", "delta.ppl", "ppl_ratio", "eval.lastword.acc", "delta.lastword.acc"]
+    assert report.columns[7:12] == ["eval.ppl", "delta.ppl", "ppl_ratio", "eval.lastword.acc", "delta.lastword.acc"]
     assert [c for c in report.columns if c.startswith("eval.")] == ["eval.ppl", "eval.lastword.acc"]
     assert report.ppl_key == "ppl"
     assert [r["method"] for r in report.quantized_rows()] == ["autoround"] * 3 + ["gptq"] * 3 + ["rtn"] * 3
     assert [r["bits"] for r in report.quantized_rows()[:3]] == [2, 3, 4]
     assert report.notes == []
+
+
+def test_each_quantizer_with_and_without_recovery_gets_its_own_row():
+    jobs = []
+    for i, (method, mode) in enumerate([("rtn", None), ("rtn", "scales"), ("autoround", None), ("autoround", "lora")]):
+        m = job_manifests(i, method, 2)
+        if mode is not None:
+            m["recover"] = manifest("recover", f"r{i}", {"seconds": 30.0 + i, "adapter_mb": 4.5 if mode == "lora" else None,
+                                                         "train_loss_init": 1.0, "train_loss_final": 0.5},
+                                    {"recover": {"mode": mode, "steps": 200}})
+        jobs.append((str(i), m))
+    report = build_report(jobs)
+    rows = by_label(report)
+    assert sorted(rows) == ["autoround W2G64 asym i2", "autoround W2G64 asym i2 +lora", "baseline (unquantized)",
+                            "rtn W2G64 asym", "rtn W2G64 asym +scales"]
+    assert rows["rtn W2G64 asym"]["recover"] == "none" and rows["rtn W2G64 asym +scales"]["recover"] == "scales"
+    assert rows["rtn W2G64 asym +scales"]["recover_seconds"] == 31.0 and rows["rtn W2G64 asym"]["recover_seconds"] is None
+    assert rows["autoround W2G64 asym i2 +lora"]["adapter_mb"] == 4.5
+    assert "recover_seconds" in report.columns and "adapter_mb" in report.columns
+    md = to_markdown(report)
+    assert "recover s" in md and "adapter MB" in md
 
 
 def test_speedup_metric_from_benchmark_wins_over_the_ratio():

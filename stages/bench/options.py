@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from stages.bench.workload import Workload
 
@@ -19,6 +19,7 @@ class BenchTarget:
     path: str
     variant: str
     trust_remote_code: bool = False
+    adapter: Optional[str] = None  # a PEFT LoRA adapter folder to apply (recover.mode=lora)
 
     def config(self) -> dict[str, Any]:
         return json.loads((Path(self.path) / "config.json").read_text())

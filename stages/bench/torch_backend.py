@@ -12,16 +12,18 @@ from __future__ import annotations
 import gc
 import platform
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
 from stages.bench.engine import DecodeEngine
 from stages.bench.hf_decoder import decoder_from_hf
+from stages.bench.lora import add_lora, fused_out_sizes
 from stages.bench.options import BenchOptions, BenchTarget, special_token_ids
 from stages.bench.workload import BatchTiming, Workload, measure, prompt_token_ids
 from stages.kernels.linear import DenseWeight
 from stages.kernels.planner import build_kernel_linears
+from stages.recovery.adapter import read_adapter
 
 
 def load_target(target: BenchTarget, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -97,14 +99,15 @@ class TorchBackend:
             log: Callable[[str], None] = print) -> dict[str, Any]:
         """Load, convert, measure every batch size; returns the backend's part of the record."""
         model = load_target(target, options.device, getattr(torch, options.dtype))
-        return self.run_loaded(model, workload, options, log)
+        return self.run_loaded(model, workload, options, log, adapter=target.adapter)
 
     def run_loaded(self, model: torch.nn.Module, workload: Workload, options: BenchOptions,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
+                   log: Callable[[str], None] = print, adapter: Optional[str] = None) -> dict[str, Any]:
         """Same as `run` for a model already loaded on options.device (its Linears are consumed)."""
         dtype = getattr(torch, options.dtype)
         cuda = options.device.startswith("cuda")
         exclude = special_token_ids(model.config.to_dict())
+        out_sizes = fused_out_sizes(model) if adapter else {}
         spec, sources = decoder_from_hf(model, dtype, workload.max_len)
         del model
         gc.collect()
@@ -113,6 +116,9 @@ class TorchBackend:
         linears, plans = build_kernel_linears(sources, options.linear_kernel, dtype, list(workload.batch_sizes),
                                               quick=options.kernel_tuning == "quick",
                                               measure_bf16=options.measure_bf16_kernels, log=log)
+        if adapter:
+            n = add_lora(linears, read_adapter(adapter), out_sizes, "model.layers", dtype, options.device)
+            log(f"[bench] LoRA adapter {adapter} added to {n} fused Linears")
         prompts = prompt_token_ids(workload, spec.vocab_size, exclude).to(options.device)
         engine, notes = build_engine(spec, linears, workload, options, prompts, log)
         if cuda:
@@ -133,7 +139,7 @@ class TorchBackend:
             "linear_kernel": options.linear_kernel, "results": results,
             "kernels": [asdict(p) for p in plans],
             "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-            "torch_version": torch.__version__, "engine_notes": notes,
+            "torch_version": torch.__version__, "engine_notes": notes, "adapter": adapter,
             **weight_bytes(spec, linears),
         }
         if not cuda:

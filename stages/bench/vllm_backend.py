@@ -59,7 +59,16 @@ def build_request(target: BenchTarget, workload: Workload, options: BenchOptions
     return {"model": str(target.path), "dtype": dtype, "gpu_memory_utilization": options.gpu_memory_utilization,
             "workload": workload.to_dict(), "prompts": prompts.tolist(), "enforce_eager": options.vllm_enforce_eager,
             "cudagraph_sizes": options.vllm_cudagraph_sizes, "trust_remote_code": target.trust_remote_code,
-            "check_only": check_only}
+            "check_only": check_only, **_lora_request(target)}
+
+
+def _lora_request(target: BenchTarget) -> dict:
+    """The adapter fields of a request: vLLM's LoRA layers wrap its quantized linear methods (GPTQ, AWQ, Marlin)."""
+    if target.adapter is None:
+        return {}
+    from stages.recovery.adapter import read_adapter_config, vllm_max_lora_rank
+
+    return {"lora_path": target.adapter, "max_lora_rank": vllm_max_lora_rank(int(read_adapter_config(target.adapter)["r"]))}
 
 
 def run_worker(request: dict, timeout_s: int, log_path: Path, env: Optional[dict] = None) -> dict[str, Any]:

@@ -29,6 +29,8 @@ def engine_kwargs(req: dict[str, Any]) -> dict[str, Any]:
         "enforce_eager": bool(req.get("enforce_eager", False)),
         "trust_remote_code": bool(req.get("trust_remote_code", False)),
     }
+    if req.get("lora_path"):
+        kw.update(enable_lora=True, max_lora_rank=int(req["max_lora_rank"]), max_loras=1)
     if req.get("cudagraph_sizes") and not kw["enforce_eager"]:
         kw["compilation_config"] = {"cudagraph_capture_sizes": sorted(set(w.batch_sizes))}
     return kw
@@ -98,20 +100,25 @@ def run_request(req: dict[str, Any]) -> dict[str, Any]:
     llm, notes = _make_llm(req)
     out: dict[str, Any] = {"engine_start_s": time.perf_counter() - t0, "notes": notes, **engine_info(llm)}
     prompts = req["prompts"]
+    gen_kw = {}
+    if req.get("lora_path"):
+        from vllm.lora.request import LoRARequest
+
+        gen_kw["lora_request"] = LoRARequest("recover", 1, req["lora_path"])
 
     def run_batch(idx: list[int]) -> BatchTiming:
         first_reqs, first_params = build_requests([prompts[i] for i in idx], 1, w.seed)
         reqs, params = build_requests([prompts[i] for i in idx], w.output_len, w.seed)
         start = time.perf_counter()
-        parse_outputs(llm.generate(first_reqs, first_params, use_tqdm=False), 1)
+        parse_outputs(llm.generate(first_reqs, first_params, use_tqdm=False, **gen_kw), 1)
         ttft = time.perf_counter() - start
         start = time.perf_counter()
-        parse_outputs(llm.generate(reqs, params, use_tqdm=False), w.output_len)
+        parse_outputs(llm.generate(reqs, params, use_tqdm=False, **gen_kw), w.output_len)
         return BatchTiming(ttft, time.perf_counter() - start)
 
     if req.get("check_only"):
         reqs, params = build_requests(prompts[:1], w.output_len, w.seed)
-        out["sample_tokens"] = parse_outputs(llm.generate(reqs, params, use_tqdm=False), w.output_len)[0]
+        out["sample_tokens"] = parse_outputs(llm.generate(reqs, params, use_tqdm=False, **gen_kw), w.output_len)[0]
         return out
     out["results"] = [measure(run_batch, w, b, on_pass=lambda what, m: print(
         f"[vllm-worker] {what}: {m['output_tokens_per_s']:.1f} tok/s", flush=True)) for b in w.batch_sizes]

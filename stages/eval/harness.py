@@ -48,6 +48,7 @@ class EvalTarget:
     dtype: str
     quantized: bool = False
     trust_remote_code: bool = False
+    adapter: Optional[str] = None  # a PEFT LoRA adapter folder applied on top (recover.mode=lora)
     _model: Any = field(default=None, repr=False)
     _tokenizer: Any = field(default=None, repr=False)
 
@@ -96,8 +97,14 @@ def build_vllm_lm(target: EvalTarget, cfg: EvalConfig) -> Any:
     from lm_eval.models.vllm_causallms import VLLM
 
     target.release()  # vLLM allocates most of the GPU; free the torch copy first
+    lora = {}
+    if target.adapter is not None:  # vLLM's LoRA layers wrap any quantized linear method (GPTQ, AWQ, Marlin)
+        from stages.recovery.adapter import read_adapter_config, vllm_max_lora_rank
+
+        lora = {"lora_local_path": target.adapter,
+                "max_lora_rank": vllm_max_lora_rank(int(read_adapter_config(target.adapter)["r"]))}
     return VLLM(pretrained=target.path, tokenizer=target.path, dtype=target.dtype, batch_size=cfg.batch_size,
-                max_length=cfg.max_length, trust_remote_code=target.trust_remote_code)
+                max_length=cfg.max_length, trust_remote_code=target.trust_remote_code, **lora)
 
 
 def lm_eval_limit(limit: Optional[float]) -> Optional[float | int]:

@@ -31,6 +31,8 @@ AUX_FILES = (
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 MAX_LISTED = 5  # mismatches named in one error message
+# Tuned unquantized tensors (e.g. norm weights after recover.mode=scales) that replace the model's own.
+REPLACEMENTS_FILE = "replacements.safetensors"
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class QStateReader:
     folder: Path
     meta: dict[str, Any]
     _keys: set[str] = field(default_factory=set)
+    replaced: set[str] = field(default_factory=set)  # source tensor names with a replacement
 
     @classmethod
     def open(cls, folder: Path) -> "QStateReader":
@@ -117,7 +120,16 @@ class QStateReader:
         meta = json.loads((folder / LAYERS_FILE).read_text())
         with safe_open(str(folder / QSTATE_FILE), framework="pt") as f:
             keys = set(f.keys())
-        return cls(folder, meta, keys)
+        replaced: set[str] = set()
+        if (folder / REPLACEMENTS_FILE).is_file():
+            with safe_open(str(folder / REPLACEMENTS_FILE), framework="pt") as f:
+                replaced = set(f.keys())
+        return cls(folder, meta, keys, replaced)
+
+    def replacement(self, key: str) -> torch.Tensor:
+        """The tuned value of an unquantized source tensor (see REPLACEMENTS_FILE)."""
+        with safe_open(str(self.folder / REPLACEMENTS_FILE), framework="pt") as f:
+            return f.get_tensor(key)
 
     @property
     def names(self) -> list[str]:
@@ -184,6 +196,12 @@ def check_qstate_matches_model(qstate: QStateReader, source: SourceModel) -> Non
             problems.append(f"{name}: no such weight in the model")
         elif tuple(info.shape) != shape:
             problems.append(f"{name}: qstate shape {list(shape)} but the model's weight is {list(info.shape)}")
+    for key in sorted(qstate.replaced):
+        info = source.tensors.get(key)
+        shape = tuple(qstate.replacement(key).shape)
+        if info is None or tuple(info.shape) != shape:
+            problems.append(f"replacement {key} {list(shape)}: the model has "
+                            f"{'no such tensor' if info is None else list(info.shape)}")
     n_blocks = qstate.meta.get("num_blocks")
     n_layers = source.config.get("num_hidden_layers")
     if n_blocks is not None and n_layers is not None and int(n_blocks) != int(n_layers):

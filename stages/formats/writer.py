@@ -190,7 +190,7 @@ def _write_tensors(layout: Layout, qstate: QStateReader, source: SourceModel, ou
             for k, t in packed.items():
                 writer.add(k, t)
             continue
-        t = source.load(key)
+        t = qstate.replacement(key) if key in qstate.replaced else source.load(key)
         writer.add(key, t.to(options.dtype) if t.is_floating_point() else t)
     return writer.finish(), records, packed_keys, writer.total
 
