@@ -72,8 +72,13 @@ def run(ctx: StageContext) -> StageResult:
     from stages.formats.writer import PackOptions, Recipe
     from stages.registry import PACK_FORMATS, resolve
 
+    from stages.formats.bnb import pack_bnb
+    from stages.quant.bnb import BNB_STATE_FILE
+
     cfg = ctx.cfg.pack
     quantize = ctx.inputs["quantize"]
+    if (quantize.path / BNB_STATE_FILE).is_file():  # a bitsandbytes model, not a qstate: its own serialisation
+        return pack_bnb(ctx)
     qstate = QStateReader.open(quantize.path)
     source = SourceModel.open(ctx.model.path, ctx.model.revision)
     quant = quantize.manifest.get("config", {}).get("quant") or asdict(ctx.cfg.quant)

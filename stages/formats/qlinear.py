@@ -271,6 +271,11 @@ def load_quantized_model(path: str | Path, device: str = "cpu", dtype: Optional[
     qcfg = json.loads((path / "config.json").read_text()).get("quantization_config")
     if not qcfg:
         raise InputError(f"{path}/config.json has no quantization_config: not a packed checkpoint")
+    from stages.registry import CHECKPOINT_LOADERS, resolve
+
+    if qcfg.get("quant_method") in CHECKPOINT_LOADERS:  # not a packed-integer layout (bitsandbytes)
+        loader = resolve(CHECKPOINT_LOADERS, "quantization_config.quant_method", qcfg["quant_method"])
+        return loader(path, device, dtype, trust_remote_code)
     spec = read_quant_spec(qcfg, path)
     headers = read_safetensors_headers(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
