@@ -4,6 +4,7 @@
 v1/v2, or auto-round with packing_format auto_round:auto_gptq / auto_round:auto_awq /
 auto_round), builds the model on the meta device, swaps every Linear that has a `qweight`
 for a `QuantLinear` holding the packed tensors, and loads the other tensors in `dtype`.
+A quant_method in stages.registry.CHECKPOINT_LOADERS (bitsandbytes) goes to its own loader.
 What evaluate and benchmark score is therefore exactly what was shipped, and the weights
 a QuantLinear uses are `stages.quant.qdq.dequantize` of the stored codes, scales and zeros
 (the quantize stage's weights, bit for bit, whenever the format stores them as they are).
