@@ -191,9 +191,9 @@ def _target(ctx: StageContext) -> EvalTarget:
 
         model = load_quantized_model(str(folder), ctx.device, ctx.torch_dtype(),
                                      trust_remote_code=ctx.model.trust_remote_code).eval()
-        if ctx.cfg.eval.dense_weights:
-            ctx.log(f"[{ctx.stage}] dequantized {densify_quant_linears(model, ctx.torch_dtype())} packed Linears "
-                    "once (eval.dense_weights=true)")
+        swapped = densify_quant_linears(model, ctx.torch_dtype()) if ctx.cfg.eval.dense_weights else 0
+        if swapped:  # none for a bitsandbytes checkpoint: its Linears run bitsandbytes' kernels as shipped
+            ctx.log(f"[{ctx.stage}] dequantized {swapped} packed Linears once (eval.dense_weights=true)")
         return model
 
     return EvalTarget(str(folder), load, lambda: AutoTokenizer.from_pretrained(folder), ctx.device, ctx.dtype,
