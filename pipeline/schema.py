@@ -98,10 +98,21 @@ class LayerOverride:
 
 
 @dataclass
+class BnbConfig:
+    """bitsandbytes options (`quant.method=bnb_nf4 | bnb_int8`; see stages/quant/bnb.py)."""
+
+    # NF4: quantize the per-block absmax scales again (8-bit, blocks of 256), about 0.4 fewer bits per weight
+    double_quant: bool = False
+    # LLM.int8: activation columns with a value above this stay 16-bit in the matmul (0: every column in int8)
+    int8_threshold: float = 6.0
+
+
+@dataclass
 class QuantConfig:
     """Quantization method and scheme (`quant=` group)."""
 
-    # Registry key in stages.registry.QUANT_METHODS: rtn | gptq | autoround
+    # Registry key in stages.registry.QUANT_METHODS: rtn | gptq | autoround | bnb_nf4 | bnb_int8
+    # (bnb_*: bitsandbytes quantizes at load time, scheme fixed, see conf/quant/bnb_*.yaml)
     method: str = "autoround"
     bits: int = 4
     group_size: int = 128
@@ -128,6 +139,7 @@ class QuantConfig:
     # Which layers: every Linear inside the decoder blocks; lm_head only when asked (RTN, untied only)
     quantize_lm_head: bool = False
     overrides: List[LayerOverride] = field(default_factory=list)  # applied in order, later wins
+    bnb: BnbConfig = field(default_factory=BnbConfig)
 
 
 @dataclass
@@ -221,8 +233,12 @@ class EvalConfig:
     limit: Optional[float] = None
     batch_size: int = 8
     max_length: Optional[int] = None  # null: the model's own context length
-    # Registry key in stages.registry.EVAL_BACKENDS: hf | vllm (lm-eval's vLLM model; CUDA + vllm)
+    # Registry key in stages.registry.EVAL_BACKENDS: hf | vllm (lm-eval's vLLM model; CUDA + vllm). A packed
+    # checkpoint that the pack stage's compat.json says vLLM refuses is scored with hf instead (logged, recorded).
     backend: str = "hf"
+    # vllm backend: skip torch.compile and CUDA graphs (scoring is prefill-bound; the engine starts in seconds)
+    vllm_enforce_eager: bool = True
+    vllm_gpu_memory_utilization: float = 0.8
     # hf backend: after loading the packed checkpoint, replace each packed Linear by a dense Linear
     # holding its dequantized weight (the same outputs, dequantized once instead of at every call).
     dense_weights: bool = True
@@ -259,6 +275,9 @@ class BenchConfig:
 @dataclass
 class ReportConfig:
     plots: bool = True
+    # Sweep reports: also the reference table (one row per method, one column per lm-eval task, plus
+    # perplexity, size and decode throughput; stages/report_reference.py)
+    reference_table: bool = False
     # Where sweep reports go; per-run reports live in the store.
     reports_dir: str = "${run.outputs_dir}/reports"
 

@@ -29,6 +29,14 @@ def _int_at_least(low: int, example: int) -> Callable[[str, Any], None]:
     return check
 
 
+def _number_at_least(low: float, example: float) -> Callable[[str, Any], None]:
+    def check(key: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+            raise ConfigError(key, value, f"a number >= {low}", f"e.g. {key}={example}")
+
+    return check
+
+
 def _positive_or_none(example: float) -> Callable[[str, Any], None]:
     def check(key: str, value: Any) -> None:
         if value is not None and (not isinstance(value, (int, float)) or value <= 0):
@@ -194,6 +202,7 @@ FIELD_RULES: dict[str, Callable[[str, Any], None]] = {
     "recover.rank": _int_at_least(1, 16),
     "recover.alpha": _positive(32),
     "recover.target_modules": _module_names,
+    "quant.bnb.int8_threshold": _number_at_least(0.0, 6.0),
     "pack.format": _choice(_registry("PACK_FORMATS"), "auto"),
     "pack.packing_format": _choice(_registry("PACKING_FORMATS"), "auto"),
     "pack.max_shard_size": _shard_size,
@@ -202,6 +211,7 @@ FIELD_RULES: dict[str, Callable[[str, Any], None]] = {
     "eval.tasks": _task_names,
     "eval.num_fewshot": _int_at_least_or_none(0, 0),
     "eval.batch_size": _int_at_least(1, 8),
+    "eval.vllm_gpu_memory_utilization": _fraction,
     "eval.limit": _limit,
     "eval.max_length": _int_at_least_or_none(16, 2048),
     "eval.perplexity.seqlen": _int_at_least(2, 512),
@@ -246,7 +256,11 @@ def validate_config(cfg: PipelineConfig) -> None:
     for key, value in _walk(cfg):
         check_field(key, value)
     q, c = cfg.quant, cfg.calib
-    if q.method != "rtn" and q.batch_size > c.nsamples:
+    from stages.registry import QUANT_CONFIG_CHECKS, resolve
+
+    if q.method in QUANT_CONFIG_CHECKS:  # a method with rules of its own (bitsandbytes: fixed scheme, no tuning)
+        resolve(QUANT_CONFIG_CHECKS, "quant.method", q.method)(cfg)
+    elif q.method != "rtn" and q.batch_size > c.nsamples:
         raise ConfigError("quant.batch_size", q.batch_size, f"at most calib.nsamples={c.nsamples}",
                           f"e.g. quant.batch_size={min(8, c.nsamples)} or calib.nsamples={q.batch_size}",
                           problem="exceeds the number of calibration samples")

@@ -15,7 +15,7 @@ import contextlib
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -23,7 +23,7 @@ from pipeline.context import StageContext, StageResult
 from pipeline.errors import ConfigError, InputError
 from pipeline.models import ModelHandle, is_offline, offline_env
 from pipeline.schema import EvalConfig, PipelineConfig
-from stages.eval.harness import EvalTarget, check_tokenizer_files, check_vllm_available, run_lm_eval
+from stages.eval.harness import EvalTarget, check_tokenizer_files, check_vllm_available, close_lm, run_lm_eval
 from stages.eval.results import (deltas_vs_baseline, flatten_lm_eval, paired_ppl_ratio, perplexity_metrics,
                                  short_summary, summary_table)
 from stages.eval.tasks import check_task_names
@@ -96,7 +96,10 @@ def evaluate(target: EvalTarget, cfg: EvalConfig, text: Optional[str], progress:
     if cfg.tasks:
         lm = resolve(EVAL_BACKENDS, "eval.backend", cfg.backend)(target, cfg)
         task_manager = resolve(EVAL_TASK_SOURCES, "eval.task_source", cfg.task_source)()
-        results = run_lm_eval(lm, task_manager, cfg)
+        try:
+            results = run_lm_eval(lm, task_manager, cfg)
+        finally:
+            close_lm(lm)
         metrics.update(flatten_lm_eval(results))
     return EvalOutcome(metrics, results, ppl)
 
@@ -194,9 +197,9 @@ def _target(ctx: StageContext) -> EvalTarget:
 
         model = load_quantized_model(str(folder), ctx.device, ctx.torch_dtype(),
                                      trust_remote_code=ctx.model.trust_remote_code).eval()
-        if ctx.cfg.eval.dense_weights:
-            ctx.log(f"[{ctx.stage}] dequantized {densify_quant_linears(model, ctx.torch_dtype())} packed Linears "
-                    "once (eval.dense_weights=true)")
+        swapped = densify_quant_linears(model, ctx.torch_dtype()) if ctx.cfg.eval.dense_weights else 0
+        if swapped:  # none for a bitsandbytes checkpoint: its Linears run bitsandbytes' kernels as shipped
+            ctx.log(f"[{ctx.stage}] dequantized {swapped} packed Linears once (eval.dense_weights=true)")
         if adapter is not None:
             model = apply_adapter_with_peft(model, adapter)
             ctx.log(f"[{ctx.stage}] LoRA adapter {adapter} applied with PEFT")
@@ -236,9 +239,28 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
+def eval_backend(ctx: StageContext) -> tuple[str, str]:
+    """(backend, why): eval.backend, except that a vllm request for a packed checkpoint the pack stage's
+    compat.json says vLLM refuses is scored with hf (so one sweep can mix servable and unservable rows)."""
+    requested = ctx.cfg.eval.backend
+    pack = ctx.inputs.get("pack")
+    if requested != "vllm" or ctx.variant == "baseline" or not ctx.cfg.eval.tasks or pack is None:
+        return requested, f"eval.backend={requested}"
+    from stages.pack import REPORT_FILE
+
+    verdict = pack.read_json(REPORT_FILE).get("vllm", {}) if (pack.path / REPORT_FILE).is_file() else {}
+    if verdict and not verdict.get("loads", False):
+        return "hf", (f"eval.backend=vllm, but vLLM {verdict.get('version', '')} refuses this checkpoint "
+                      f"({str(verdict.get('reason', 'see compat.json'))[:200]}): its tasks were scored with hf")
+    return "vllm", "eval.backend=vllm (the pack stage's compat.json: vLLM serves this checkpoint)"
+
+
 def run(ctx: StageContext) -> StageResult:
     """Load the model (packed or baseline), evaluate it, write metrics/raw results/summary."""
-    cfg = ctx.cfg.eval
+    backend, why = eval_backend(ctx)
+    if backend != ctx.cfg.eval.backend:
+        ctx.log(f"[{ctx.stage}] {why}")
+    cfg = replace(ctx.cfg.eval, backend=backend)
     target = _target(ctx)
     text = load_perplexity_text(cfg.perplexity) if cfg.perplexity.enabled else None
     # Local tasks are small: lm-eval's bootstrap standard errors (100k resamples) take about a second
@@ -258,9 +280,11 @@ def run(ctx: StageContext) -> StageResult:
     ctx.log(f"[{ctx.stage}] {title}\n{table}")
     (ctx.workdir / SUMMARY_FILE).write_text(f"# {ctx.stage}\n\n{title}\n\n{table}\n", encoding="utf-8")
     _write_json(ctx.workdir / METRICS_FILE, {"metrics": metrics, "perplexity": outcome.perplexity,
-                                             "variant": ctx.variant, "model": target.path})
+                                             "variant": ctx.variant, "model": target.path, "backend": backend,
+                                             "backend_note": why})
     artifacts = [METRICS_FILE, SUMMARY_FILE]
     if outcome.lm_eval_results is not None:
         _write_json(ctx.workdir / RAW_RESULTS_FILE, outcome.lm_eval_results)
         artifacts.append(RAW_RESULTS_FILE)
-    return StageResult(metrics=metrics, summary=short_summary(metrics), artifacts=artifacts)
+    summary = {**short_summary(metrics), **({"backend": backend} if cfg.tasks else {})}
+    return StageResult(metrics=metrics, summary=summary, artifacts=artifacts)

@@ -73,8 +73,13 @@ def run(ctx: StageContext) -> StageResult:
     from stages.recover import attach_adapter, qstate_input
     from stages.registry import PACK_FORMATS, resolve
 
+    from stages.formats.bnb import pack_bnb
+    from stages.quant.bnb import BNB_STATE_FILE
+
     cfg = ctx.cfg.pack
     quantize = ctx.inputs["quantize"]
+    if (quantize.path / BNB_STATE_FILE).is_file():  # a bitsandbytes model, not a qstate: its own serialisation
+        return pack_bnb(ctx)
     qstate_art = qstate_input(ctx.inputs)  # the recovered qstate when recover.mode=scales ran
     qstate = QStateReader.open(qstate_art.path)
     source = SourceModel.open(ctx.model.path, ctx.model.revision)

@@ -144,6 +144,9 @@ def run(ctx: "StageContext") -> "StageResult":
     from stages.quant.qstate import LAYERS_FILE, save_qstate
 
     cfg = ctx.cfg.quant
+    whole_stage = getattr(quantizer_class(cfg), "run_stage", None)
+    if whole_stage is not None:  # a method without block-by-block work (bitsandbytes quantizes at load time)
+        return whole_stage(ctx)
     workdir = Path(ctx.workdir)
     done, done_metrics = load_finished_blocks(workdir) if ctx.resumed else ({}, {})
     if done:
@@ -202,8 +205,13 @@ def preflight(cfg: "PipelineConfig", model: Optional["ModelHandle"], spec: Any =
         model: the model handle (its config gives the layer shapes).
         spec: the DAG node (unused).
     """
+    from stages.quant.driver import quantizer_class
     from stages.quant.schemes import plan_quantization
 
+    own = getattr(quantizer_class(cfg.quant), "preflight", None)
+    if own is not None:  # a method with checks of its own (bitsandbytes: the package runs the scheme here)
+        own(cfg, model)
+        return
     check_quant_config(cfg.quant, cfg.calib.nsamples)
     if model is not None:
         plan_quantization(meta_model(model), cfg.quant)

@@ -148,6 +148,10 @@ def run(ctx: "StageContext") -> "StageResult":
 def check_recover_config(cfg: "PipelineConfig") -> None:
     """Config-only checks (no model): sample counts."""
     r, n = cfg.recover, cfg.calib.nsamples
+    if cfg.quant.method.startswith("bnb_"):
+        raise ConfigError("recover.mode", r.mode, "none with a bitsandbytes quant method",
+                          f"drop recover= or quantize with rtn/gptq/autoround (quant={cfg.quant.method} has no qstate "
+                          "to recover)", problem=f"cannot follow quant={cfg.quant.method}")
     if r.val_samples >= n:
         raise ConfigError("recover.val_samples", r.val_samples, f"less than calib.nsamples={n}",
                           f"e.g. recover.val_samples={min(8, n // 4)}", problem="leaves no training samples")

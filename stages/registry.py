@@ -37,6 +37,16 @@ QUANT_METHODS: dict[str, str] = {
     "rtn": "stages.quant.rtn:RTNQuantizer",
     "gptq": "stages.quant.gptq:GPTQQuantizer",
     "autoround": "stages.quant.autoround:AutoRoundQuantizer",
+    # bitsandbytes: quantized at load time by transformers, whole stage (stages.quant.bnb); no block driver
+    "bnb_nf4": "stages.quant.bnb:BnbMethod",
+    "bnb_int8": "stages.quant.bnb:BnbMethod",
+}
+
+# quant.method -> its own config rules, (PipelineConfig) -> None raising ConfigError (torch-free; run by
+# pipeline.validate before any work). Methods without an entry follow the common rules there.
+QUANT_CONFIG_CHECKS: dict[str, str] = {
+    "bnb_nf4": "stages.quant.bnb_options:check_bnb_config",
+    "bnb_int8": "stages.quant.bnb_options:check_bnb_config",
 }
 
 # recover.mode -> recovery mode class (constructed as cls(RecoverConfig)); "none" skips the stage
@@ -70,6 +80,12 @@ PACK_FORMATS: dict[str, str] = {
     "gptq": "stages.formats.gptq:pack_gptq",
     "gptq_v2": "stages.formats.gptq:pack_gptq_v2",
     "auto_round": "stages.formats.auto_round:pack_auto_round",
+}
+
+# config.json quantization_config.quant_method -> loader of a checkpoint that is not a GPTQ/auto-round layout:
+# (path, device, dtype, trust_remote_code) -> model (stages.formats.qlinear.load_quantized_model dispatches)
+CHECKPOINT_LOADERS: dict[str, str] = {
+    "bitsandbytes": "stages.formats.bnb:load_bnb_checkpoint",
 }
 
 # pack.packing_format (auto_round format only): tensor layouts auto-round writes

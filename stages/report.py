@@ -29,8 +29,8 @@ JOB_FILE = "job.json"  # written into each sweep job folder by pipeline.sweep.wr
 KEY_COLUMNS = ("method", "bits", "group_size", "sym", "iters", "recover")
 LOWER_IS_BETTER_RE = re.compile(r"(ppl|perplexity|bits_per_byte|nll)$")
 # Methods whose tuning iterations are fixed whatever quant.iters says: RTN never tunes (0),
-# GPTQ has no iterations (None, shown as "-").
-FIXED_ITERS: dict[str, Optional[int]] = {"rtn": 0, "gptq": None}
+# GPTQ and bitsandbytes have no iterations (None, shown as "-").
+FIXED_ITERS: dict[str, Optional[int]] = {"rtn": 0, "gptq": None, "bnb_nf4": None, "bnb_int8": None}
 PPL_RE = re.compile(r"(^|[._])(ppl|word_perplexity|perplexity)$")
 
 
@@ -471,7 +471,23 @@ def build_sweep_report(cfg: Any, sweep_dir: Path) -> list[Path]:
         if curve:
             losses[row["label"]] = curve
     out_dir = Path(cfg.report.reports_dir) / Path(sweep_dir).name
-    return write_report(report, out_dir, losses, plots=cfg.report.plots)
+    files = write_report(report, out_dir, losses, plots=cfg.report.plots)
+    if cfg.report.reference_table:
+        files += _reference_table(usable, model, out_dir, _sweep_notes(jobs))
+    return files
+
+
+def _reference_table(jobs: list[SweepJob], model: str, out_dir: Path, notes: list[str]) -> list[Path]:
+    """reference_table.md/.csv (stages/report_reference.py), also appended to report.md."""
+    from stages.report_reference import build_reference_table, in_features_of, to_markdown, write_reference_table
+
+    widths = in_features_of([j.artifact_dirs["quantize"] for j in jobs if "quantize" in j.artifact_dirs])
+    table = build_reference_table([(j.name, j.manifests) for j in jobs], model, widths)
+    table.notes += notes
+    files = write_reference_table(table, out_dir)
+    md = out_dir / "report.md"
+    md.write_text(md.read_text() + "\n## Reference table\n\n" + to_markdown(table).split("\n", 2)[2])
+    return files
 
 
 def _rows_by_job(report: Report, jobs: list[SweepJob]) -> list[dict]:

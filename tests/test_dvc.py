@@ -31,7 +31,7 @@ CODE_DEPS = {
     "evaluate": ("stages/evaluate.py", "stages/eval", "stages/tasks", "stages/formats"),
     "baseline_benchmark": ("stages/benchmark.py", "stages/bench"),
     "benchmark": ("stages/benchmark.py", "stages/bench", "stages/formats"),
-    "report": ("stages/report.py", "stages/report_plots.py"),
+    "report": ("stages/report.py", "stages/report_plots.py", "stages/report_reference.py"),
 }
 TINY_EXPERIMENT = """# @package _global_
 defaults:

@@ -15,7 +15,8 @@ from conftest import CONF_DIR
 
 EXPERIMENTS = group_options(CONF_DIR, "experiment")
 # Presets that calibrate from the hub: offline they must name both ways out, then work with the offline one.
-HUB_CALIBRATED = {"llama3_w2_g64": (512, 512), "llama3_w4_g128": (128, 512)}
+HUB_CALIBRATED = {"llama3_w2_g64": (512, 512), "llama3_w4_g128": (128, 512),
+                  "compare_reference_table_llama3": (128, 512)}
 OFFLINE_CALIB = ["calib=austen", "calib.mode=random_window"]
 
 

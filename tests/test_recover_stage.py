@@ -253,3 +253,12 @@ def test_recovery_lowers_distillation_loss_and_heldout_perplexity_of_smollm2(smo
     recovered = ppl(shipped)
     assert 20 < fp < 100 and quantized > 1.5 * fp
     assert recovered < fp + 0.7 * (quantized - fp), (fp, quantized, recovered)
+
+
+def test_recovery_after_a_bitsandbytes_method_is_refused(compose, tiny_overrides):
+    cfg, _ = compose([o for o in tiny_overrides if not o.startswith("quant.")] + ["quant=bnb_nf4", "recover=scales"])
+    runner = PipelineRunner(cfg, Runtime("cpu", "float32", log=lambda m: None))
+    with pytest.raises(ConfigError, match=r"recover.mode=scales cannot follow quant=bnb_nf4"):
+        validate_config(cfg)
+        runner.check(runner.plan())
+    assert not (Path(cfg.run.outputs_dir) / "store" / "calibrate").exists()

@@ -1,6 +1,7 @@
 """Take a loaded Hugging Face Llama-layout model apart for the decode engine.
 
-Plain `nn.Linear`s become `DenseWeight`s; quantized Linears (`stages.formats.qlinear.QuantLinear`:
+Plain `nn.Linear`s become `DenseWeight`s; bitsandbytes Linears become `ModuleWeight`s (their own
+kernels); quantized Linears (`stages.formats.qlinear.QuantLinear`:
 GPTQ-layout `qweight`/`qzeros`/`scales`/`g_idx` with `bits`, `group_size`, `zero_offset`) become
 `TritonWeight`s over the very same tensors, so the benchmark runs exactly the loaded packed
 checkpoint. q/k/v and gate/up are fused per layer; the HF modules are released as they are
@@ -16,8 +17,9 @@ from torch import nn
 
 from pipeline.errors import InputError
 from stages.bench.engine import SUPPORTED_MODEL_TYPES, DecoderSpec
-from stages.kernels.linear import DenseWeight, Source, fuse_sources
+from stages.kernels.linear import DenseWeight, ModuleWeight, Source, fuse_sources
 from stages.kernels.tiles import from_gptq
+from stages.quant.bnb import is_bnb_module
 
 SEQ_DEPENDENT_ROPE = ("dynamic", "longrope")
 
@@ -30,6 +32,9 @@ def source_of(module: nn.Module, dtype: torch.dtype) -> tuple[Source, Optional[t
     """(weight source, bias) of one Linear-like module, on the module's device."""
     bias = getattr(module, "bias", None)
     bias = None if bias is None else bias.detach().to(dtype)
+    if is_bnb_module(module):  # bitsandbytes: runs its own kernels; the engine adds the bias
+        module.bias = None
+        return ModuleWeight([module]), bias
     if is_quantized_linear(module):
         bits, gs = getattr(module, "bits", None), getattr(module, "group_size", None)
         if bits is None or gs is None:
@@ -53,6 +58,8 @@ def _fused(modules: list[nn.Module], dtype: torch.dtype) -> tuple[Source, Option
 
 
 def _device(src: Source) -> torch.device:
+    if isinstance(src, ModuleWeight):
+        return src.modules[0].weight.device
     return src.weight.device if isinstance(src, DenseWeight) else src.qweight.device
 
 

@@ -104,7 +104,16 @@ def build_vllm_lm(target: EvalTarget, cfg: EvalConfig) -> Any:
         lora = {"lora_local_path": target.adapter,
                 "max_lora_rank": vllm_max_lora_rank(int(read_adapter_config(target.adapter)["r"]))}
     return VLLM(pretrained=target.path, tokenizer=target.path, dtype=target.dtype, batch_size=cfg.batch_size,
-                max_length=cfg.max_length, trust_remote_code=target.trust_remote_code, **lora)
+                max_length=cfg.max_length, trust_remote_code=target.trust_remote_code,
+                enforce_eager=cfg.vllm_enforce_eager, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                **lora)
+
+
+def close_lm(lm: Any) -> None:
+    """Stop a vLLM engine's core process (its GPU memory) once the tasks ran; nothing to do for hf."""
+    engine = getattr(getattr(getattr(lm, "model", None), "llm_engine", None), "engine_core", None)
+    if engine is not None and hasattr(engine, "shutdown"):
+        engine.shutdown()
 
 
 def lm_eval_limit(limit: Optional[float]) -> Optional[float | int]:

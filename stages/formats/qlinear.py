@@ -4,6 +4,7 @@
 v1/v2, or auto-round with packing_format auto_round:auto_gptq / auto_round:auto_awq /
 auto_round), builds the model on the meta device, swaps every Linear that has a `qweight`
 for a `QuantLinear` holding the packed tensors, and loads the other tensors in `dtype`.
+A quant_method in stages.registry.CHECKPOINT_LOADERS (bitsandbytes) goes to its own loader.
 What evaluate and benchmark score is therefore exactly what was shipped, and the weights
 a QuantLinear uses are `stages.quant.qdq.dequantize` of the stored codes, scales and zeros
 (the quantize stage's weights, bit for bit, whenever the format stores them as they are).
@@ -271,6 +272,11 @@ def load_quantized_model(path: str | Path, device: str = "cpu", dtype: Optional[
     qcfg = json.loads((path / "config.json").read_text()).get("quantization_config")
     if not qcfg:
         raise InputError(f"{path}/config.json has no quantization_config: not a packed checkpoint")
+    from stages.registry import CHECKPOINT_LOADERS, resolve
+
+    if qcfg.get("quant_method") in CHECKPOINT_LOADERS:  # not a packed-integer layout (bitsandbytes)
+        loader = resolve(CHECKPOINT_LOADERS, "quantization_config.quant_method", qcfg["quant_method"])
+        return loader(path, device, dtype, trust_remote_code)
     spec = read_quant_spec(qcfg, path)
     headers = read_safetensors_headers(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -14,6 +14,7 @@ Kernels (`KERNELS`; `bench.linear_kernel` picks a policy, see `stages.kernels.pl
 * tinygemm torch.ops.aten._weight_int4pack_mm (4-bit, CUDA bfloat16)
 * int8pack torch.ops.aten._weight_int8pack_mm (8-bit per-channel sym)
 * triton   the dequantize-in-tile GEMM/GEMV of `stages.kernels.triton_gemm` (CUDA)
+* module   the layer's own module (a bitsandbytes Linear and its kernels, on any device)
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from stages.kernels.gptq_unpack import unpack_qweight
 from stages.kernels.tiles import TileConfig, TritonWeight, concat_out
 from stages.quant.qdq import dequantize
 
-KERNELS = ("dense", "dequant", "dequant_once", "tinygemm", "int8pack", "triton")
+KERNELS = ("dense", "dequant", "dequant_once", "tinygemm", "int8pack", "triton", "module")
 # Which weight format each kernel reads ("gptq" = TritonWeight: the checkpoint's own tensors).
 FORMAT_OF = {"dense": "dense", "dequant": "gptq", "dequant_once": "dense", "triton": "gptq", "tinygemm": "tinygemm",
-             "int8pack": "int8pack"}
+             "int8pack": "int8pack", "module": "module"}
 
 
 @dataclass
@@ -52,7 +53,32 @@ class DenseWeight:
         return self.weight.numel() * self.weight.element_size()
 
 
-Source = Union[DenseWeight, TritonWeight]
+@dataclass
+class ModuleWeight:
+    """Linears that compute themselves with a library's kernels (bitsandbytes), bias removed; several modules
+    reading the same input (q/k/v, gate/up) have their outputs concatenated."""
+
+    modules: list  # nn.Module with in_features / out_features
+
+    @property
+    def in_features(self) -> int:
+        return self.modules[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return sum(m.out_features for m in self.modules)
+
+    def nbytes(self) -> int:
+        """Bytes the modules store (packed weight and quantization state, as their state_dict holds them)."""
+        return sum(t.numel() * t.element_size() for m in self.modules for t in m.state_dict().values())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.modules) == 1:
+            return self.modules[0](x)
+        return torch.cat([m(x) for m in self.modules], dim=-1)
+
+
+Source = Union[DenseWeight, TritonWeight, ModuleWeight]
 
 
 def dequantize_weight(w: TritonWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -100,6 +126,8 @@ def fuse_sources(parts: list[Source]) -> Source:
         return DenseWeight(torch.cat([p.weight for p in parts], 0))
     if all(isinstance(p, TritonWeight) for p in parts):
         return concat_out(parts)
+    if all(isinstance(p, ModuleWeight) for p in parts):
+        return ModuleWeight([m for p in parts for m in p.modules])
     raise ValueError("cannot fuse a quantized Linear with an unquantized one")
 
 
@@ -113,6 +141,8 @@ def kernel_fn(kind: str, fmt: Any, config: Optional[TileConfig] = None) -> Calla
         return lambda x: int4.matmul(x, fmt)
     if kind == "int8pack":
         return lambda x: int8.matmul(x, fmt)
+    if kind == "module":
+        return fmt
     if kind == "triton":
         from stages.kernels import triton_gemm
 

@@ -26,8 +26,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from stages.kernels.linear import (DenseWeight, KernelLinear, Route, Source, dequantize_weight, int8_reason,
-                                   kernel_fn, to_int4, to_int8)
+from stages.kernels.linear import (DenseWeight, KernelLinear, ModuleWeight, Route, Source, dequantize_weight,
+                                   int8_reason, kernel_fn, to_int4, to_int8)
 from stages.kernels import int4
 from stages.kernels.tiles import TileConfig, TritonWeight, values_per_block
 
@@ -55,6 +55,8 @@ class GroupPlan:
 def signature(src: Source) -> tuple:
     if isinstance(src, DenseWeight):
         return ("dense", src.out_features, src.in_features, str(src.weight.dtype))
+    if isinstance(src, ModuleWeight):
+        return ("module", type(src.modules[0]).__name__, src.out_features, src.in_features)
     return ("gptq", src.bits, src.group_size, src.out_features, src.in_features, src.zeros is not None,
             src.g_idx is not None)
 
@@ -227,6 +229,8 @@ def pick_single_format(per_format: dict[str, dict[int, tuple[float, Route]]]) ->
 def _label(sig: tuple) -> str:
     if sig[0] == "dense":
         return f"dense {sig[1]}x{sig[2]} {sig[3].replace('torch.', '')}"
+    if sig[0] == "module":
+        return f"{sig[1]} {sig[2]}x{sig[3]}"
     _, bits, gs, n, k, zeros, gidx = sig
     return f"w{bits}g{gs} {n}x{k}" + (" asym" if zeros else " sym") + (" act-order" if gidx else "")
 
@@ -277,7 +281,7 @@ def decide(policy: str, per_format: dict[str, dict[int, tuple[float, Route]]]) -
 def _convert(src: Source, fmt: str, dtype: torch.dtype) -> Any:
     if fmt == "dense" and isinstance(src, TritonWeight):  # dequant_once: the checkpoint's weights, dequantized
         return DenseWeight(dequantize_weight(src, dtype))
-    if fmt in ("dense", "gptq"):
+    if fmt in ("dense", "gptq", "module"):
         return src
     return to_int4(src, dtype) if fmt == "tinygemm" else to_int8(src, dtype)
 
@@ -288,8 +292,8 @@ def plan_group(srcs: list[Source], names: list[str], policy: str, dtype: torch.d
     sig = signature(srcs[0])
     plan = GroupPlan(_label(sig), names, [], [], srcs[0].nbytes())
     top = max(rows)
-    if sig[0] == "dense":
-        formats, routes = ["dense"], [Route(top, "dense")]
+    if sig[0] in ("dense", "module"):  # unquantized, or a library's Linear that brings its own kernels
+        formats, routes = [sig[0]], [Route(top, sig[0])]
     elif policy == "dequant":
         formats, routes = ["gptq"], [Route(top, "dequant")]
     elif not srcs[0].qweight.is_cuda:  # no low-bit kernels off CUDA: dequantize once (correctness path)
