@@ -64,7 +64,7 @@ def decode_tables(rec: dict) -> list[str]:
     rows, checks = [], []
     for name, r in rec["records"].items():
         if "decode" not in r:
-            rows.append([name, r.get("error", r.get("skipped", "?"))[:200], "", "", "", "", ""])
+            rows.append([name, r.get("error", r.get("skipped", "?"))[:200], *[""] * (len(rec["workloads"][0]["batch_sizes"]) + 3)])
             continue
         dec = {d["batch_size"]: d["decode_tokens_per_s"]["median"] for d in r["decode"]}
         ttft = r["prefill"][0]["ttft_ms"]["median"] if r.get("prefill") else None
@@ -83,7 +83,10 @@ def decode_tables(rec: dict) -> list[str]:
                           f"{_fmt(v.get('prefill_b1'))}x (target >= {PREFILL_TARGET}x)")
         if name.startswith("w4g128") and v and "lmhead" not in name:
             checks.append(f"- {name} weight memory {_fmt(v.get('weight_memory'), 3)}x bf16 (target <= {W4_MEMORY_TARGET}x)")
-    lines += _table(["variant", "b1 decode tok/s (x bf16)", "b16 decode tok/s (x bf16)", "prefill 2048 TTFT ms (x bf16)",
+    batches = rec["workloads"][0]["batch_sizes"]
+    prefill_len = rec["workloads"][-1]["input_len"]
+    lines += _table(["variant", *[f"b{b} decode tok/s (x bf16)" for b in batches],
+                     f"prefill {prefill_len} TTFT ms (x bf16)",
                      "weight mem GiB (x bf16)", "decoder Linears x bf16", "kernels chosen"], rows)
     return lines + [""] + checks + [""]
 
