@@ -108,6 +108,12 @@ def decode_part(args, out: Path) -> dict:
     rec = {"machine": machine(), "model": dims, "workloads": [w.to_dict() for w in dc.workloads_for(args.small)],
            "policy": args.decode_policy, "records": {}}
     deadline = time.perf_counter() + args.decode_budget
+    cfg = gemlite_h100_config()
+    if cfg:  # the planner tunes gemlite per group and row count: with the file, most W4 shapes skip autotuning
+        import gemlite
+
+        gemlite.load_config(cfg)
+        rec["gemlite_config_file"] = cfg
     for name, scheme, head in variants:
         if time.perf_counter() > deadline:
             rec["records"][name] = {"skipped": "time budget spent"}
@@ -145,7 +151,16 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer Triton tiles per M")
     ap.add_argument("--decode-policy", default="auto", help="bench.linear_kernel policy of the decode part")
     ap.add_argument("--report", nargs="+", metavar="DIR", help="only render earlier JSON into kernels.md")
+    ap.add_argument("--gemlite-autotune", default="fast", choices=("fast", "default", "max"),
+                    help="gemlite.set_autotune mode for shapes its config file lacks (default: gemlite's own 'fast')")
     args = ap.parse_args(argv)
+    if args.gemlite_autotune != "fast" and not args.report:
+        import importlib.util
+
+        if importlib.util.find_spec("gemlite") is not None and torch.cuda.is_available():
+            import gemlite
+
+            gemlite.set_autotune(args.gemlite_autotune)
     out, parts = Path(args.out), args.parts.split(",")
     both = "kernels" in parts and "decode" in parts
     args.kernel_budget = args.budget_s * (args.kernel_share if both else 1.0)
