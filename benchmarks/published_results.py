@@ -19,6 +19,9 @@ Parts (``--parts``, comma list; default all but ``results``):
            --parts block) and GPTQ (benchmarks/bench_gptq.py --parts block).
   torch    throughput on the torch backend (benchmarks/bench_throughput.py --part torch).
   vllm     throughput on vLLM (benchmarks/bench_throughput.py --part vllm; needs vLLM installed).
+  kernels  low-bit kernel candidates per shape + decode/prefill of the best per scheme
+           (benchmarks/bench_kernels.py, results in kernels/), and the vLLM 2/3-bit route probe
+           (benchmarks/probe_vllm_lowbit.py, results in vllm_lowbit/).
   results  merge every part's JSON found under --results into RESULTS.md (runs anywhere), with the
            CPU quickstart timings that benchmarks/bench_quickstart.py writes to <results>/quickstart_cpu/.
 
@@ -184,6 +187,13 @@ def main() -> None:
     for part in ("torch", "vllm"):
         if part in parts:
             run_throughput(part, args, out)
+    if "kernels" in parts:
+        small = ["--small"] if args.small else []
+        run_script([sys.executable, "benchmarks/bench_kernels.py", "--out", str(out / "kernels"), *small],
+                   out / "kernels.log")
+        if not args.small:
+            run_script([sys.executable, "benchmarks/probe_vllm_lowbit.py", "--out", str(out / "vllm_lowbit")],
+                       out / "vllm_lowbit.log")
     if "results" in parts:
         sys.path.insert(0, str(Path(__file__).parent))
         from results_markdown import write_results_markdown

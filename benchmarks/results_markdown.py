@@ -173,7 +173,9 @@ def write_results_markdown(results: Path, md_path: Path) -> str:
     lines += _section_from_md("2. Quantization cost: Llama-3-8B-shaped block, AutoRound", results / "block_autoround")
     lines += _section_from_md("2. Quantization cost: Llama-3-8B-shaped block, GPTQ", results / "block_gptq")
     lines += _section_from_md("3. Inference: torch backend", results / "throughput_torch")
+    lines += _section_from_md("3. Inference: low-bit kernel candidates, torch backend", results / "kernels")
     lines += _section_from_md("3. Inference: vLLM", results / "throughput_vllm")
+    lines += _section_from_md("3. Inference: vLLM and 2/3-bit checkpoints", results / "vllm_lowbit")
     lines += recover_section(results)
     lines += _section_from_md("4. The headline command end to end: Llama-3-8B-shaped model", results / "headline")
     soak = Path(__file__).resolve().parent / "results" / "soak_cpu.md"  # CPU, from benchmarks/soak_sweep.py

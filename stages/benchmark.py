@@ -59,6 +59,7 @@ def resolve_options(cfg: BenchConfig, device: str, dtype: str) -> BenchOptions:
 def check_bench(cfg: BenchConfig, device: str, max_positions: Optional[int]) -> None:
     """Every bad bench setting for this device and model, as one ConfigError (no work done yet)."""
     from stages.bench.vllm_backend import INSTALL_HINT, vllm_available
+    from stages.kernels.catalog import package_problem
     from stages.kernels.planner import CUDA_ONLY_POLICIES
 
     cuda = device.startswith("cuda")
@@ -76,6 +77,10 @@ def check_bench(cfg: BenchConfig, device: str, max_positions: Optional[int]) -> 
         if cfg.linear_kernel in CUDA_ONLY_POLICIES:
             raise ConfigError("bench.linear_kernel", cfg.linear_kernel, f"auto or dequant on device {device}",
                               "use bench.linear_kernel=auto (dequantizes on the CPU)", problem="needs a CUDA device")
+    missing = package_problem(cfg.linear_kernel)
+    if missing:
+        raise ConfigError("bench.linear_kernel", cfg.linear_kernel, missing, "install it, or use bench.linear_kernel=auto",
+                          problem="cannot run here")
     need = cfg.input_len + cfg.output_len
     if max_positions is not None and need > max_positions:
         raise ConfigError("bench.output_len", cfg.output_len,

@@ -110,10 +110,10 @@ BENCH_BACKENDS: dict[str, str] = {
 }
 
 # bench.linear_kernel -> how the torch backend computes quantized Linears: every policy is one
-# mode of the planner (auto | triton | tinygemm | int8pack | tinygemm_triton | dequant; see its docstring)
+# mode of the planner (auto | triton | tinygemm | int8pack | gemlite | tinygemm_triton | dequant; see its docstring)
 BENCH_LINEAR_KERNELS: dict[str, str] = {
     name: "stages.kernels.planner:build_kernel_linears"
-    for name in ("auto", "triton", "tinygemm", "int8pack", "tinygemm_triton", "dequant")
+    for name in ("auto", "triton", "tinygemm", "int8pack", "gemlite", "tinygemm_triton", "dequant")
 }
 
 

@@ -118,7 +118,8 @@ def test_int4_matmul_close_to_reference():
 
 
 def test_int4_refuses_what_it_cannot_take():
-    assert "4-bit only" in int4.unsupported_reason(3, 128, 256, 64, True, torch.bfloat16, "cuda")
+    assert "widened to 4 bits" in int4.unsupported_reason(8, 128, 256, 64, True, torch.bfloat16, "cuda")
+    assert int4.unsupported_reason(3, 128, 256, 64, True, torch.bfloat16, "cuda") is None  # 3-bit codes widened
     assert "group size 48" in int4.unsupported_reason(4, 48, 240, 64, True, torch.bfloat16, "cuda")
     assert "act-order" in int4.unsupported_reason(4, 128, 256, 64, False, torch.bfloat16, "cuda")
     assert "multiple of 8" in int4.unsupported_reason(4, 128, 256, 60, True, torch.bfloat16, "cuda")

@@ -15,6 +15,11 @@ What is exact (tests/test_kernels.py checks both cases):
   the zero term s*(8 - zero) too; per weight |W_kernel - W_ref| <= 2^-9 * (|W_kernel| + 16*|scale|)
   plus one bfloat16 rounding of W_ref (the test asserts this bound).
 
+2- and 3-bit layers are widened: codes and zero points are both shifted by 8 - 2^(b-1) into
+the same 4-bit fields, so ``s*(q - zero)`` is unchanged and the rounded zero term
+``s*(8 - zero)`` stays as small as in the 4-bit case (unshifted 2-bit codes would sit far
+from 8 and lose about 2^-5 of a scale to cancellation); memory is that of 4-bit.
+
 Layout of the packed weight: CUDA `_convert_weight_to_int4pack` takes uint8 [out, in/2]
 (even input index in the high nibble) and returns int32 [out/8, in/(16*inner_k_tiles), 32,
 inner_k_tiles/2]; the CPU variant `_convert_weight_to_int4pack_for_cpu` takes int32 [out, in].
@@ -30,6 +35,7 @@ import torch
 from stages.kernels.gptq_unpack import is_trivial_g_idx, unpack_qweight, unpack_qzeros
 
 GROUP_SIZES = (32, 64, 128, 256)
+WIDENED_BITS = (2, 3, 4)  # codes of these widths fit tinygemm's 4-bit fields as they are (exact, 4-bit memory)
 MID = 8  # tinygemm reads codes as signed int4: q - 8
 
 
@@ -51,8 +57,8 @@ class Int4Packed:
 def unsupported_reason(bits: int, group_size: int, in_features: int, out_features: int,
                        trivial_g_idx: bool, dtype: torch.dtype, device: str, inner_k_tiles: int = 8) -> Optional[str]:
     """Why tinygemm cannot run this layer, or None when it can."""
-    if bits != 4:
-        return f"bits={bits} (tinygemm is 4-bit only)"
+    if bits not in WIDENED_BITS:
+        return f"bits={bits} (tinygemm is a 4-bit kernel; 2- and 3-bit codes are widened to 4 bits)"
     gs = in_features if group_size == -1 else group_size
     if gs not in GROUP_SIZES:
         return f"group size {gs} (tinygemm takes {', '.join(map(str, GROUP_SIZES))})"

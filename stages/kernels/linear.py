@@ -14,6 +14,7 @@ Kernels (`KERNELS`; `bench.linear_kernel` picks a policy, see `stages.kernels.pl
 * tinygemm torch.ops.aten._weight_int4pack_mm (4-bit, CUDA bfloat16)
 * int8pack torch.ops.aten._weight_int8pack_mm (8-bit per-channel sym)
 * triton   the dequantize-in-tile GEMM/GEMV of `stages.kernels.triton_gemm` (CUDA)
+* gemlite  gemlite's A16Wn Triton kernels (`stages.kernels.gemlite_linear`; 2/4/8-bit, 3-bit widened; CUDA)
 * module   the layer's own module (a bitsandbytes Linear and its kernels, on any device)
 """
 
@@ -28,13 +29,14 @@ from torch import nn
 
 from stages.kernels import int4, int8
 from stages.kernels.gptq_unpack import unpack_qweight
-from stages.kernels.tiles import TileConfig, TritonWeight, concat_out
+from stages.kernels.tiles import TritonWeight, concat_out
 from stages.quant.qdq import dequantize
 
-KERNELS = ("dense", "dequant", "dequant_once", "tinygemm", "int8pack", "triton", "module")
+KERNELS = ("dense", "dequant", "dequant_once", "tinygemm", "int8pack", "triton", "gemlite", "module")
 # Which weight format each kernel reads ("gptq" = TritonWeight: the checkpoint's own tensors).
 FORMAT_OF = {"dense": "dense", "dequant": "gptq", "dequant_once": "dense", "triton": "gptq", "tinygemm": "tinygemm",
-             "int8pack": "int8pack", "module": "module"}
+             "int8pack": "int8pack", "gemlite": "gemlite",
+             "module": "module"}
 
 
 @dataclass
@@ -101,8 +103,9 @@ def to_int4(w: TritonWeight, dtype: torch.dtype) -> int4.Int4Packed:
                                      str(w.qweight.device))
     if reason:
         raise ValueError(f"tinygemm cannot take this layer: {reason}")
-    codes = unpack_qweight(w.qweight, 4, w.in_features).t().contiguous()
-    return int4.from_codes(codes, w.scales, zeros_of(w), w.group_size, dtype)
+    shift = int4.MID - 2 ** (w.bits - 1)  # widened 2/3-bit codes centred on tinygemm's 8: W = s*(q - z) unchanged,
+    codes = unpack_qweight(w.qweight, w.bits, w.in_features).t().contiguous() + shift  # small zero term s*(8 - z)
+    return int4.from_codes(codes, w.scales, zeros_of(w) + shift, w.group_size, dtype)
 
 
 def int8_reason(w: TritonWeight) -> Optional[str]:
@@ -131,7 +134,7 @@ def fuse_sources(parts: list[Source]) -> Source:
     raise ValueError("cannot fuse a quantized Linear with an unquantized one")
 
 
-def kernel_fn(kind: str, fmt: Any, config: Optional[TileConfig] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def kernel_fn(kind: str, fmt: Any, config: Optional[Any] = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The matmul x2d [M, in] -> [M, out] of one kernel on its weight format."""
     if kind in ("dense", "dequant_once"):
         return lambda x: F.linear(x, fmt.weight)
@@ -147,6 +150,10 @@ def kernel_fn(kind: str, fmt: Any, config: Optional[TileConfig] = None) -> Calla
         from stages.kernels import triton_gemm
 
         return lambda x: triton_gemm.matmul(x, fmt, config)
+    if kind == "gemlite":
+        from stages.kernels import gemlite_linear
+
+        return lambda x: gemlite_linear.matmul(x, fmt, config)
     raise ValueError(f"unknown kernel {kind!r} (choose from {', '.join(KERNELS)})")
 
 
@@ -154,7 +161,7 @@ def kernel_fn(kind: str, fmt: Any, config: Optional[TileConfig] = None) -> Calla
 class Route:
     max_rows: int  # this route serves calls with M <= max_rows (the last one serves every M)
     kind: str
-    config: Optional[TileConfig] = None
+    config: Optional[Any] = None  # TileConfig (triton) or GemliteConfig (gemlite)
 
     def label(self) -> str:
         return self.kind if self.config is None else f"{self.kind}:{self.config.label()}"

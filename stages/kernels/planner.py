@@ -8,13 +8,21 @@ replays over several layers of the group (so the weights do not sit in L2). Poli
 
 * auto            one weight format per group (no duplicate copies): the format whose best
                   kernel is closest to the fastest at its worst M; then, inside that format,
-                  the fastest kernel/tile per M (batch-aware). CPU: dequant_once.
+                  the fastest kernel/tile per M (batch-aware). Candidates: the Triton kernel,
+                  tinygemm (4-bit; 2/3-bit widened), int8pack (8-bit per-channel sym) and
+                  gemlite (2/4/8-bit, 3-bit widened; when installed). A group no kernel takes
+                  runs the reference dequantization, with the reason logged. CPU: dequant_once.
 * triton          the Triton kernel, tile tuned per M.
-* tinygemm        PyTorch's int4 kernel where it applies (else as auto).
-* int8pack        PyTorch's int8 kernel where it applies (else as auto).
+* tinygemm        PyTorch's int4 kernel.
+* int8pack        PyTorch's int8 kernel.
+* gemlite         gemlite's kernels, the fastest of them per M.
 * tinygemm_triton both formats kept (about twice the memory of one): per M the faster of
                   tinygemm and Triton.
 * dequant         reference dequantization + F.linear on every call (correctness path).
+
+A forced policy whose kernel cannot take a quantized group (see `stages.kernels.catalog`), or
+whose kernel fails the correctness check on this device, stops with one error naming the
+kernels that can take it.
 """
 
 from __future__ import annotations
@@ -26,13 +34,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from stages.kernels import catalog, gemlite_linear
 from stages.kernels.linear import (DenseWeight, KernelLinear, ModuleWeight, Route, Source, dequantize_weight,
-                                   int8_reason, kernel_fn, to_int4, to_int8)
-from stages.kernels import int4
+                                   kernel_fn, to_int4, to_int8)
 from stages.kernels.tiles import TileConfig, TritonWeight, values_per_block
 
-POLICIES = ("auto", "triton", "tinygemm", "int8pack", "tinygemm_triton", "dequant")
-CUDA_ONLY_POLICIES = ("triton", "tinygemm", "int8pack", "tinygemm_triton")
+POLICIES = ("auto", "triton", "tinygemm", "int8pack", "gemlite", "tinygemm_triton", "dequant")
+CUDA_ONLY_POLICIES = ("triton", "tinygemm", "int8pack", "gemlite", "tinygemm_triton")
 ROTATE_BYTES = 160 * 2**20  # weights timed per round, > 2x the L2 of an H100/H200
 MAX_REL_ERR = 2e-2  # a kernel farther than this from the reference output is rejected (bf16 ~ 4e-3)
 
@@ -157,7 +165,7 @@ class _Tuner:
         return torch.randn(m, self.sample[0].in_features, device=self.sample[0].qweight.device, dtype=self.dtype,
                            generator=gen)
 
-    def measure(self, kind: str, formats: list[Any], config: Optional[TileConfig], m: int) -> tuple[float, str]:
+    def measure(self, kind: str, formats: list[Any], config: Optional[Any], m: int) -> tuple[float, str]:
         """(ms per call, '' or the reason the candidate was rejected)."""
         x = self.inputs(m)
         fns = [kernel_fn(kind, f, config) for f in formats]
@@ -184,30 +192,20 @@ class _Tuner:
         return self.timer([lambda w=w: torch.nn.functional.linear(x, w) for w in ws])
 
 
-def _best_triton(tuner: _Tuner, rows: list[int], sms: int, quick: bool, plan: GroupPlan) -> dict[int, tuple[float, Route]]:
+def _best(tuner: _Tuner, kind: str, formats: list[Any], rows: list[int], configs: Callable[[int], list],
+          plan: GroupPlan) -> dict[int, tuple[float, Route]]:
+    """Per M, the fastest correct config of one kernel (an M where none passes is left out)."""
     best: dict[int, tuple[float, Route]] = {}
     for m in rows:
-        for cfg in candidate_configs(m, tuner.sample[0], sms, quick):
-            label = f"triton:{cfg.label()}"
-            ms, why = tuner.measure("triton", tuner.sample, cfg, m)
+        for cfg in configs(m):
+            label = kind if cfg is None else f"{kind}:{cfg.label()}"
+            ms, why = tuner.measure(kind, formats, cfg, m)
             plan.ms.setdefault(label, {})[m] = ms
             if why:
                 plan.rejected[label] = why
             elif m not in best or ms < best[m][0]:
-                best[m] = (ms, Route(m, "triton", cfg))
+                best[m] = (ms, Route(m, kind, cfg))
     return best
-
-
-def _fixed(tuner: _Tuner, kind: str, formats: list[Any], rows: list[int], plan: GroupPlan) -> dict[int, tuple[float, Route]]:
-    out = {}
-    for m in rows:
-        ms, why = tuner.measure(kind, formats, None, m)
-        plan.ms.setdefault(kind, {})[m] = ms
-        if why:
-            plan.rejected[kind] = why
-            return {}
-        out[m] = (ms, Route(m, kind))
-    return out
 
 
 def routes_from(best: dict[int, tuple[float, Route]]) -> list[Route]:
@@ -235,27 +233,42 @@ def _label(sig: tuple) -> str:
     return f"w{bits}g{gs} {n}x{k}" + (" asym" if zeros else " sym") + (" act-order" if gidx else "")
 
 
-def _measure_group(srcs: list[TritonWeight], policy: str, dtype: torch.dtype, rows: list[int], quick: bool,
+class KernelRejected(RuntimeError):
+    """A forced policy's kernel failed the correctness check (or to run) on every row count."""
+
+
+CONVERTERS: dict[str, Callable[[TritonWeight, torch.dtype], Any]] = {
+    "gptq": lambda w, dtype: w, "tinygemm": to_int4, "int8pack": to_int8,
+    "gemlite": gemlite_linear.from_triton_weight,
+}
+KIND_OF = {"gptq": "triton", "tinygemm": "tinygemm", "int8pack": "int8pack", "gemlite": "gemlite"}
+
+
+def _configs_for(fmt: str, w0: TritonWeight, sms: int, quick: bool) -> Callable[[int], list]:
+    if fmt == "gptq":
+        return lambda m: candidate_configs(m, w0, sms, quick)
+    if fmt == "gemlite":
+        return lambda m: gemlite_linear.candidate_configs(m)[:1 if quick else None]
+    return lambda m: [None]
+
+
+def _measure_group(srcs: list[TritonWeight], fmts: list[str], dtype: torch.dtype, rows: list[int], quick: bool,
                    timer: Callable, measure_bf16: bool, plan: GroupPlan) -> dict[str, dict[int, tuple[float, Route]]]:
+    """Per format in `fmts`: per M, the fastest kernel config that passes the correctness check."""
     per_layer = srcs[0].nbytes()
     sample = srcs[: max(1, min(len(srcs), math.ceil(ROTATE_BYTES / max(per_layer, 1))))]
     tuner = _Tuner(sample, dtype, timer)
     sms = torch.cuda.get_device_properties(sample[0].qweight.device).multi_processor_count
-    per_format: dict[str, dict[int, tuple[float, Route]]] = {"gptq": _best_triton(tuner, rows, sms, quick, plan)}
-    w0 = srcs[0]
-    reason4 = int4.unsupported_reason(w0.bits, w0.group_size, w0.in_features, w0.out_features, w0.g_idx is None,
-                                      dtype, str(w0.qweight.device))
-    if policy in ("auto", "tinygemm", "tinygemm_triton"):
-        if reason4 is None:
-            per_format["tinygemm"] = _fixed(tuner, "tinygemm", [to_int4(s, dtype) for s in sample], rows, plan)
-        elif policy != "auto":
-            plan.note = f"tinygemm cannot take this group ({reason4}); chosen as auto"
-    if policy in ("auto", "int8pack"):
-        reason8 = int8_reason(w0)
-        if reason8 is None:
-            per_format["int8pack"] = _fixed(tuner, "int8pack", [to_int8(s, dtype) for s in sample], rows, plan)
-        elif policy == "int8pack":
-            plan.note = f"the int8 kernel cannot take this group ({reason8}); chosen as auto"
+    per_format: dict[str, dict[int, tuple[float, Route]]] = {}
+    for fmt in fmts:
+        try:
+            converted = [CONVERTERS[fmt](s, dtype) for s in sample]
+        except Exception as exc:  # a library that fails to convert here is reported, not fatal
+            plan.rejected[KIND_OF[fmt]] = f"conversion failed: {type(exc).__name__}: {str(exc)[:200]}"
+            per_format[fmt] = {}
+            continue
+        per_format[fmt] = _best(tuner, KIND_OF[fmt], converted, rows, _configs_for(fmt, sample[0], sms, quick), plan)
+        del converted
     if measure_bf16:
         plan.bf16_ms = {m: tuner.bf16_ms(m) for m in rows}
     return per_format
@@ -263,17 +276,20 @@ def _measure_group(srcs: list[TritonWeight], policy: str, dtype: torch.dtype, ro
 
 def decide(policy: str, per_format: dict[str, dict[int, tuple[float, Route]]]) -> tuple[list[str], list[Route]]:
     """(formats to keep, routes) from per-format, per-M measurements (see module doc)."""
-    for preferred in ("tinygemm", "int8pack", "triton"):
-        fmt = "gptq" if preferred == "triton" else preferred
-        if policy == preferred and per_format.get(fmt):
-            return [fmt], routes_from(per_format[fmt])
     if policy == "tinygemm_triton":
+        if not all(per_format.get(f) for f in ("tinygemm", "gptq")):
+            raise KernelRejected("tinygemm or the Triton kernel failed the correctness check at every row count")
         rows = sorted(set().union(*(v.keys() for v in per_format.values())))
         best = {m: min((v[m] for v in per_format.values() if m in v), key=lambda t: t[0]) for m in rows}
         routes = routes_from(best)
         from stages.kernels.linear import FORMAT_OF
 
         return sorted({FORMAT_OF[r.kind] for r in routes}), routes
+    if policy in catalog.POLICY_FORMATS:
+        fmt = catalog.POLICY_FORMATS[policy][0]
+        if not per_format.get(fmt):
+            raise KernelRejected(f"{KIND_OF[fmt]} failed the correctness check (or to run) at every row count")
+        return [fmt], routes_from(per_format[fmt])
     fmt = pick_single_format(per_format)
     return [fmt], routes_from(per_format[fmt])
 
@@ -281,9 +297,21 @@ def decide(policy: str, per_format: dict[str, dict[int, tuple[float, Route]]]) -
 def _convert(src: Source, fmt: str, dtype: torch.dtype) -> Any:
     if fmt == "dense" and isinstance(src, TritonWeight):  # dequant_once: the checkpoint's weights, dequantized
         return DenseWeight(dequantize_weight(src, dtype))
-    if fmt in ("dense", "gptq", "module"):
+    if fmt in ("dense", "module"):
         return src
-    return to_int4(src, dtype) if fmt == "tinygemm" else to_int8(src, dtype)
+    return CONVERTERS[fmt](src, dtype)
+
+
+def _formats_to_measure(policy: str, srcs: list[TritonWeight], dtype: torch.dtype, plan: GroupPlan) -> list[str]:
+    """The formats a policy measures for this group; a forced policy whose kernel cannot take it is an error."""
+    reasons = catalog.format_reasons(srcs[0], dtype, str(srcs[0].qweight.device))
+    if policy in catalog.POLICY_FORMATS:
+        if any(reasons[f] for f in catalog.POLICY_FORMATS[policy]):
+            raise catalog.policy_error(policy, plan.signature, reasons)
+        return list(catalog.POLICY_FORMATS[policy])
+    skipped = {catalog.FORMAT_KERNEL[f]: r for f, r in reasons.items() if r}
+    plan.rejected.update({k: f"not applicable: {r}" for k, r in skipped.items()})
+    return [f for f, r in reasons.items() if r is None]
 
 
 def plan_group(srcs: list[Source], names: list[str], policy: str, dtype: torch.dtype, rows: list[int], quick: bool,
@@ -299,10 +327,15 @@ def plan_group(srcs: list[Source], names: list[str], policy: str, dtype: torch.d
     elif not srcs[0].qweight.is_cuda:  # no low-bit kernels off CUDA: dequantize once (correctness path)
         formats, routes = ["dense"], [Route(top, "dequant_once")]
     else:
-        per_format = _measure_group(srcs, policy, dtype, rows, quick, timer, measure_bf16, plan)
+        fmts = _formats_to_measure(policy, srcs, dtype, plan)
+        per_format = _measure_group(srcs, fmts, dtype, rows, quick, timer, measure_bf16, plan)
         try:
             formats, routes = decide(policy, per_format)
-        except RuntimeError as exc:
+        except KernelRejected as exc:  # the forced kernel exists but does not work here
+            why = "; ".join(f"{k}: {v}" for k, v in plan.rejected.items())[:600]
+            raise catalog.policy_error(policy, plan.signature, catalog.format_reasons(
+                srcs[0], dtype, str(srcs[0].qweight.device)), detail=f"{exc} ({why})") from exc
+        except RuntimeError as exc:  # auto: no kernel passed -> the reference path, with the reason logged
             formats, routes = ["gptq"], [Route(top, "dequant")]
             plan.note = (plan.note + "; " if plan.note else "") + f"{exc}: dequant fallback"
     plan.formats, plan.routes = formats, [r.label() for r in routes]

@@ -1,0 +1,100 @@
+"""Markdown tables of benchmarks/bench_kernels.py's JSON (kernels.json, decode.json)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from kernel_candidates import best_of
+
+# scheme -> (decode x bf16 at batch 1, at batch 16): the targets the table is checked against
+DECODE_TARGETS = {"w4g128_sym": (2.2, 1.3), "w4g128_asym": (2.2, 1.3), "w3g64_asym": (2.3, 1.1),
+                  "w2g64_asym": (2.6, 1.1)}
+PREFILL_TARGET, W4_MEMORY_TARGET = 0.9, 0.36
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _cell(b: Optional[tuple[float, str, float]], roof: Optional[float] = None) -> str:
+    if b is None:
+        return "–"
+    return f"{b[0]:.1f} ({b[1]})" if b[1] != "-" else f"{b[0]:.1f}"
+
+
+def kernel_tables(rec: dict) -> list[str]:
+    m = rec["machine"]
+    lines = [f"## Kernel candidates per layer shape ({m['card']}, torch {m['torch']}, {m['date']})", "",
+             f"`{m['command']}`. us per call, {rec['timing']}; copy bandwidth "
+             f"{(rec.get('copy_bandwidth_GBps') or 0):.0f} GB/s. Each cell: the candidate's fastest config whose "
+             "relative error vs the reference dequantization is < 2e-2; best = fastest of all, with its % of the "
+             "memory roofline (bytes read / copy bandwidth) and relative error.", ""]
+    for scheme, per_shape in rec["results"].items():
+        names = sorted({c for cell in per_shape.values() for c in cell["candidates"]}, key=lambda n: (n != "bf16", n))
+        rows = []
+        for shape, cell in per_shape.items():
+            for mrow in rec["rows"]:
+                cands = cell["candidates"]
+                bests = {n: best_of(cands[n], mrow) if n in cands and "error" not in cands[n] else None for n in names}
+                quant = {n: b for n, b in bests.items() if b and n != "bf16"}
+                top = min(quant, key=lambda n: quant[n][0]) if quant else None
+                roof = cands[top][quant[top][1]][str(mrow)].get("roofline_pct") if top else None
+                bf = bests.get("bf16")
+                speed = f" {bf[0] / quant[top][0]:.2f}x bf16" if top and bf else ""
+                best = (f"{top} {quant[top][0]:.1f}{speed}, {roof:.0f}% roofline, err {quant[top][2]:.1e}"
+                        if top and roof is not None else (f"{top} {quant[top][0]:.1f}" if top else "–"))
+                rows.append([f"{shape} {cell['n']}x{cell['k']}", str(mrow), *[_cell(bests[n]) for n in names], best])
+        lines += [f"### {scheme}", "", *_table(["shape", "M", *names, "best"], rows), ""]
+        skipped = {k: v for cell in per_shape.values() for k, v in cell.get("not_applicable", {}).items()}
+        if skipped:
+            lines += [f"Not applicable: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()), ""]
+    return lines
+
+
+def _fmt(x: Optional[float], nd: int = 2) -> str:
+    return "–" if x is None or x != x else f"{x:.{nd}f}"
+
+
+def decode_tables(rec: dict) -> list[str]:
+    m = rec["machine"]
+    lines = [f"## Decode and prefill on the torch backend ({m['card']}, torch {m['torch']}, {m['date']})", "",
+             f"`{m['command']}`. Model {rec['model']}, random weights; policy `{rec['policy']}`; workloads "
+             f"{rec['workloads']}. Decode tokens/s = batch x (output_len - 1) / (total - TTFT), medians.", ""]
+    rows, checks = [], []
+    for name, r in rec["records"].items():
+        if "decode" not in r:
+            rows.append([name, r.get("error", r.get("skipped", "?"))[:200], *[""] * (len(rec["workloads"][0]["batch_sizes"]) + 3)])
+            continue
+        dec = {d["batch_size"]: d["decode_tokens_per_s"]["median"] for d in r["decode"]}
+        ttft = r["prefill"][0]["ttft_ms"]["median"] if r.get("prefill") else None
+        v = r.get("vs_bf16", {})
+        routes = "; ".join(f"{p['group']}: {', '.join(p['routes'])}" for p in r["plans"] if "dense" not in p["group"])
+        rows.append([name, *[f"{dec.get(b, float('nan')):.1f} ({_fmt(v.get(f'decode_b{b}', 1.0 if name == 'bf16' else None))}x)"
+                             for b in sorted(dec)],
+                     f"{_fmt(ttft, 1)} ({_fmt(v.get('prefill_b1', 1.0 if name == 'bf16' else None))}x)",
+                     f"{r['weight_memory_bytes'] / 2**30:.2f} ({_fmt(v.get('weight_memory', 1.0 if name == 'bf16' else None), 3)}x)",
+                     _fmt(v.get("decoder_linears"), 3), routes[:400]])
+        target = DECODE_TARGETS.get(name)
+        if target and v:
+            ok = v.get("decode_b1", 0) >= target[0] and v.get("decode_b16", 0) >= target[1]
+            checks.append(f"- {name}: decode {_fmt(v.get('decode_b1'))}x / {_fmt(v.get('decode_b16'))}x bf16 at batch "
+                          f"1 / 16 (targets >= {target[0]}x / >= {target[1]}x): {'met' if ok else 'NOT met'}; prefill "
+                          f"{_fmt(v.get('prefill_b1'))}x (target >= {PREFILL_TARGET}x)")
+        if name.startswith("w4g128") and v and "lmhead" not in name:
+            checks.append(f"- {name} weight memory {_fmt(v.get('weight_memory'), 3)}x bf16 (target <= {W4_MEMORY_TARGET}x)")
+    batches = rec["workloads"][0]["batch_sizes"]
+    prefill_len = rec["workloads"][-1]["input_len"]
+    lines += _table(["variant", *[f"b{b} decode tok/s (x bf16)" for b in batches],
+                     f"prefill {prefill_len} TTFT ms (x bf16)",
+                     "weight mem GiB (x bf16)", "decoder Linears x bf16", "kernels chosen"], rows)
+    return lines + [""] + checks + [""]
+
+
+def render(data: dict) -> str:
+    lines = ["# Low-bit kernels on the torch backend", ""]
+    if "kernels" in data:
+        lines += kernel_tables(data["kernels"])
+    if "decode" in data:
+        lines += decode_tables(data["decode"])
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,52 @@
+"""benchmarks/bench_kernels.py's pieces on the CPU: the candidate sweep, the decode record and the report."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import decode_candidates as dc  # noqa: E402
+import kernel_candidates as kc  # noqa: E402
+from kernels_report import render  # noqa: E402
+
+
+def test_random_layer_is_in_the_checkpoint_layout_and_exact():
+    from stages.kernels.linear import dequantize_weight
+
+    w = kc.random_layer(64, 128, 3, 32, False, "cpu", seed=1)
+    assert (w.bits, w.group_size, w.in_features, w.out_features) == (3, 32, 128, 64) and w.zeros is not None
+    ws = kc.random_layer(64, 128, 4, 32, True, "cpu", seed=1)
+    assert ws.zeros is None and ws.zero_const == 8.0
+    assert torch.isfinite(dequantize_weight(w, torch.float32)).all()
+
+
+def test_cpu_sweep_checks_every_candidate_and_renders():
+    budget = kc.Budget(120)
+    res = kc.sweep({"w4g32_sym": (4, 32, True)}, {"qkv": (96, 128)}, [1, 3], "cpu", torch.float32, True, budget,
+                   lambda m: None, None)
+    cell = res["w4g32_sym"]["qkv"]
+    assert set(cell["candidates"]) == {"bf16", "tinygemm", "dequant"}
+    assert "CUDA device" in cell["not_applicable"]["gemlite"]
+    for name, cand in cell["candidates"].items():
+        for m in (1, 3):
+            us, label, err = kc.best_of(cand, m)
+            assert us > 0 and err < (2e-2 if name == "tinygemm" else 1e-5), (name, m, err)
+    assert cell["candidates"]["tinygemm"]["bytes"] < cell["candidates"]["bf16"]["bytes"] / 3
+    md = render({"kernels": {"machine": {"card": "CPU", "torch": "x", "date": "d", "command": "c"}, "rows": [1, 3],
+                             "timing": "t", "results": res}})
+    assert "| qkv 96x128 | 3 |" in md and "### w4g32_sym" in md
+
+
+def test_decode_variant_on_cpu_reports_ratios():
+    wls = [dc.Workload(1, 4, 3, (1,), warmup=0, repeats=1), dc.Workload(1, 8, 2, (1,), warmup=0, repeats=1)]
+    dims = {**dc.SMALL, "layers": 1}
+    base = dc.run_variant(dims, None, None, "auto", "cpu", torch.float32, wls, kc.random_layer, lambda m: None, True)
+    rec = dc.run_variant(dims, (2, 32, False), None, "auto", "cpu", torch.float32, wls, kc.random_layer,
+                         lambda m: None, True)
+    assert {p["routes"][0] for p in rec["plans"]} == {"dequant_once", "dense"}
+    r = dc.ratios(rec, base)
+    assert set(r) == {"decode_b1", "prefill_b1", "weight_memory", "decoder_linears"} and r["decode_b1"] > 0
