@@ -236,6 +236,12 @@ class RunConfig:
     export_dir: Optional[str] = None
     progress: bool = True
     offline: bool = True  # set HF_HUB_OFFLINE etc.; turn off to reach the hub
+    # Data-parallel quantize stage under torch.distributed.run (docs/scale.md): processes per node
+    # (one GPU each on CUDA, gloo processes on the CPU); every other stage stays one process.
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0  # 0 runs the pipeline; the other nodes only join its quantize stage
+    rdzv_endpoint: Optional[str] = None  # host:port on node 0, required when nnodes > 1
 
 
 @dataclass
