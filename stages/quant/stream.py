@@ -18,10 +18,12 @@ every tensor the config implies is there with the shape the config implies.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 from torch import nn
@@ -63,6 +65,25 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 def _module_name(model: nn.Module, module: Optional[nn.Module]) -> Optional[str]:
     return next((n for n, m in model.named_modules() if m is module), None) if module is not None else None
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the OS after a block is released.
+
+    glibc serves large allocations from its heap once its mmap threshold has grown, and keeps
+    freed heap memory mapped: without a trim the resident set grows by about a block per block.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class ResidentBlocks:
@@ -144,6 +165,7 @@ class StreamedBlocks:
         finally:
             self._release(self.model, self._non_block)
             self._move_non_persistent(self.model, torch.device("cpu"))
+            return_freed_memory()
 
     def _block_names(self, index: int) -> list[str]:
         prefix = f"{self.blocks_name}.{index}."
@@ -158,6 +180,7 @@ class StreamedBlocks:
     def release_block(self, index: int) -> None:
         self._release(self.blocks[index], self._block_names(index))
         self._move_non_persistent(self.blocks[index], torch.device("cpu"))
+        return_freed_memory()
 
     def head_weight(self, name: str, device: torch.device) -> torch.Tensor:
         key = f"{name}.weight"
