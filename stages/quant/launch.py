@@ -2,7 +2,7 @@
 
 The pipeline's process keeps the stage's store entry (its lock and its atomic rename); the
 ranks work inside the entry's work folder, where rank 0 alone writes (block files, qstate,
-block_metrics.json and dist/result.json). A rank that meets a bad input writes
+block_metrics.json and dist/result.json beside the job). A rank that meets a bad input writes
 dist/error-rank<r>.json and exits with status 2: that message becomes the stage's InputError.
 """
 
@@ -29,16 +29,18 @@ def job_file(workdir: Path) -> Path:
     return Path(workdir) / DIST_DIR / JOB_FILE
 
 
-def error_file(workdir: Path, rank: int) -> Path:
-    return Path(workdir) / DIST_DIR / f"error-rank{rank}.json"
+def error_file(job: Path, rank: int) -> Path:
+    """Where a rank reports a bad input: beside the job file."""
+    return Path(job).parent / f"error-rank{rank}.json"
 
 
-def result_file(workdir: Path) -> Path:
-    return Path(workdir) / DIST_DIR / RESULT_FILE
+def result_file(job: Path) -> Path:
+    """Where rank 0 writes the run's metrics: beside the job file."""
+    return Path(job).parent / RESULT_FILE
 
 
 def _failure(workdir: Path, code: int) -> Exception:
-    errors = sorted((Path(workdir) / DIST_DIR).glob("error-rank*.json"))
+    errors = sorted(job_file(workdir).parent.glob("error-rank*.json"))
     if errors:
         return InputError(json.loads(errors[0].read_text())["message"])
     return RuntimeError(f"the data-parallel quantize workers failed (torchrun exit code {code}; their output is "
@@ -63,6 +65,6 @@ def run_data_parallel(job: QuantizeJob, run: RunConfig, log: Callable[[str], Non
     code = launch(cmd, launch_env(run), poll)
     if code != 0:
         raise _failure(workdir, code)
-    metrics = json.loads(result_file(workdir).read_text())
+    metrics = json.loads(result_file(job_file(workdir)).read_text())
     shutil.rmtree(workdir / DIST_DIR, ignore_errors=True)
     return metrics

@@ -2,8 +2,8 @@
 `python -m torch.distributed.run --nproc-per-node N ... -m stages.quant.worker <workdir>/dist/job.json`.
 
 Joins the process group torchrun set up (NCCL on CUDA with cuda:LOCAL_RANK, gloo on the CPU),
-runs stages.quant.job.run_job with it, and on rank 0 writes the run's metrics to
-dist/result.json. A bad input is written to dist/error-rank<r>.json (exit status 2) for the
+runs stages.quant.job.run_job with it, and on rank 0 writes the run's metrics to result.json
+beside the job file. A bad input is written to error-rank<r>.json there (exit status 2) for the
 launching stage to report; between blocks every rank stops when the launching pipeline is gone.
 """
 
@@ -59,10 +59,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         metrics = run_job(job, comm, log=(lambda m: print(m, flush=True)) if comm.is_main else (lambda m: None),
                           after_block=_stop_if_orphaned)
         if comm.is_main:
-            _write_json(result_file(Path(job.workdir)), metrics)
+            _write_json(result_file(path), metrics)
         return 0
     except (ConfigError, InputError) as exc:
-        _write_json(error_file(Path(job.workdir), comm.rank), {"message": str(exc)})
+        _write_json(error_file(path, comm.rank), {"message": str(exc)})
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:
