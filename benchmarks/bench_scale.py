@@ -7,8 +7,9 @@ Parts (``--part``, one per call; each fits one 10-minute call on one H200):
                            (the pipeline's random source; peak RSS), then quantized W4G128 sym by RTN and by
                            GPTQ through the quantize stage's own job (stages.quant.job.run_job: meta skeleton,
                            one block at a time from the shards) in a child process: peak host RSS, seconds,
-                           peak GPU memory. The in-memory core on the whole loaded model gives the reference
-                           qstate: compared bit for bit (codes, fp16 scales, zero points).
+                           peak GPU memory; then the in-memory path (the whole model loaded on the host, as
+                           the stage did before) likewise; the two qstates compared bit for bit (codes, fp16
+                           scales, zero points).
   stream8b-autoround-pack  The same model: AutoRound W4G128 (--iters, default 20) streamed vs in memory
                            (codes agreement, block losses), then the pack stage's core on the streamed
                            qstate in a child process (peak RSS; the packer verifies every layer).
@@ -90,6 +91,23 @@ def child_pack(spec: dict) -> None:
                                                 "verified_layers": result.extras["verified_layers"]}))
 
 
+def child_reference(spec: dict) -> None:
+    """The in-memory path: the whole model loaded on the host, each block visiting the device; writes a qstate."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from stages.quant.driver import quantize_model
+    from stages.quant.qstate import save_qstate
+
+    job = spec["job"]
+    resident = AutoModelForCausalLM.from_pretrained(job["model_path"], dtype=getattr(torch, job["dtype"])).eval()
+    ids = load_file(str(Path(job["calib_dir"]) / "calib.safetensors"))["input_ids"].long()
+    result = quantize_model(resident, ids, QuantConfig(**job["quant"]), job["device"], seed=0)
+    save_qstate(Path(job["workdir"]), result.layers, result.meta)
+    (Path(job["workdir"]) / "block_metrics.json").write_text(json.dumps(result.block_metrics))
+    Path(spec["result"]).write_text(json.dumps(result.metrics))
+
+
 class Deadline(Exception):
     """Raised after the block that passes the time budget."""
 
@@ -131,7 +149,8 @@ def child_stream70b(spec: dict) -> None:
                                                 "seconds": time.perf_counter() - t0}))
 
 
-CHILDREN = {"write": child_write, "quantize": child_quantize, "pack": child_pack, "stream70b": child_stream70b}
+CHILDREN = {"write": child_write, "quantize": child_quantize, "reference": child_reference, "pack": child_pack,
+            "stream70b": child_stream70b}
 
 
 # -- parent -----------------------------------------------------------------------------------
@@ -166,63 +185,52 @@ def streamed_job(args: argparse.Namespace, name: str, model: Path, calib: Path, 
     return {"job": job, "result": str(Path(args.work) / f"{name}.metrics.json")}
 
 
-def reference(model: Path, calib: Path, q: QuantConfig, args: argparse.Namespace) -> Any:
-    """The in-memory path: the whole model loaded on the host, each block visiting the device."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    from stages.quant.driver import quantize_model
-
-    resident = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, args.dtype)).eval()
-    ids = load_file(str(calib / "calib.safetensors"))["input_ids"].long()
-    t0 = time.perf_counter()
-    result = quantize_model(resident, ids, q, args.device, seed=0)
-    result.metrics["wall_seconds"] = time.perf_counter() - t0
-    del resident
-    if args.device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
-
-
-def compare(folder: Path, ref: Any) -> dict[str, Any]:
-    """Streamed qstate vs the in-memory layers: identical layers, and the fraction of equal codes."""
+def compare(streamed: Path, reference: Path) -> dict[str, Any]:
+    """Two qstates layer by layer: identical layers (codes, fp16 scales, zero points), the fraction of equal
+    codes, and the largest relative difference of the blocks' best losses."""
     from stages.formats.source import QStateReader
 
-    reader = QStateReader.open(folder)
+    a_reader, b_reader = QStateReader.open(streamed), QStateReader.open(reference)
     same, equal, total = 0, 0, 0
-    for name in reader.names:
-        a, b = reader.layer(name), ref.layers[name]
-        codes_eq = int((a.codes == b.codes.to(torch.uint8)).sum())
+    for name in a_reader.names:
+        a, b = a_reader.layer(name), b_reader.layer(name)
+        codes_eq = int((a.codes == b.codes).sum())
         scales = torch.equal(a.scale.half().view(torch.int16), b.scale.half().view(torch.int16))
-        zeros = torch.equal(a.zero, b.zero.float())
-        same += int(codes_eq == a.codes.numel() and scales and zeros)
+        same += int(codes_eq == a.codes.numel() and scales and torch.equal(a.zero, b.zero))
         equal, total = equal + codes_eq, total + a.codes.numel()
-    streamed = json.loads((folder / "block_metrics.json").read_text())
-    loss_diff = [abs(s.get("loss_best", 0) - r.get("loss_best", 0)) / max(r.get("loss_best") or 1e-30, 1e-30)
-                 for s, r in zip(streamed, ref.block_metrics) if r.get("loss_best") is not None]
-    return {"layers": len(reader.names), "identical_layers": same, "codes_equal_fraction": equal / max(total, 1),
-            "max_rel_loss_best_diff": max(loss_diff) if loss_diff else None}
+    losses = [json.loads((f / "block_metrics.json").read_text()) for f in (streamed, reference)]
+    diff = [abs(x["loss_best"] / y["loss_best"] - 1) for x, y in zip(*losses) if y.get("loss_best")]
+    return {"layers": len(a_reader.names), "identical_layers": same, "codes_equal_fraction": equal / max(total, 1),
+            "max_rel_loss_best_diff": max(diff) if diff else None}
 
 
 def quantize_both(args: argparse.Namespace, rows: list, name: str, model: Path, calib: Path, q: QuantConfig,
                   save: Any) -> Path:
-    """The streamed stage job (child, measured) and the in-memory reference (here), compared."""
-    spec = streamed_job(args, name, model, calib, q)
-    row = {"step": f"quantize {name} (streamed)", **spawn("quantize", spec)}
-    rows.append(row)
-    save()
-    ref = reference(model, calib, q, args)
-    row["vs_in_memory"] = compare(Path(spec["job"]["workdir"]), ref)
-    row["in_memory_seconds"] = round(ref.metrics["wall_seconds"], 2)
-    save()
-    print(f"[{name}] vs in-memory: {row['vs_in_memory']}", flush=True)
-    return Path(spec["job"]["workdir"])
+    """The stage's streamed job and the in-memory path, each in a measured child process, then compared."""
+    folders = {}
+    for kind, label in (("quantize", "streamed"), ("reference", "in memory")):
+        spec = streamed_job(args, f"{name}_{kind}", model, calib, q)
+        rows.append({"step": f"quantize {name} ({label})", **spawn(kind, spec)})
+        folders[kind] = Path(spec["job"]["workdir"])
+        save()
+    if all(r.get("rc") == 0 for r in rows[-2:]):
+        rows[-2]["vs_in_memory"] = compare(folders["quantize"], folders["reference"])
+        print(f"[{name}] streamed vs in memory: {rows[-2]['vs_in_memory']}", flush=True)
+        save()
+    return folders["quantize"]
+
+
+def model_dims(args: argparse.Namespace, base: RandomModelConfig) -> RandomModelConfig:
+    """`base` with the --layers/--hidden/--inter/--vocab overrides."""
+    over = {"num_hidden_layers": args.layers, "hidden_size": args.hidden, "intermediate_size": args.inter,
+            "vocab_size": args.vocab}
+    return replace(base, **{k: v for k, v in over.items() if v is not None})
 
 
 def prepare_model(args: argparse.Namespace, rows: list, save: Any) -> Path:
     model = Path(args.work) / "model"
     shutil.rmtree(model, ignore_errors=True)
-    dims = SMALL if args.small else EIGHT_B
+    dims = model_dims(args, SMALL if args.small else EIGHT_B)
     rows.append({"step": "write random bf16 model (streamed writer)", "dims": asdict(dims),
                  **spawn("write", {"folder": str(model), "dims": asdict(dims)})})
     rows[-1]["size_gib"] = round(sum(p.stat().st_size for p in model.glob("*.safetensors")) / GIB, 3)
@@ -232,7 +240,7 @@ def prepare_model(args: argparse.Namespace, rows: list, save: Any) -> Path:
 
 def part_rtn_gptq(args: argparse.Namespace, rows: list, save: Any) -> None:
     model = prepare_model(args, rows, save)
-    vocab = (SMALL if args.small else EIGHT_B).vocab_size
+    vocab = model_dims(args, SMALL if args.small else EIGHT_B).vocab_size
     calib = write_calib(Path(args.work) / "calib", args.nsamples, args.seqlen, vocab)
     gptq_calib = write_calib(Path(args.work) / "calib_gptq", args.gptq_samples, args.seqlen, vocab)
     quantize_both(args, rows, "rtn", model, calib, QuantConfig(method="rtn", bits=4, group_size=args.group), save)
@@ -242,7 +250,7 @@ def part_rtn_gptq(args: argparse.Namespace, rows: list, save: Any) -> None:
 
 def part_autoround_pack(args: argparse.Namespace, rows: list, save: Any) -> None:
     model = prepare_model(args, rows, save)
-    vocab = (SMALL if args.small else EIGHT_B).vocab_size
+    vocab = model_dims(args, SMALL if args.small else EIGHT_B).vocab_size
     calib = write_calib(Path(args.work) / "calib", args.nsamples, args.seqlen, vocab)
     q = QuantConfig(method="autoround", bits=4, group_size=args.group, iters=args.iters, batch_size=args.batch)
     qstate = quantize_both(args, rows, "autoround", model, calib, q, save)
@@ -255,7 +263,7 @@ def part_autoround_pack(args: argparse.Namespace, rows: list, save: Any) -> None
 
 
 def part_70b(args: argparse.Namespace, rows: list, save: Any) -> None:
-    dims = replace(SMALL, num_hidden_layers=6) if args.small else SEVENTY_B
+    dims = model_dims(args, replace(SMALL, num_hidden_layers=6) if args.small else SEVENTY_B)
     q = QuantConfig(method="autoround", bits=4, group_size=args.group, iters=args.iters, batch_size=args.batch)
     spec = {"dims": asdict(dims), "device": str(args.device), "nsamples": args.nsamples, "seqlen": args.seqlen,
             "quant": asdict(q), "deadline": args.deadline, "result": str(Path(args.work) / "stream70b.result.json")}
@@ -286,7 +294,7 @@ def markdown(record: dict[str, Any]) -> str:
               f"{env['date']}", f"Command: `{env['argv']}`", "",
               "| step | seconds | peak host RSS GiB (process) | tree GiB | rc | details |", "|---|---|---|---|---|---|"]
     for r in record["rows"]:
-        details = {k: r[k] for k in ("size_gib", "vs_in_memory", "in_memory_seconds", "extrapolation") if k in r}
+        details = {k: r[k] for k in ("size_gib", "vs_in_memory", "extrapolation") if k in r}
         res = r.get("result") or {}
         for k in ("peak_gpu_mem_gb", "peak_gpu_gib", "verified_layers", "complete"):
             if k in res:
@@ -312,6 +320,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--group", type=int, default=None, help="group size (default 128; --small 32)")
     p.add_argument("--max-shard-size", default="4GB", help="the pack stage's shard size")
     p.add_argument("--deadline", type=float, default=540.0, help="stream70b: stop after the block passing this")
+    for dim in ("layers", "hidden", "inter", "vocab"):
+        p.add_argument(f"--{dim}", type=int, default=None, help=f"override the model's {dim} (e.g. a CPU measurement)")
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
