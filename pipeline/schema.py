@@ -115,7 +115,7 @@ class QuantConfig:
     use_best_iter: bool = True  # keep the parameters of the lowest-loss iteration (else the last scored one)
     tune_minmax: bool = True  # tune the per-group min/max clipping factors (else only the rounding offsets)
     amp: bool = True  # bf16 autocast on CUDA; tuning parameters stay fp32
-    low_gpu_mem: bool = False  # model and cached block inputs in (pinned) CPU memory; blocks and batches move per use
+    low_gpu_mem: bool = False  # cached block inputs in pinned CPU memory; batches move to the GPU per use
     # torch.compile the fake-quant + block + loss step (autoround): auto = on for CUDA (about 2x faster
     # there), off on the CPU | on | off
     compile: str = "auto"

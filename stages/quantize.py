@@ -1,18 +1,23 @@
-"""Quantize stage: RTN / GPTQ / AutoRound, block by block, resumable.
+"""Quantize stage: RTN / GPTQ / AutoRound, block by block, streamed, resumable, optionally data-parallel.
 
 Core: `quantize_model(model, input_ids, cfg, device)` (stages.quant.driver; no I/O).
-Stage I/O (`run`):
-* reads the model (`ctx.model`) and, for calibrated methods, `calib.safetensors` from the
-  calibrate artifact;
+Stage I/O (`run`, through stages.quant.job.run_job):
+* streams the model (`ctx.model`) from its safetensors shards: a meta-device skeleton, one
+  block's tensors in memory at a time (stages.quant.stream; docs/scale.md), and reads, for
+  calibrated methods, `calib.safetensors` from the calibrate artifact;
 * saves each finished block to `blocks/block_<i>.safetensors` in the work folder as soon as
   it completes (written to a temporary name, then renamed), so a crash or kill resumes at
   the first unfinished block;
-* writes `qstate.safetensors` + `layers.json` (stages.quant.qstate), `block_metrics.json`,
-  then removes `blocks/`; logs per-block step metrics (`block_loss` = best tuned loss or the
-  block MSE, `block_loss_init` (the RTN loss of iteration 0), `block_loss_best`, `block_best_iter`,
-  `block_mse` (quantized block vs fp targets on all samples), `block_seconds`), step = block index.
+* writes `qstate.safetensors` + `layers.json` (stages.quant.qstate, merged from the block
+  files), `block_metrics.json`, then removes `blocks/`; logs per-block step metrics
+  (`block_loss` = best tuned loss or the block MSE, `block_loss_init` (the RTN loss of
+  iteration 0), `block_loss_best`, `block_best_iter`, `block_mse` (quantized block vs fp
+  targets on all samples), `block_seconds`), step = block index;
+* with run.nproc_per_node > 1 (or run.nnodes > 1) runs the same job on that many torchrun
+  ranks (stages.quant.launch); rank 0 writes, this process logs.
 `preflight` builds the model on the meta device and checks every layer's scheme (group
-sizes against input dims, overrides) before any stage runs.
+sizes against input dims, overrides), the ranks against the visible GPUs and the model
+folder's shards against its config before any stage runs.
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ position of every sample and is scaled by 1000 before backward; batches are draw
 shuffled order, reshuffled when exhausted; the last iteration's update is never applied
 because it is never scored).
 
+Data-parallel (a `Comm` of several ranks, stages.quant.distributed): each rank tunes on its own
+shard of the samples, drawing quant.batch_size / ranks of them per mini-batch; the loss and the
+gradients are summed over the ranks before every step, and rank 0's parameters are broadcast at
+the end, so every rank exports the same codes.
+
 Speed: the block runs functionally (`torch.func.functional_call`) with weights from one
 fused fake-quant per scheme bucket (stages.quant.fakequant), the step never syncs with the
 host (best loss / parameters tracked on the device, batches picked by a device-side index
