@@ -106,6 +106,11 @@ def run_job(dcfg: DictConfig) -> list:
         cfg = to_pipeline_config(dcfg)
         validate_config(cfg)
         rt = setup_runtime(cfg, log.info)
+        if cfg.run.node_rank > 0:  # another node of a multi-node run: it only joins the quantize stage
+            from pipeline.follower import follow
+
+            follow(cfg, rt)
+            return []
         tracker = open_tracker(cfg, overrides, sweep_dir)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -145,6 +145,8 @@ class SweepCallback(Callback):
             return
         if OmegaConf.select(config, "run.device", default="auto") not in ("auto", "cuda"):
             return  # an explicit cuda:N (or cpu) is respected
+        if (OmegaConf.select(config, "run.nproc_per_node", default=1) or 1) > 1:
+            return  # a data-parallel job's quantize ranks use the visible GPUs, one each
         claim_gpu(Path(config.hydra.sweep.dir), int(OmegaConf.select(config, "hydra.job.num", default=0) or 0))
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:

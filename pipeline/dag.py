@@ -28,7 +28,7 @@ class StageSpec:
     device_sensitive: bool = False  # fingerprint includes the resolved device type and dtype
     version: str = "1"
     description: str = ""
-    # "module:function" (cfg section -> JSON data) identifying inputs the config cannot name,
+    # "module:function" (cfg section -> JSON data or None) identifying inputs the config cannot name,
     # e.g. the bytes of a local corpus; folded into the fingerprint.
     identity: Optional[str] = None
     identity_of: str = ""  # the config section passed to `identity`
@@ -77,6 +77,7 @@ STAGES: tuple[StageSpec, ...] = (
               description="sample token sequences from the calibration text"),
     StageSpec("quantize", "stages.quantize:run", needs=("calibrate",), params=("quant", "run.seed"),
               metric_prefix="quantize", device_sensitive=True,
+              identity="stages.quantize:data_parallel_identity", identity_of="run",
               description="RTN / GPTQ / AutoRound per block -> integer codes, scales, zeros"),
     StageSpec("recover", "stages.recover:run", needs=("quantize", "calibrate"), params=("recover", "run.seed"),
               metric_prefix="recover", device_sensitive=True, enabled_when="stages.recover:enabled",
@@ -182,7 +183,9 @@ def stage_fingerprint(spec: StageSpec, cfg: PipelineConfig, input_fps: dict[str,
     }
     if spec.identity:
         module, _, attr = spec.identity.partition(":")
-        payload["identity"] = getattr(importlib.import_module(module), attr)(getattr(cfg, spec.identity_of))
+        identity = getattr(importlib.import_module(module), attr)(getattr(cfg, spec.identity_of))
+        if identity is not None:  # None: nothing beyond the config (keeps earlier fingerprints)
+            payload["identity"] = identity
     if spec.uses_model:
         payload["model"] = model_fp
     if spec.device_sensitive:

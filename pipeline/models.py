@@ -135,7 +135,9 @@ def _random_dtype(cfg: ModelConfig) -> str:
 
 
 def _identity_random(cfg: ModelConfig) -> dict[str, Any]:
-    ident: dict[str, Any] = {"source": "random", "dims": asdict(cfg.random)}
+    from pipeline.random_model import GENERATOR_VERSION
+
+    ident: dict[str, Any] = {"source": "random", "dims": asdict(cfg.random), "generator": GENERATOR_VERSION}
     if _random_dtype(cfg) != "float32":  # float32 keeps the identity it always had
         ident["dtype"] = _random_dtype(cfg)
     if cfg.random.tokenizer == "gguf":
@@ -164,24 +166,18 @@ def _materialise_gguf(cfg: ModelConfig, out: Path) -> None:
 
 
 def _materialise_random(cfg: ModelConfig, out: Path) -> None:
+    """Draw the weights tensor by tensor into shards (pipeline.random_model): never the whole model in memory."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    r = cfg.random
-    config = LlamaConfig(
-        hidden_size=r.hidden_size, intermediate_size=r.intermediate_size, num_hidden_layers=r.num_hidden_layers,
-        num_attention_heads=r.num_attention_heads, num_key_value_heads=r.num_key_value_heads,
-        vocab_size=r.vocab_size, max_position_embeddings=r.max_position_embeddings,
-        rope_theta=r.rope_theta, tie_word_embeddings=r.tie_word_embeddings, bos_token_id=1, eos_token_id=2,
-    )
-    torch.manual_seed(r.seed)
-    model = LlamaForCausalLM._from_config(config, dtype=getattr(torch, _random_dtype(cfg)))  # drawn in that dtype
-    model.save_pretrained(out, safe_serialization=True)
-    if r.tokenizer == "gguf":
+    from pipeline.random_model import write_random_model
+
+    write_random_model(cfg, out, getattr(torch, _random_dtype(cfg)))
+    if cfg.random.tokenizer == "gguf":
         gguf = find_gguf(cfg)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     else:
-        tok = AutoTokenizer.from_pretrained(r.tokenizer)
+        tok = AutoTokenizer.from_pretrained(cfg.random.tokenizer)
     tok.save_pretrained(out)
 
 

@@ -126,7 +126,7 @@ class QuantConfig:
     use_best_iter: bool = True  # keep the parameters of the lowest-loss iteration (else the last scored one)
     tune_minmax: bool = True  # tune the per-group min/max clipping factors (else only the rounding offsets)
     amp: bool = True  # bf16 autocast on CUDA; tuning parameters stay fp32
-    low_gpu_mem: bool = False  # model and cached block inputs in (pinned) CPU memory; blocks and batches move per use
+    low_gpu_mem: bool = False  # cached block inputs in pinned CPU memory; batches move to the GPU per use
     # torch.compile the fake-quant + block + loss step (autoround): auto = on for CUDA (about 2x faster
     # there), off on the CPU | on | off
     compile: str = "auto"
@@ -296,6 +296,12 @@ class RunConfig:
     export_dir: Optional[str] = None
     progress: bool = True
     offline: bool = True  # set HF_HUB_OFFLINE etc.; turn off to reach the hub
+    # Data-parallel quantize stage under torch.distributed.run (docs/scale.md): processes per node
+    # (one GPU each on CUDA, gloo processes on the CPU); every other stage stays one process.
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0  # 0 runs the pipeline; the other nodes only join its quantize stage
+    rdzv_endpoint: Optional[str] = None  # host:port on node 0, required when nnodes > 1
 
 
 @dataclass

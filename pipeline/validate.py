@@ -231,6 +231,9 @@ FIELD_RULES: dict[str, Callable[[str, Any], None]] = {
     "bench.kernel_tuning": _choice(lambda: ("full", "quick"), "full"),
     "bench.vllm_timeout_s": _int_at_least(1, 1800),
     "run.device": _device,
+    "run.nproc_per_node": _int_at_least(1, 2),
+    "run.nnodes": _int_at_least(1, 1),
+    "run.node_rank": _int_at_least(0, 0),
     "run.stages": _stage_list,
     "run.force": _stage_list,
 }
@@ -275,8 +278,32 @@ def validate_config(cfg: PipelineConfig) -> None:
         raise ConfigError("eval.perplexity.stride", cfg.eval.perplexity.stride,
                           f"at most eval.perplexity.seqlen={cfg.eval.perplexity.seqlen}",
                           f"e.g. eval.perplexity.stride={cfg.eval.perplexity.seqlen}")
+    _check_distributed(cfg)
     _check_model_paths(cfg)
     check_writable("run.outputs_dir", cfg.run.outputs_dir)
+
+
+def _check_distributed(cfg: PipelineConfig) -> None:
+    """A data-parallel quantize stage: the node layout, and work that splits evenly across the ranks."""
+    r, q = cfg.run, cfg.quant
+    world = r.nproc_per_node * r.nnodes
+    if r.node_rank >= r.nnodes:
+        raise ConfigError("run.node_rank", r.node_rank, f"0..{r.nnodes - 1} for run.nnodes={r.nnodes}",
+                          "e.g. run.node_rank=0 on the first node")
+    if r.nnodes > 1 and not re.fullmatch(r"[^\s:]+:\d+", str(r.rdzv_endpoint or "")):
+        raise ConfigError("run.rdzv_endpoint", r.rdzv_endpoint, "host:port of node 0, reachable from every node",
+                          "e.g. run.rdzv_endpoint=node001:29500", problem="is required when run.nnodes > 1")
+    if world == 1 or q.method == "rtn":
+        return
+    if q.method == "autoround" and q.batch_size % world:
+        raise ConfigError("quant.batch_size", q.batch_size, f"a multiple of the {world} ranks "
+                          f"(run.nproc_per_node={r.nproc_per_node} x run.nnodes={r.nnodes}): each rank tunes on an "
+                          "equal share of every mini-batch",
+                          f"e.g. quant.batch_size={max(world, q.batch_size - q.batch_size % world)}",
+                          problem="does not divide across the ranks")
+    if cfg.calib.nsamples < world:
+        raise ConfigError("calib.nsamples", cfg.calib.nsamples, f"at least one sample per rank ({world} ranks)",
+                          f"e.g. calib.nsamples={max(128, world)}", problem="is smaller than the number of ranks")
 
 
 def _check_override(key: str, ov: Any) -> None:

@@ -1,18 +1,23 @@
-"""Quantize stage: RTN / GPTQ / AutoRound, block by block, resumable.
+"""Quantize stage: RTN / GPTQ / AutoRound, block by block, streamed, resumable, optionally data-parallel.
 
 Core: `quantize_model(model, input_ids, cfg, device)` (stages.quant.driver; no I/O).
-Stage I/O (`run`):
-* reads the model (`ctx.model`) and, for calibrated methods, `calib.safetensors` from the
-  calibrate artifact;
+Stage I/O (`run`, through stages.quant.job.run_job):
+* streams the model (`ctx.model`) from its safetensors shards: a meta-device skeleton, one
+  block's tensors in memory at a time (stages.quant.stream; docs/scale.md), and reads, for
+  calibrated methods, `calib.safetensors` from the calibrate artifact;
 * saves each finished block to `blocks/block_<i>.safetensors` in the work folder as soon as
   it completes (written to a temporary name, then renamed), so a crash or kill resumes at
   the first unfinished block;
-* writes `qstate.safetensors` + `layers.json` (stages.quant.qstate), `block_metrics.json`,
-  then removes `blocks/`; logs per-block step metrics (`block_loss` = best tuned loss or the
-  block MSE, `block_loss_init` (the RTN loss of iteration 0), `block_loss_best`, `block_best_iter`,
-  `block_mse` (quantized block vs fp targets on all samples), `block_seconds`), step = block index.
+* writes `qstate.safetensors` + `layers.json` (stages.quant.qstate, merged from the block
+  files), `block_metrics.json`, then removes `blocks/`; logs per-block step metrics
+  (`block_loss` = best tuned loss or the block MSE, `block_loss_init` (the RTN loss of
+  iteration 0), `block_loss_best`, `block_best_iter`, `block_mse` (quantized block vs fp
+  targets on all samples), `block_seconds`), step = block index;
+* with run.nproc_per_node > 1 (or run.nnodes > 1) runs the same job on that many torchrun
+  ranks (stages.quant.launch); rank 0 writes, this process logs.
 `preflight` builds the model on the meta device and checks every layer's scheme (group
-sizes against input dims, overrides) before any stage runs.
+sizes against input dims, overrides), the ranks against the visible GPUs and the model
+folder's shards against its config before any stage runs.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from pipeline.errors import ConfigError, InputError
+from stages.quant.job import BLOCK_METRICS_FILE
 
 if TYPE_CHECKING:
     import torch
@@ -30,10 +36,8 @@ if TYPE_CHECKING:
     from pipeline.context import StageContext, StageResult
     from pipeline.models import ModelHandle
     from pipeline.schema import PipelineConfig, QuantConfig
-    from stages.quant.base import BlockResult, QuantizedLayer
+    from stages.quant.job import QuantizeJob
 
-PROGRESS_DIR = "blocks"
-BLOCK_METRICS_FILE = "block_metrics.json"
 STEP_METRICS = {"loss_init": "block_loss_init", "loss_best": "block_loss_best", "best_iter": "block_best_iter",
                 "mse": "block_mse", "seconds": "block_seconds", "tune_seconds": "block_tune_seconds",
                 # GPTQ's per-block numbers (layer-level errors, Hessian health, time split)
@@ -56,50 +60,6 @@ def quantize_model(model: Any, input_ids: Optional["torch.Tensor"], cfg: "QuantC
                 log=log or (lambda m: None))
 
 
-def block_file(folder: Path, index: int) -> Path:
-    return folder / PROGRESS_DIR / f"block_{index:05d}.safetensors"
-
-
-def save_block(folder: Path, index: int, result: "BlockResult", seconds: float) -> None:
-    """Write one finished block's layers (relative names) + metrics atomically."""
-    from safetensors.torch import save_file
-
-    from stages.quant.qstate import layer_record, layer_tensors
-
-    path = block_file(folder, index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, Any] = {}
-    for name, layer in result.layers.items():
-        tensors.update(layer_tensors(name, layer))
-    meta = {"metrics": json.dumps({**result.metrics, "seconds": seconds}),
-            "layers": json.dumps({n: layer_record(l) for n, l in result.layers.items()})}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-
-
-def load_finished_blocks(folder: Path) -> tuple[dict[int, dict[str, "QuantizedLayer"]], dict[int, dict]]:
-    """Blocks an interrupted attempt finished: (index -> layers, index -> metrics)."""
-    from safetensors import safe_open
-
-    from stages.quant.base import LayerScheme, QuantizedLayer
-
-    layers: dict[int, dict[str, QuantizedLayer]] = {}
-    metrics: dict[int, dict] = {}
-    for path in sorted((folder / PROGRESS_DIR).glob("block_*.safetensors")):
-        index = int(path.stem.split("_")[1])
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            records = json.loads(meta["layers"])
-            layers[index] = {
-                n: QuantizedLayer(f.get_tensor(f"{n}.codes"), f.get_tensor(f"{n}.scale").float(),
-                                  f.get_tensor(f"{n}.zero").float(), LayerScheme(r["bits"], r["group_size"], r["sym"]),
-                                  f.get_tensor(f"{n}.g_idx") if r["act_order"] else None)
-                for n, r in records.items()}
-            metrics[index] = json.loads(meta["metrics"])
-    return layers, metrics
-
-
 def _log_block(ctx: "StageContext", index: int, metrics: dict) -> None:
     for key, name in STEP_METRICS.items():
         if key in metrics and metrics[key] is not None:
@@ -107,14 +67,6 @@ def _log_block(ctx: "StageContext", index: int, metrics: dict) -> None:
     loss = metrics.get("loss_best", metrics.get("mse"))
     if loss is not None:  # one comparable curve per run: the tuned loss, or the block MSE for untuned methods
         ctx.log_metric("block_loss", float(loss), index)
-
-
-def _calibration(ctx: "StageContext") -> "torch.Tensor":
-    from stages.calibrate import load_calibration
-
-    if "calibrate" not in ctx.inputs:
-        raise InputError(f"quant.method={ctx.cfg.quant.method} needs the calibrate stage's output")
-    return load_calibration(ctx.inputs["calibrate"].path)
 
 
 def _summary_metrics(block_metrics: list[dict], result_metrics: dict) -> dict[str, float]:
@@ -132,47 +84,87 @@ def _summary_metrics(block_metrics: list[dict], result_metrics: dict) -> dict[st
     return out
 
 
-def run(ctx: "StageContext") -> "StageResult":
-    """Quantize the model block by block into ctx.workdir (resuming finished blocks)."""
-    import shutil
+class BlockLogger:
+    """Sends each block's metrics to the tracker once: resumed blocks first, then new ones as they finish."""
 
-    import torch
+    def __init__(self, ctx: "StageContext"):
+        self.ctx, self.logged = ctx, set()
 
-    from pipeline.context import StageResult
-    from pipeline.models import load_model
+    def log(self, index: int, metrics: dict) -> None:
+        if index not in self.logged:
+            self.logged.add(index)
+            _log_block(self.ctx, index, metrics)
+
+    def from_files(self) -> None:
+        """Every block file in the work folder not logged yet (written by this or an earlier attempt)."""
+        from stages.quant.progress import block_file, finished_indices, read_metadata
+
+        for index in finished_indices(self.ctx.workdir):
+            if index not in self.logged:
+                try:
+                    self.log(index, read_metadata(block_file(self.ctx.workdir, index))["metrics"])
+                except FileNotFoundError:  # merged and removed meanwhile: logged from block_metrics.json
+                    pass
+
+
+def make_job(ctx: "StageContext") -> "QuantizeJob":
+    """What this attempt needs, from the stage context."""
+    from dataclasses import asdict
+
     from stages.quant.driver import quantizer_class
-    from stages.quant.qstate import LAYERS_FILE, save_qstate
+    from stages.quant.job import QuantizeJob
 
     cfg = ctx.cfg.quant
+    calib = None
+    if quantizer_class(cfg).uses_calibration:
+        if "calibrate" not in ctx.inputs:
+            raise InputError(f"quant.method={cfg.method} needs the calibrate stage's output")
+        calib = str(Path(ctx.inputs["calibrate"].path).resolve())
+    return QuantizeJob(workdir=str(Path(ctx.workdir).resolve()), model_path=ctx.model.path,
+                       revision=ctx.model.revision, trust_remote_code=ctx.model.trust_remote_code, calib_dir=calib,
+                       device=ctx.device, dtype=ctx.dtype, quant=asdict(cfg), seed=ctx.cfg.run.seed,
+                       progress=ctx.progress, resumed=ctx.resumed)
+
+
+def run(ctx: "StageContext") -> "StageResult":
+    """Quantize the model block by block into ctx.workdir (resuming finished blocks), streamed from its
+    shards; data-parallel under torchrun when run.nproc_per_node or run.nnodes asks for several ranks."""
+    from pipeline.context import StageResult
+    from pipeline.launch import world_size
+    from stages.quant.job import run_job
+    from stages.quant.qstate import LAYERS_FILE
+
+    from stages.quant.driver import quantizer_class
+
+    cfg, workdir = ctx.cfg.quant, Path(ctx.workdir)
     whole_stage = getattr(quantizer_class(cfg), "run_stage", None)
     if whole_stage is not None:  # a method without block-by-block work (bitsandbytes quantizes at load time)
         return whole_stage(ctx)
-    workdir = Path(ctx.workdir)
-    done, done_metrics = load_finished_blocks(workdir) if ctx.resumed else ({}, {})
-    if done:
-        ctx.log(f"[quantize] resuming: blocks {sorted(done)} were finished by an earlier attempt")
-    for index, metrics in sorted(done_metrics.items()):
-        _log_block(ctx, index, metrics)
-    needs_calib = quantizer_class(cfg).uses_calibration
-    input_ids = _calibration(ctx) if needs_calib else None
-    model = load_model(ctx.model, ctx.torch_dtype(), "cpu" if cfg.low_gpu_mem else ctx.device)
+    job = make_job(ctx)
+    logger = BlockLogger(ctx)
+    logger.from_files()  # blocks an interrupted attempt finished
+    if world_size(ctx.cfg.run) > 1:
+        from stages.quant.launch import run_data_parallel
 
-    def on_block_done(index: int, result: "BlockResult", seconds: float) -> None:
-        save_block(workdir, index, result, seconds)
-        _log_block(ctx, index, {**result.metrics, "seconds": seconds})
-
-    result = quantize_model(model, input_ids, cfg, torch.device(ctx.device), seed=ctx.cfg.run.seed,
-                            progress=ctx.progress, done=done, on_block_done=on_block_done, log=ctx.log)
-    for m in result.block_metrics:
-        m.update({k: v for k, v in done_metrics.get(m["block"], {}).items() if k not in m})
-    save_qstate(workdir, result.layers, result.meta)
-    (workdir / BLOCK_METRICS_FILE).write_text(json.dumps(result.block_metrics, indent=2))
-    shutil.rmtree(workdir / PROGRESS_DIR, ignore_errors=True)
+        metrics = run_data_parallel(job, ctx.cfg.run, ctx.log, poll=logger.from_files)
+    else:
+        metrics = run_job(job, log=ctx.log, on_block=logger.log)
+    block_metrics = json.loads((workdir / BLOCK_METRICS_FILE).read_text())
+    for m in block_metrics:
+        logger.log(m["block"], m)
+    meta = json.loads((workdir / LAYERS_FILE).read_text())
     summary = {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
-               "layers": len(result.layers), "skipped": len(result.meta["skipped"])}
+               "layers": len(meta["layers"]), "skipped": len(meta["skipped"])}
     # qstate.safetensors is the big output (a byte per weight): attach only the small files to MLflow
-    return StageResult(metrics=_summary_metrics(result.block_metrics, result.metrics), summary=summary,
+    return StageResult(metrics=_summary_metrics(block_metrics, metrics), summary=summary,
                        artifacts=[LAYERS_FILE, BLOCK_METRICS_FILE])
+
+
+def data_parallel_identity(run: Any) -> Optional[dict]:
+    """The number of ranks, when several tune together: each draws its own share of every mini-batch, so
+    the result is not the single-process one (None for one process: its fingerprint stays what it was)."""
+    world = run.nproc_per_node * run.nnodes
+    return {"world_size": world} if world > 1 else None
 
 
 def meta_model(model: "ModelHandle"):
@@ -197,11 +189,36 @@ def check_quant_config(cfg: "QuantConfig", nsamples: int) -> None:
                           "set quant.compile=auto", problem="only applies to autoround")
 
 
+def check_model_files(model: "ModelHandle", skeleton: Any) -> None:
+    """A local model folder: every shard its index names exists and holds the tensors its config implies.
+
+    Hub models are checked when the stage opens them (they may not be downloaded yet).
+    """
+    from stages.quant.stream import check_tensors, checkpoint_tensors, read_headers, shard_files
+
+    folder = Path(model.path).expanduser()
+    if folder.is_dir():
+        check_tensors(folder, checkpoint_tensors(skeleton), read_headers(folder, shard_files(folder)))
+
+
+def check_ranks(cfg: "PipelineConfig") -> None:
+    """A data-parallel run on CUDA needs a GPU per rank on this node."""
+    from pipeline.launch import check_world, world_size
+
+    if world_size(cfg.run) > 1:
+        import torch
+
+        from pipeline.runtime import resolve_device
+
+        check_world(cfg.run, resolve_device(cfg.run.device), torch.cuda.device_count())
+
+
 def preflight(cfg: "PipelineConfig", model: Optional["ModelHandle"], spec: Any = None) -> None:
-    """Every quantize check that needs no weights: schemes per layer, overrides, batch sizes.
+    """Every quantize check that needs no weights: schemes per layer, overrides, batch sizes, ranks vs GPUs,
+    and the model folder's shards (present, and matching its config).
 
     Args:
-        cfg: the pipeline config (reads cfg.quant and cfg.calib.nsamples).
+        cfg: the pipeline config (reads cfg.quant, cfg.calib.nsamples and the run.* rank settings).
         model: the model handle (its config gives the layer shapes).
         spec: the DAG node (unused).
     """
@@ -213,5 +230,8 @@ def preflight(cfg: "PipelineConfig", model: Optional["ModelHandle"], spec: Any =
         own(cfg, model)
         return
     check_quant_config(cfg.quant, cfg.calib.nsamples)
+    check_ranks(cfg)
     if model is not None:
-        plan_quantization(meta_model(model), cfg.quant)
+        skeleton = meta_model(model)
+        plan_quantization(skeleton, cfg.quant)
+        check_model_files(model, skeleton)

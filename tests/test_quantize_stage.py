@@ -112,12 +112,14 @@ def test_override_matching_nothing_fails_before_work(compose, tiny_overrides):
 
 
 def _smollm2_like_handle(tmp_path: Path):
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline.models import ModelHandle
 
-    LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9,
-                num_key_value_heads=3, vocab_size=1000).save_pretrained(tmp_path)
+    if not (tmp_path / "config.json").is_file():  # preflight also checks the weights against the config
+        LlamaForCausalLM(LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+                                     num_attention_heads=9, num_key_value_heads=3, vocab_size=1000)
+                         ).save_pretrained(tmp_path)
     return ModelHandle("smollm2-like", str(tmp_path), None, "fp")
 
 

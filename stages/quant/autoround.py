@@ -11,6 +11,11 @@ position of every sample and is scaled by 1000 before backward; batches are draw
 shuffled order, reshuffled when exhausted; the last iteration's update is never applied
 because it is never scored).
 
+Data-parallel (a `Comm` of several ranks, stages.quant.distributed): each rank tunes on its own
+shard of the samples, drawing quant.batch_size / ranks of them per mini-batch; the loss and the
+gradients are summed over the ranks before every step, and rank 0's parameters are broadcast at
+the end, so every rank exports the same codes.
+
 Speed: the block runs functionally (`torch.func.functional_call`) with weights from one
 fused fake-quant per scheme bucket (stages.quant.fakequant), the step never syncs with the
 host (best loss / parameters tracked on the device, batches picked by a device-side index
@@ -31,6 +36,7 @@ from tqdm.auto import tqdm
 from pipeline.schema import QuantConfig, switch_enabled
 from stages.quant.base import BlockInputs, BlockResult, LayerScheme, QuantizedLayer
 from stages.quant.blocks import run_block
+from stages.quant.distributed import LOCAL, Comm
 from stages.quant.fakequant import Bucket, build_buckets, export_layers, fake_quant, split_layers
 from stages.quant.feed import index_schedule, make_feeder
 
@@ -135,8 +141,8 @@ class AutoRoundQuantizer:
     uses_calibration = True
     needs_fp_targets = True
 
-    def __init__(self, cfg: QuantConfig, progress: bool = False):
-        self.cfg, self.progress = cfg, progress
+    def __init__(self, cfg: QuantConfig, progress: bool = False, comm: Comm = LOCAL):
+        self.cfg, self.progress, self.comm = cfg, progress, comm
         self._compiled: Optional[Callable[..., torch.Tensor]] = None
 
     def _loss_fn(self, device: torch.device) -> Callable[..., torch.Tensor]:
@@ -181,15 +187,17 @@ class AutoRoundQuantizer:
 
     def _tune(self, block: nn.Module, buckets: list[Bucket], params: list[BucketParams], inputs: BlockInputs,
               fp_targets: torch.Tensor, device: torch.device) -> TuneOutcome:
-        cfg = self.cfg
-        n = inputs.hidden.shape[0]
-        global_batch = min(n, cfg.batch_size * cfg.grad_accum)
-        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,)).item()))
+        cfg, comm = self.cfg, self.comm
+        n = inputs.hidden.shape[0]  # this rank's samples
+        batch = cfg.batch_size // comm.world_size  # this rank's part of every mini-batch
+        global_batch = min(n, batch * cfg.grad_accum)  # this rank's samples per iteration
+        gen = torch.Generator().manual_seed(comm.rank_seed(int(torch.randint(0, 2**31 - 1, (1,)).item())))
         schedule = index_schedule(n, global_batch, cfg.iters, gen)
-        feeder = make_feeder(inputs.hidden, fp_targets, schedule, cfg.batch_size, device)
-        steps_per_iter = -(-global_batch // cfg.batch_size)
+        feeder = make_feeder(inputs.hidden, fp_targets, schedule, batch, device)
+        steps_per_iter = -(-global_batch // batch)
         seq, hidden = inputs.hidden.shape[1], inputs.hidden.shape[2]
-        numel = global_batch * (seq - 1) * hidden  # the loss is a mean over all but the last position
+        # the loss is a mean over every rank's samples and all but the last position
+        numel = int(comm.sum_float(global_batch)) * (seq - 1) * hidden
         layout = [(p.min_factor is not None, p.max_factor is not None) for p in params]
         tensors = [t for p in params for t in p.tensors()]
         best = [t.detach().clone() for t in tensors] if cfg.use_best_iter else []
@@ -205,11 +213,13 @@ class AutoRoundQuantizer:
                 (sse * (LOSS_SCALE / numel)).backward()
                 total = total + sse.detach()
                 feeder.done(step)
+            stepping = it < cfg.iters - 1  # the last update would never be scored
+            comm.sum_([total] + ([t.grad for t in tensors] if stepping else []))  # no-op on one process
             loss = total / numel
             state.losses[it] = loss
             if cfg.use_best_iter:
                 _track_best(tensors, best, state, loss, it)
-            if it < cfg.iters - 1:  # the last update would never be scored
+            if stepping:
                 signsgd_step(params, it, cfg.iters)
         with torch.no_grad():
             if cfg.use_best_iter:
@@ -217,6 +227,7 @@ class AutoRoundQuantizer:
                     t.copy_(b)
             else:
                 state.best_loss, state.best_iter = state.losses[-1], torch.tensor(cfg.iters - 1)
+            comm.broadcast_(tensors)  # every rank exports rank 0's parameters, bit for bit
         return state
 
     def _finish(self, block: nn.Module, buckets: list[Bucket], params: list[BucketParams],

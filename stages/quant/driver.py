@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -23,11 +23,15 @@ from tqdm.auto import tqdm
 from pipeline.errors import InputError
 from pipeline.schema import QuantConfig
 from stages.quant.base import BlockInputs, BlockResult, QuantizedLayer
-from stages.quant.blocks import (block_outputs, capture_first_inputs, capture_kwargs, find_blocks, kwargs_to,
-                                 non_block_modules_to)
+from stages.quant.blocks import block_outputs, capture_first_inputs, capture_kwargs, kwargs_to
+from stages.quant.distributed import LOCAL, Comm
 from stages.quant.rtn import rtn_layer
 from stages.quant.schemes import QuantPlan, plan_quantization
+from stages.quant.stream import ResidentBlocks
 from stages.registry import QUANT_METHODS, resolve
+
+if TYPE_CHECKING:
+    from stages.quant.stream import BlockSource
 
 
 @dataclass
@@ -52,22 +56,22 @@ def quantizer_class(cfg: QuantConfig) -> type:
     return resolve(QUANT_METHODS, "quant.method", cfg.method)
 
 
-def make_quantizer(cfg: QuantConfig, progress: bool = False):
-    return quantizer_class(cfg)(cfg, progress)
+def make_quantizer(cfg: QuantConfig, progress: bool = False, comm: Comm = LOCAL):
+    return quantizer_class(cfg)(cfg, progress, comm=comm)
 
 
-def capture_streams(model: nn.Module, input_ids: torch.Tensor, device: torch.device, cfg: QuantConfig,
-                    needs_fp: bool) -> Streams:
-    """Block-0 inputs for every sample (+ a copy for the fp stream) and every block's kwargs."""
-    blocks_name, blocks = find_blocks(model)
-    home = next(model.get_input_embeddings().parameters()).device
-    non_block_modules_to(model, blocks_name, device)
-    try:
-        pin = cfg.low_gpu_mem and device.type == "cuda"
-        kwargs = capture_kwargs(model, blocks, input_ids.shape[1], device)
-        q = capture_first_inputs(model, blocks, input_ids, device, batch_size=cfg.batch_size, pin=pin)
-    finally:
-        non_block_modules_to(model, blocks_name, home)
+def capture_streams(model: "nn.Module | BlockSource", input_ids: torch.Tensor, device: torch.device,
+                    cfg: QuantConfig, needs_fp: bool) -> Streams:
+    """Block-0 inputs for every sample (+ a copy for the fp stream) and every block's kwargs.
+
+    Args:
+        model: the model, or a block source (stages.quant.stream) that provides its non-block modules.
+    """
+    source = as_block_source(model)
+    pin = cfg.low_gpu_mem and device.type == "cuda"
+    with source.embeddings_on(device):
+        kwargs = capture_kwargs(source.model, source.blocks, input_ids.shape[1], device)
+        q = capture_first_inputs(source.model, source.blocks, input_ids, device, batch_size=cfg.batch_size, pin=pin)
     memo: dict[int, Any] = {}
     kwargs = [kwargs_to(kw, device, memo) for kw in kwargs]
     fp = None
@@ -88,9 +92,21 @@ def _block_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index) % (2**31 - 1)
 
 
+def as_block_source(model: "nn.Module | BlockSource") -> "BlockSource":
+    """A block source for a model held in memory (stages.quant.stream.ResidentBlocks); sources pass through."""
+    return ResidentBlocks(model) if isinstance(model, nn.Module) else model
+
+
+def _shared_mse(mse: Optional[float], samples: int, comm: Comm) -> Optional[float]:
+    """The block MSE over every rank's samples (each rank scored its own shard)."""
+    if mse is None or comm.world_size == 1:
+        return mse
+    return comm.sum_float(mse * samples) / comm.sum_float(float(samples))
+
+
 def run_block_step(quantizer: Any, block: nn.Module, index: int, plan: QuantPlan, streams: Optional[Streams],
                    device: torch.device, cfg: QuantConfig, seed: int,
-                   done: Optional[dict[str, QuantizedLayer]]) -> tuple[BlockResult, bool]:
+                   done: Optional[dict[str, QuantizedLayer]], comm: Comm = LOCAL) -> tuple[BlockResult, bool]:
     """Quantize (or replay, when `done` is given) one block on `device`; advances the streams.
 
     Returns:
@@ -112,6 +128,7 @@ def run_block_step(quantizer: Any, block: nn.Module, index: int, plan: QuantPlan
     if streams is not None:
         _, mse = block_outputs(block, streams.q, streams.kwargs[index], device, cfg.batch_size, out=streams.q,
                                amp_dtype=_amp(cfg, device), targets=streams.fp)
+        mse = _shared_mse(mse, streams.q.shape[0], comm)
         if mse is not None and done is None:
             result.metrics["mse"] = mse
     return result, done is None
@@ -121,60 +138,67 @@ def _amp(cfg: QuantConfig, device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if cfg.amp and device.type == "cuda" else None
 
 
-def quantize_model(model: nn.Module, input_ids: Optional[torch.Tensor], cfg: QuantConfig, device: torch.device | str,
-                   *, seed: int = 0, progress: bool = False,
-                   done: Optional[dict[int, dict[str, QuantizedLayer]]] = None,
+def quantize_model(model: "nn.Module | BlockSource", input_ids: Optional[torch.Tensor], cfg: QuantConfig,
+                   device: torch.device | str, *, seed: int = 0, progress: bool = False,
+                   done: Optional[Mapping[int, dict[str, QuantizedLayer]]] = None,
                    on_block_done: Optional[Callable[[int, BlockResult, float], None]] = None,
-                   log: Callable[[str], None] = lambda m: None) -> QuantizeResult:
+                   log: Callable[[str], None] = lambda m: None, comm: Comm = LOCAL,
+                   keep_layers: bool = True) -> QuantizeResult:
     """Quantize every decoder block of a causal LM, one block at a time.
 
     Args:
         model: Hugging Face causal LM in eval mode (its blocks may live on the CPU; each is
-            moved to `device` for its turn and back afterwards).
-        input_ids: [n, seqlen] calibration ids (ignored by methods without calibration).
+            moved to `device` for its turn and back afterwards), or a block source
+            (stages.quant.stream.StreamedBlocks: each block is loaded for its turn and freed).
+        input_ids: [n, seqlen] calibration ids (ignored by methods without calibration); with
+            several ranks (`comm`), every rank passes all of them and keeps its own shard.
         cfg: quant config; cfg.method picks the quantizer from stages.registry.QUANT_METHODS.
         device: tuning device.
         seed: per-block seeds derive from it, so a resumed run equals an uninterrupted one.
-        done: block index -> saved layers (relative names) of blocks finished earlier.
+        done: block index -> saved layers (relative names) of blocks finished earlier (may be lazy).
         on_block_done: callback(index, result, seconds) after each newly quantized block.
+        comm: the data-parallel group (stages.quant.distributed); LOCAL for one process.
+        keep_layers: collect every block's layers in the result (False: only the head's; the
+            caller keeps them through on_block_done, so host memory holds one block).
     Returns:
         QuantizeResult with full layer names, layers.json extras and per-block metrics.
     """
     device = torch.device(device)
     t_start = time.perf_counter()
-    model.eval()  # no dropout in the captured inputs, targets or tuning
-    plan = plan_quantization(model, cfg)
-    quantizer = make_quantizer(cfg, progress)
+    source = as_block_source(model)
+    source.model.eval()  # no dropout in the captured inputs, targets or tuning
+    plan = plan_quantization(source.model, cfg)
+    quantizer = make_quantizer(cfg, progress, comm)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     streams = None
     if quantizer.uses_calibration:
         if input_ids is None:
             raise InputError(f"quant.method={cfg.method} needs calibration input_ids")
-        streams = capture_streams(model, input_ids, device, cfg, quantizer.needs_fp_targets)
-    _, blocks = find_blocks(model)
+        ids = input_ids[comm.shard(input_ids.shape[0])]
+        streams = capture_streams(source, ids, device, cfg, quantizer.needs_fp_targets)
     layers: dict[str, QuantizedLayer] = {}
     block_metrics: list[dict[str, float]] = []
     done = done or {}
-    for i in tqdm(range(len(blocks)), desc=f"quantize ({cfg.method})", unit="block", disable=not progress):
-        home = next(blocks[i].parameters()).device
-        blocks[i].to(device)
+    bar = tqdm(range(len(source.blocks)), desc=f"quantize ({cfg.method})", unit="block", disable=not progress)
+    for i in bar:
+        block = source.load_block(i, device)
         t0 = time.perf_counter()
-        result, tuned = run_block_step(quantizer, blocks[i], i, plan, streams, device, cfg, seed, done.get(i))
+        result, tuned = run_block_step(quantizer, block, i, plan, streams, device, cfg, seed,
+                                       done[i] if i in done else None, comm)
         seconds = time.perf_counter() - t0
-        blocks[i].to(home)
+        source.release_block(i)
         if tuned and on_block_done is not None:
             on_block_done(i, result, seconds)
         block_metrics.append({"block": i, "seconds": seconds, "resumed": not tuned, **result.metrics})
-        layers.update({f"{plan.blocks_name}.{i}.{n}": l.to("cpu") for n, l in result.layers.items()})
+        if keep_layers:
+            layers.update({f"{plan.blocks_name}.{i}.{n}": l.to("cpu") for n, l in result.layers.items()})
         log(f"block {i}: " + (", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()) if tuned
                               else "finished by an earlier attempt (replayed)"))
     if plan.head is not None:
-        head = model.get_submodule(plan.head)
-        layers[plan.head] = rtn_layer(head.weight.to(device), plan.schemes[plan.head]).to("cpu")
-        with torch.no_grad():
-            head.weight.data.copy_(layers[plan.head].dequantize(head.weight.dtype))
-    metrics = {"seconds_total": time.perf_counter() - t_start, "num_layers": float(len(layers))}
+        layers[plan.head] = rtn_layer(source.head_weight(plan.head, device), plan.schemes[plan.head]).to("cpu")
+        source.set_head(plan.head, layers[plan.head].dequantize())
+    metrics = {"seconds_total": time.perf_counter() - t_start, "num_layers": float(len(plan.schemes))}
     if device.type == "cuda":
         metrics["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     meta = {"skipped": plan.skipped, "blocks": plan.blocks_name, "num_blocks": plan.num_blocks, "method": cfg.method}

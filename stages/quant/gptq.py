@@ -34,6 +34,7 @@ from pipeline.errors import InputError
 from pipeline.schema import QuantConfig
 from stages.quant.base import BlockInputs, BlockResult, LayerScheme, QuantizedLayer
 from stages.quant.blocks import batches, run_block
+from stages.quant.distributed import LOCAL, Comm
 from stages.quant.qdq import QParams, compute_qparams, group_index
 from stages.quant.rtn import rtn_layer
 
@@ -403,6 +404,24 @@ def collect_hessians(block: nn.Module, stage: list[Family], inputs: BlockInputs,
     return collector.hessians
 
 
+def share_hessians(hessians: dict[str, Hessian], keys: list[str], comm: Comm) -> None:
+    """Sum each family's XᵀX and token count over the ranks (each rank saw its own samples)."""
+    if comm.world_size == 1:
+        return
+    for key in keys:  # the same order on every rank: the families' call order
+        h = hessians.get(key)
+        if h is None:  # a Linear the block never calls: the same on every rank
+            continue
+        tokens = torch.tensor([float(h.tokens)], dtype=torch.float64, device=h.sum.device)
+        comm.sum_([h.sum, tokens])
+        h.tokens = int(tokens.item())
+
+
+def layer_tensors_of(layer: QuantizedLayer) -> list[torch.Tensor]:
+    """The tensors that define a quantized layer (for a broadcast from rank 0)."""
+    return [t for t in (layer.codes, layer.scale, layer.zero, layer.g_idx) if t is not None]
+
+
 @dataclass
 class _BlockStats:
     mse_gptq: float = 0.0
@@ -446,8 +465,8 @@ class GPTQQuantizer:
     uses_calibration = True
     needs_fp_targets = False
 
-    def __init__(self, cfg: QuantConfig, progress: bool = False):
-        self.cfg, self.progress = cfg, progress
+    def __init__(self, cfg: QuantConfig, progress: bool = False, comm: Comm = LOCAL):
+        self.cfg, self.progress, self.comm = cfg, progress, comm
         self.options = GPTQOptions.from_config(cfg)
 
     def quantize_block(self, block: nn.Module, schemes: dict[str, LayerScheme], inputs: Optional[BlockInputs],
@@ -465,6 +484,7 @@ class GPTQQuantizer:
             t0 = time.perf_counter()
             stop_early = not any(n in repeated for f in stage for n in f.names)
             hessians = collect_hessians(block, stage, inputs, device, self.cfg.batch_size, amp, stop_early)
+            share_hessians(hessians, [f.names[0] for f in stage], self.comm)
             _sync(device)
             t1 = time.perf_counter()
             for fam in stage:
@@ -499,6 +519,7 @@ class GPTQQuantizer:
                 stats.mse_gptq += mse
                 stats.mse_rtn += mse_rtn
                 stats.layer_mse.append(mse)
+        self.comm.broadcast_([t for layer in out.values() for t in layer_tensors_of(layer)])
         with torch.no_grad():
             for name, layer in out.items():
                 w = block.get_submodule(name).weight

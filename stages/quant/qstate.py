@@ -14,8 +14,9 @@ layers.json:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -66,3 +67,50 @@ def load_qstate(folder: Path) -> tuple[dict[str, QuantizedLayer], dict[str, Any]
             zero=tensors[f"{name}.zero"].float(), scheme=scheme, g_idx=tensors.get(f"{name}.g_idx"),
         )
     return layers, meta
+
+
+COPY_CHUNK = 1 << 24  # bytes per read when concatenating files
+
+
+def read_safetensors_header(fh: BinaryIO) -> tuple[int, dict[str, Any]]:
+    """(offset of the data buffer, the JSON header) of an open safetensors file (format: an 8-byte
+    little-endian header length, the JSON header, then the tensors' bytes)."""
+    size = int.from_bytes(fh.read(8), "little")
+    return 8 + size, json.loads(fh.read(size))
+
+
+def concat_safetensors(parts: list[tuple[Path, str]], out: Path) -> None:
+    """One safetensors file with every tensor of `parts` (names prefixed), written by copying bytes in chunks.
+
+    Args:
+        parts: (file, prefix for its tensor names), in the order the tensors are written.
+        out: the file to write (via a temporary name, renamed when complete).
+    Memory stays at one chunk whatever the sizes; the result reads back like any safetensors file.
+    """
+    entries, header, offset = [], {}, 0
+    for path, prefix in parts:
+        with open(path, "rb") as fh:
+            start, head = read_safetensors_header(fh)
+        for name, info in head.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            header[prefix + name] = {"dtype": info["dtype"], "shape": info["shape"],
+                                     "data_offsets": [offset, offset + end - begin]}
+            entries.append((path, start + begin, end - begin))
+            offset += end - begin
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data buffer starts 8-byte aligned, as safetensors writes it
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as dst:
+        dst.write(len(blob).to_bytes(8, "little") + blob)
+        for path, begin, length in entries:
+            with open(path, "rb") as src:
+                src.seek(begin)
+                while length:
+                    chunk = src.read(min(COPY_CHUNK, length))
+                    if not chunk:
+                        raise OSError(f"{path} ended early: it is truncated")
+                    dst.write(chunk)
+                    length -= len(chunk)
+    os.replace(tmp, out)

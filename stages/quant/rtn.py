@@ -9,6 +9,7 @@ from torch import nn
 
 from pipeline.schema import QuantConfig
 from stages.quant.base import BlockInputs, BlockResult, LayerScheme, QuantizedLayer
+from stages.quant.distributed import LOCAL, Comm
 from stages.quant.qdq import quantize_weight
 
 
@@ -24,8 +25,8 @@ class RTNQuantizer:
     uses_calibration = False
     needs_fp_targets = False
 
-    def __init__(self, cfg: QuantConfig, progress: bool = False):
-        self.cfg, self.progress = cfg, progress
+    def __init__(self, cfg: QuantConfig, progress: bool = False, comm: Comm = LOCAL):
+        self.cfg, self.progress = cfg, progress  # no calibration: every rank computes the same codes
 
     def quantize_block(self, block: nn.Module, schemes: dict[str, LayerScheme], inputs: Optional[BlockInputs],
                        fp_targets: Optional[torch.Tensor], device: torch.device,

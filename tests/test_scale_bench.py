@@ -1,0 +1,71 @@
+"""The scale benchmarks (bench_scale.py, bench_dp.py) in their --small CPU modes, and their extrapolation."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    for path in (BENCH, BENCH.parent):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_extrapolation_scales_only_the_tuning_loop():
+    bench = _load("bench_scale")
+    blocks = [{"seconds": 5.0, "tune_seconds": 2.0}, {"seconds": 7.0, "tune_seconds": 4.0}]
+    out = bench.extrapolate({"blocks": blocks}, num_blocks=80, iters=5, target_iters=200)
+    # per block: 3 s outside the loop + 3 s of tuning at 5 iterations -> 3 + 3 * 40 at 200
+    assert out == {"blocks_done": 2, "seconds_per_block": 6.0, "model_seconds_at_iters": 480.0,
+                   "model_hours_at_200": round(80 * 123 / 3600, 3)}
+    assert bench.extrapolate({"blocks": []}, 80, 5, 200) is None
+
+
+def test_a_rank_reporting_a_bad_input_becomes_the_stage_error(tmp_path):
+    from pipeline.errors import InputError
+    from stages.quant.launch import _failure, error_file, job_file
+
+    job = job_file(tmp_path)
+    job.parent.mkdir(parents=True)
+    assert isinstance(_failure(tmp_path, 1), RuntimeError)
+    error_file(job, 1).write_text(json.dumps({"message": "model shard x is missing"}))
+    err = _failure(tmp_path, 1)
+    assert isinstance(err, InputError) and str(err) == "model shard x is missing"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("part", ["stream8b-rtn-gptq", "stream8b-autoround-pack", "stream70b"])
+def test_bench_scale_small_parts_run_on_cpu(tmp_path, part):
+    bench = _load("bench_scale")
+    assert bench.main(["--small", "--part", part, "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 0
+    record = json.loads((tmp_path / "o" / f"scale_{part}_small.json").read_text())
+    for row in record["rows"]:
+        assert row["rc"] == 0 and 0 < row["maxrss_gib"] < 4
+        if "vs_in_memory" in row:
+            assert row["vs_in_memory"]["identical_layers"] == row["vs_in_memory"]["layers"] == 28
+    if part == "stream70b":
+        assert record["rows"][0]["result"]["complete"] and record["rows"][0]["extrapolation"]["blocks_done"] == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("part", ["dp-block", "dp-smollm2"])
+def test_bench_dp_small_parts_run_on_cpu_with_gloo(tmp_path, part):
+    bench = _load("bench_dp")
+    assert bench.main(["--small", "--part", part, "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"),
+                       "--store", str(tmp_path / "store")]) == 0
+    record = json.loads((tmp_path / "o" / f"dp_{part}_small.json").read_text())
+    assert [r["ranks"] for r in record["rows"]] == [1, 2]
+    summary = record["summary"]
+    assert (summary["best_loss_rel_diff"] < 0.1) if part == "dp-block" else (summary["ppl_rel_diff"] < 0.01)
