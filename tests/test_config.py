@@ -82,7 +82,7 @@ def test_group_choice_keeps_command_line_scheme(compose):
     ("quant.iters=-1", "quant.iters=-1 is not supported (an integer >= 0)"),
     ("calib.nsamples=0", "calib.nsamples=0 is not supported (an integer >= 1)"),
     ("calib.seqlen=4", "calib.seqlen=4 is not supported (an integer >= 8)"),
-    ("quant.method=awq", "quant.method=awq is not supported (choose from rtn, gptq, autoround)"),
+    ("quant.method=awq", "quant.method=awq is not supported (choose from rtn, gptq, autoround, bnb_nf4, bnb_int8)"),
     ("run.stages=[calibrat]", "did you mean calibrate"),
     ("run.device=tpu", "run.device=tpu is not supported (auto, cpu, cuda or cuda:N)"),
 ])

@@ -32,18 +32,19 @@ def _run(compose, overrides: list[str]):
 
 
 def _unpack_gptq_reference(qweight: torch.Tensor, qzeros: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A plain bit-by-bit GPTQ v1 unpacker (independent of stages.formats): codes [out, in], zeros [groups, out]."""
+    """A plain bit-by-bit GPTQ v2 unpacker (independent of stages.formats; v2 stores zero points as they are):
+    codes [out, in], zeros [groups, out]."""
     per = 32 // bits
     mask = (1 << bits) - 1
     words = qweight.to(torch.int64) & 0xFFFFFFFF
     codes = torch.stack([(words >> (bits * k)) & mask for k in range(per)], dim=1).reshape(-1, qweight.shape[1])
     zw = qzeros.to(torch.int64) & 0xFFFFFFFF
-    zeros = torch.stack([(zw >> (bits * k)) & mask for k in range(per)], dim=2).reshape(qzeros.shape[0], -1) + 1
+    zeros = torch.stack([(zw >> (bits * k)) & mask for k in range(per)], dim=2).reshape(qzeros.shape[0], -1)
     return codes.t(), zeros
 
 
-def test_scales_mode_lowers_the_loss_and_the_gptq_checkpoint_carries_the_tuned_scales(compose, tiny_overrides):
-    ov = tiny_overrides + RECOVER + ["recover=scales", "pack=gptq", "quant.group_size=32", STAGES, "quant=rtn",
+def test_scales_mode_lowers_the_loss_and_the_gptq_v2_checkpoint_carries_the_tuned_scales(compose, tiny_overrides):
+    ov = tiny_overrides + RECOVER + ["recover=scales", "pack=gptq_v2", "quant.group_size=32", STAGES, "quant=rtn",
                                      "recover.lr=0.01"]
     cfg, out = _run(compose, ov)
     m = out["recover"].metrics
@@ -60,8 +61,7 @@ def test_scales_mode_lowers_the_loss_and_the_gptq_checkpoint_carries_the_tuned_s
     codes, zeros = _unpack_gptq_reference(ck[f"{name}.qweight"], ck[f"{name}.qzeros"], 2)
     assert torch.equal(codes.to(torch.uint8), tuned[f"{name}.codes"])
     assert torch.equal(ck[f"{name}.scales"], tuned[f"{name}.scale"].t())  # the tuned float16 scales, as stored
-    stored_zero = tuned[f"{name}.zero"].t().long().clamp(min=1)  # GPTQ v1 cannot store a zero of 0
-    assert torch.equal(zeros, stored_zero)
+    assert torch.equal(zeros, tuned[f"{name}.zero"].t().long())  # exact asym zero points, 0 included
     assert torch.equal(ck["model.norm.weight"], norms["model.norm.weight"].to(ck["model.norm.weight"].dtype))
 
 
