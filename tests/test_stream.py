@@ -186,3 +186,15 @@ def test_peak_host_memory_is_one_blocks_worth_for_a_model_several_times_larger(t
     assert ar12 - before < ar2 - before + SLACK, probe
     for i, n in enumerate((2, 128, 2, 12)):
         assert load_qstate(tmp_path / f"w{i}")[1]["num_blocks"] == n
+
+
+def test_a_tied_lm_head_is_expected_once_as_the_embedding():
+    from transformers import LlamaConfig
+
+    from stages.quant.stream import checkpoint_tensors, meta_skeleton
+
+    dims = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    tied = checkpoint_tensors(meta_skeleton(LlamaConfig(**dims, tie_word_embeddings=True)))
+    untied = checkpoint_tensors(meta_skeleton(LlamaConfig(**dims, tie_word_embeddings=False)))
+    assert "model.embed_tokens.weight" in tied and "lm_head.weight" not in tied
+    assert set(untied) - set(tied) == {"lm_head.weight"}

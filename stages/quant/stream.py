@@ -277,7 +277,11 @@ def meta_skeleton(config: Any, trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    # Tie explicitly: whether from_config ties on the meta device differs between transformers versions,
+    # and an untied lm_head would be looked for in shards that store it once, as the embedding.
+    skeleton.tie_weights()
+    return skeleton
 
 
 def open_model_folder(folder: Path, config: Any, dtype: torch.dtype, trust_remote_code: bool = False
