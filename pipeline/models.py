@@ -143,11 +143,23 @@ def _identity_random(cfg: ModelConfig) -> dict[str, Any]:
     return ident
 
 
-def _materialise_gguf(cfg: ModelConfig, out: Path) -> None:
+def _materialise_gguf(cfg: ModelConfig, out: Path, log: Callable[[str], None] = print) -> None:
+    """Convert the GGUF file once: the single-read fast path, else transformers' GGUF loader."""
+    from pipeline.gguf_convert import convert_to_folder
+    from pipeline.gguf_reader import read_gguf
+
+    gguf = find_gguf(cfg)
+    reason = convert_to_folder(read_gguf(gguf), out)
+    if reason is not None:
+        log(f"[model] GGUF fast conversion does not cover {gguf.name}: {reason}; using transformers' GGUF loader")
+        _materialise_gguf_transformers(gguf, out)
+
+
+def _materialise_gguf_transformers(gguf: Path, out: Path) -> None:
+    """transformers' own GGUF path: parses the file three times, so minutes on large vocabularies."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = find_gguf(cfg)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF loader marks the model as gguf-quantized (not serialisable); rebuild a plain
@@ -163,7 +175,7 @@ def _materialise_gguf(cfg: ModelConfig, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def _materialise_random(cfg: ModelConfig, out: Path) -> None:
+def _materialise_random(cfg: ModelConfig, out: Path, log: Callable[[str], None] = print) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -188,7 +200,8 @@ def _materialise_random(cfg: ModelConfig, out: Path) -> None:
 @dataclass(frozen=True)
 class ModelSource:
     identity: Callable[[ModelConfig], dict[str, Any]]
-    materialise: Optional[Callable[[ModelConfig, Path], None]]  # None: load from name_or_path directly
+    # (cfg, output folder, log); None: load from name_or_path directly
+    materialise: Optional[Callable[[ModelConfig, Path, Callable[[str], None]], None]]
 
 
 MODEL_SOURCES: dict[str, ModelSource] = {
@@ -216,7 +229,7 @@ def prepare_model(cfg: ModelConfig, store: "ArtifactStore", log: Callable[[str],
             if work is None:  # materialised by another process meanwhile
                 return ModelHandle(cfg.name, str(entry.path), None, fingerprint, cfg.trust_remote_code)
             log(f"[model] materialising {cfg.source} model {cfg.name} into the store (once)")
-            source.materialise(cfg, work.path)
+            source.materialise(cfg, work.path, log)
             work.finish(config={"model": asdict(cfg)}, inputs={}, metrics={})
     return ModelHandle(cfg.name, str(entry.path), None, fingerprint, cfg.trust_remote_code)
 
