@@ -122,7 +122,8 @@ class GGUFFile:
         if info.ggml_type not in dequantizable_types():
             allowed = ", ".join(sorted(t.name for t in dequantizable_types()))
             raise InputError(f"GGUF tensor {name} in {self.path} has ggml type {_type_name(info.ggml_type)}, "
-                             f"which cannot be dequantized here (allowed: {allowed})")
+                             f"which cannot be dequantized here (allowed: {allowed}); re-quantize the "
+                             f"file to one of these with llama.cpp's llama-quantize")
         values = dequantize(self.raw(name), GGMLQuantizationType(info.ggml_type))
         return values.astype(np.float32, copy=False).reshape(info.shape)
 

@@ -175,6 +175,21 @@ def _materialise_gguf_transformers(gguf: Path, out: Path) -> None:
     tok.save_pretrained(out)
 
 
+def _gguf_tokenizer(gguf: Path, log: Callable[[str], None]):
+    """The tokenizer a GGUF file describes: from one read where the fast path covers it."""
+    from pipeline.gguf_convert import build_tokenizer, plan_conversion
+    from pipeline.gguf_reader import read_gguf
+
+    parsed = read_gguf(gguf)
+    converter, reason = plan_conversion(parsed)
+    if converter is None:
+        from transformers import AutoTokenizer
+
+        log(f"[model] GGUF fast tokenizer does not cover {gguf.name}: {reason}; using transformers' GGUF loader")
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return build_tokenizer(parsed)
+
+
 def _materialise_random(cfg: ModelConfig, out: Path, log: Callable[[str], None] = print) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -190,8 +205,7 @@ def _materialise_random(cfg: ModelConfig, out: Path, log: Callable[[str], None] 
     model = LlamaForCausalLM._from_config(config, dtype=getattr(torch, _random_dtype(cfg)))  # drawn in that dtype
     model.save_pretrained(out, safe_serialization=True)
     if r.tokenizer == "gguf":
-        gguf = find_gguf(cfg)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok = _gguf_tokenizer(find_gguf(cfg), log)
     else:
         tok = AutoTokenizer.from_pretrained(r.tokenizer)
     tok.save_pretrained(out)
