@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
-from pipeline.gguf_reader import GGUFFile, dequantizable_types
+from pipeline.gguf_reader import GGUFFile, dequantizable_types, ggml_type_name
 
 if TYPE_CHECKING:
     import torch
@@ -105,7 +105,7 @@ def plan_conversion(gguf: GGUFFile) -> tuple[Optional[ArchConverter], str]:
         return None, f"architecture {arch!r} (covered: {', '.join(GGUF_ARCHITECTURES)})"
     unknown = sorted({info.ggml_type for info in gguf.tensors.values()} - dequantizable_types())
     if unknown:
-        return None, f"ggml tensor types {unknown} are not dequantized here"
+        return None, f"ggml tensor types {[ggml_type_name(t) for t in unknown]} are not dequantized here"
     reason = GGUF_ARCHITECTURES[arch].unsupported(gguf)
     return (None, reason) if reason else (GGUF_ARCHITECTURES[arch], "")
 
@@ -171,8 +171,8 @@ def convert_to_folder(gguf: GGUFFile, out: Path, progress: bool = True) -> Optio
     expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
     names = {converter.hf_name(name) for name in gguf.tensors}
     if names != expected:
-        return f"its tensors do not match the model's parameters (missing {sorted(expected - names)[:3]}, " \
-               f"extra {sorted(names - expected)[:3]})"
+        missing, extra = sorted(expected - names)[:3], sorted(names - expected)[:3]
+        return f"its tensors do not match the model's parameters (missing {missing}, extra {extra})"
     tensors = convert_state_dict(gguf, converter, config_dict, progress)
     if config.tie_word_embeddings:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]

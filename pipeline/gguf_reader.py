@@ -121,14 +121,14 @@ class GGUFFile:
         info = self.tensors[name]
         if info.ggml_type not in dequantizable_types():
             allowed = ", ".join(sorted(t.name for t in dequantizable_types()))
-            raise InputError(f"GGUF tensor {name} in {self.path} has ggml type {_type_name(info.ggml_type)}, "
+            raise InputError(f"GGUF tensor {name} in {self.path} has ggml type {ggml_type_name(info.ggml_type)}, "
                              f"which cannot be dequantized here (allowed: {allowed}); re-quantize the "
                              f"file to one of these with llama.cpp's llama-quantize")
         values = dequantize(self.raw(name), GGMLQuantizationType(info.ggml_type))
         return values.astype(np.float32, copy=False).reshape(info.shape)
 
 
-def _type_name(type_id: int) -> str:
+def ggml_type_name(type_id: int) -> str:
     from gguf.constants import GGMLQuantizationType
 
     try:

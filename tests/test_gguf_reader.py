@@ -72,7 +72,8 @@ def test_tensors_match_gguf_py_reader_and_written_values(zoo):
         ours = parsed.dequantize(name)
         assert ours.dtype == np.float32 and ours.shape == values.shape
         np.testing.assert_array_equal(ours, dequantize(reference[name].data, qtype).reshape(values.shape))
-        np.testing.assert_array_equal(parsed.raw(name).reshape(-1), np.asarray(reference[name].data).view(np.uint8).reshape(-1))
+        raw_reference = np.asarray(reference[name].data).view(np.uint8).reshape(-1)
+        np.testing.assert_array_equal(parsed.raw(name).reshape(-1), raw_reference)
         expected = {T.F32: values, T.F16: values.astype(np.float16).astype(np.float32)}.get(qtype)
         if expected is None:  # block formats: what gguf-py's own quantize -> dequantize gives
             expected = dequantize(quantize(values, qtype), qtype)
