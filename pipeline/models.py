@@ -143,16 +143,21 @@ def _identity_random(cfg: ModelConfig) -> dict[str, Any]:
     return ident
 
 
-def _materialise_gguf(cfg: ModelConfig, out: Path, log: Callable[[str], None] = print) -> None:
-    """Convert the GGUF file once: the single-read fast path, else transformers' GGUF loader."""
+def _materialise_gguf(cfg: ModelConfig, out: Path) -> Optional[str]:
+    """Convert the GGUF file once: the single-read fast path, else transformers' GGUF loader.
+
+    Returns:
+        A line for the log when transformers' loader was used (and why), else None.
+    """
     from pipeline.gguf_convert import convert_to_folder
     from pipeline.gguf_reader import read_gguf
 
     gguf = find_gguf(cfg)
     reason = convert_to_folder(read_gguf(gguf), out)
-    if reason is not None:
-        log(f"[model] GGUF fast conversion does not cover {gguf.name}: {reason}; using transformers' GGUF loader")
-        _materialise_gguf_transformers(gguf, out)
+    if reason is None:
+        return None
+    _materialise_gguf_transformers(gguf, out)
+    return f"[model] GGUF fast conversion does not cover {gguf.name}: {reason}; used transformers' GGUF loader"
 
 
 def _materialise_gguf_transformers(gguf: Path, out: Path) -> None:
@@ -175,22 +180,7 @@ def _materialise_gguf_transformers(gguf: Path, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def _gguf_tokenizer(gguf: Path, log: Callable[[str], None]):
-    """The tokenizer a GGUF file describes: from one read where the fast path covers it."""
-    from pipeline.gguf_convert import build_tokenizer, plan_conversion
-    from pipeline.gguf_reader import read_gguf
-
-    parsed = read_gguf(gguf)
-    converter, reason = plan_conversion(parsed)
-    if converter is None:
-        from transformers import AutoTokenizer
-
-        log(f"[model] GGUF fast tokenizer does not cover {gguf.name}: {reason}; using transformers' GGUF loader")
-        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    return build_tokenizer(parsed)
-
-
-def _materialise_random(cfg: ModelConfig, out: Path, log: Callable[[str], None] = print) -> None:
+def _materialise_random(cfg: ModelConfig, out: Path) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -205,7 +195,8 @@ def _materialise_random(cfg: ModelConfig, out: Path, log: Callable[[str], None] 
     model = LlamaForCausalLM._from_config(config, dtype=getattr(torch, _random_dtype(cfg)))  # drawn in that dtype
     model.save_pretrained(out, safe_serialization=True)
     if r.tokenizer == "gguf":
-        tok = _gguf_tokenizer(find_gguf(cfg), log)
+        gguf = find_gguf(cfg)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     else:
         tok = AutoTokenizer.from_pretrained(r.tokenizer)
     tok.save_pretrained(out)
@@ -214,8 +205,8 @@ def _materialise_random(cfg: ModelConfig, out: Path, log: Callable[[str], None] 
 @dataclass(frozen=True)
 class ModelSource:
     identity: Callable[[ModelConfig], dict[str, Any]]
-    # (cfg, output folder, log); None: load from name_or_path directly
-    materialise: Optional[Callable[[ModelConfig, Path, Callable[[str], None]], None]]
+    # (cfg, output folder) -> an optional line for the log; None: load from name_or_path directly
+    materialise: Optional[Callable[[ModelConfig, Path], Optional[str]]]
 
 
 MODEL_SOURCES: dict[str, ModelSource] = {
@@ -243,7 +234,9 @@ def prepare_model(cfg: ModelConfig, store: "ArtifactStore", log: Callable[[str],
             if work is None:  # materialised by another process meanwhile
                 return ModelHandle(cfg.name, str(entry.path), None, fingerprint, cfg.trust_remote_code)
             log(f"[model] materialising {cfg.source} model {cfg.name} into the store (once)")
-            source.materialise(cfg, work.path, log)
+            note = source.materialise(cfg, work.path)
+            if note:
+                log(note)
             work.finish(config={"model": asdict(cfg)}, inputs={}, metrics={})
     return ModelHandle(cfg.name, str(entry.path), None, fingerprint, cfg.trust_remote_code)
 

@@ -83,17 +83,24 @@ def _odd_files(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_uncovered_files_fall_back_to_transformers_with_one_log_line(tmp_path, monkeypatch):
-    calls, logged = [], []
+    calls = []
     monkeypatch.setattr(models, "_materialise_gguf_transformers", lambda gguf, out: calls.append((gguf, out)))
     for reason, path in _odd_files(tmp_path).items():
         converter, why = plan_conversion(read_gguf(path))
         assert converter is None and reason in why
         out = tmp_path / f"out-{path.stem}"
         cfg = replace(ModelConfig(), source="gguf", gguf_file=str(path), gguf_package=None)
-        models._materialise_gguf(cfg, out, logged.append)
+        note = models._materialise_gguf(cfg, out)
         assert calls[-1] == (path, out) and not out.exists()
-        assert reason in logged[-1] and "using transformers' GGUF loader" in logged[-1]
-    assert len(logged) == len(calls) == 2
+        assert reason in note and note.endswith("used transformers' GGUF loader") and "\n" not in note
+    assert len(calls) == 2
+
+
+def test_covered_file_needs_no_log_line(tmp_path):
+    path = write_tiny_llama(tmp_path / "tiny.gguf", tied=True)
+    cfg = replace(ModelConfig(), source="gguf", gguf_file=str(path), gguf_package=None)
+    assert models._materialise_gguf(cfg, tmp_path / "out") is None
+    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "tokenizer.json").is_file()
 
 
 def _austen_paragraphs(count: int = 4) -> list[str]:
