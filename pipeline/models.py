@@ -145,11 +145,28 @@ def _identity_random(cfg: ModelConfig) -> dict[str, Any]:
     return ident
 
 
-def _materialise_gguf(cfg: ModelConfig, out: Path) -> None:
+def _materialise_gguf(cfg: ModelConfig, out: Path) -> Optional[str]:
+    """Convert the GGUF file once: the single-read fast path, else transformers' GGUF loader.
+
+    Returns:
+        A line for the log when transformers' loader was used (and why), else None.
+    """
+    from pipeline.gguf_convert import convert_to_folder
+    from pipeline.gguf_reader import read_gguf
+
+    gguf = find_gguf(cfg)
+    reason = convert_to_folder(read_gguf(gguf), out)
+    if reason is None:
+        return None
+    _materialise_gguf_transformers(gguf, out)
+    return f"[model] GGUF fast conversion does not cover {gguf.name}: {reason}; used transformers' GGUF loader"
+
+
+def _materialise_gguf_transformers(gguf: Path, out: Path) -> None:
+    """transformers' own GGUF path: parses the file three times, so minutes on large vocabularies."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = find_gguf(cfg)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF loader marks the model as gguf-quantized (not serialisable); rebuild a plain
@@ -184,7 +201,8 @@ def _materialise_random(cfg: ModelConfig, out: Path) -> None:
 @dataclass(frozen=True)
 class ModelSource:
     identity: Callable[[ModelConfig], dict[str, Any]]
-    materialise: Optional[Callable[[ModelConfig, Path], None]]  # None: load from name_or_path directly
+    # (cfg, output folder) -> an optional line for the log; None: load from name_or_path directly
+    materialise: Optional[Callable[[ModelConfig, Path], Optional[str]]]
 
 
 MODEL_SOURCES: dict[str, ModelSource] = {
@@ -212,7 +230,9 @@ def prepare_model(cfg: ModelConfig, store: "ArtifactStore", log: Callable[[str],
             if work is None:  # materialised by another process meanwhile
                 return ModelHandle(cfg.name, str(entry.path), None, fingerprint, cfg.trust_remote_code)
             log(f"[model] materialising {cfg.source} model {cfg.name} into the store (once)")
-            source.materialise(cfg, work.path)
+            note = source.materialise(cfg, work.path)
+            if note:
+                log(note)
             work.finish(config={"model": asdict(cfg)}, inputs={}, metrics={})
     return ModelHandle(cfg.name, str(entry.path), None, fingerprint, cfg.trust_remote_code)
 
