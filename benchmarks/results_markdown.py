@@ -142,7 +142,7 @@ def recover_target_lines(numbers: dict[tuple[str, str, str], dict]) -> list[str]
 
 def recover_section(results: Path) -> list[str]:
     path = results / "recover.json"
-    title = "## 4. Recovery after quantization: SmolLM2-135M"
+    title = "## 7. Recovery after quantization: SmolLM2-135M"
     if not path.is_file():
         return [title, "", "(not run)", ""]
     record = json.loads(path.read_text())
@@ -151,7 +151,7 @@ def recover_section(results: Path) -> list[str]:
              "quantize s", "recover s", "quantize + recover s", "packed MB", "adapter MB"]
     return [title, "", f"Run: {_machine_line(record['machine'])}", "", calibration_line(record), "",
             table(heads, rows), "", *recover_target_lines(numbers), ""] + \
-        _section_from_md("4. Recovery cost: Llama-3-8B-shaped model", results / "recover_cost")
+        _section_from_md("7. Recovery cost: Llama-3-8B-shaped model", results / "recover_cost")
 
 
 def write_results_markdown(results: Path, md_path: Path) -> str:
@@ -176,12 +176,12 @@ def write_results_markdown(results: Path, md_path: Path) -> str:
     lines += _section_from_md("3. Inference: low-bit kernel candidates, torch backend", results / "kernels")
     lines += _section_from_md("3. Inference: vLLM", results / "throughput_vllm")
     lines += _section_from_md("3. Inference: vLLM and 2/3-bit checkpoints", results / "vllm_lowbit")
-    lines += recover_section(results)
     lines += _section_from_md("4. The headline command end to end: Llama-3-8B-shaped model", results / "headline")
     soak = Path(__file__).resolve().parent / "results" / "soak_cpu.md"  # CPU, from benchmarks/soak_sweep.py
     if soak.is_file():
         lines += ["## 5. Reliability: parallel sweep soak (CPU)", "", soak.read_text().strip(), ""]
     lines += _section_from_md("6. CPU: the quickstart (benchmarks/bench_quickstart.py)", results / "quickstart_cpu")
+    lines += recover_section(results)
     text = "\n".join(lines).rstrip() + "\n"
     md_path.write_text(text)
     return text

@@ -60,7 +60,7 @@ def test_small_recover_part_runs_every_cell_with_and_without_recovery_and_the_co
                            str(results), "--markdown", str(md)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = md.read_text()
-    assert "## 4. Recovery after quantization: SmolLM2-135M" in text
+    assert "## 7. Recovery after quantization: SmolLM2-135M" in text
     assert "| autoround | W3G64 asym | none |" in text and "| autoround | W3G64 asym | scales |" in text
     assert "- AutoRound + recovery (scales) W3G64 asym: perplexity" in text
     assert "### Recovery cost: small Llama shape (CPU check)" in text
