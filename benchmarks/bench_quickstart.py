@@ -41,13 +41,15 @@ OTHER = "other (start-up, imports, MLflow, checks, final logging)"
 CONVERSION = "model conversion (GGUF -> safetensors)"
 
 
-def stage_order() -> list[str]:
-    """The DAG's stages in the order the pipeline runs them."""
+def stage_order(overrides: list[str]) -> list[str]:
+    """The DAG's stages that this job runs (nodes switched off by its config left out), in run order."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
+    from pipeline.app import compose_job_config
     from pipeline.dag import topological_order
 
-    return [s.name for s in topological_order()]
+    cfg, _ = compose_job_config(list(overrides))
+    return [s.name for s in topological_order() if s.enabled(cfg)]
 
 
 def tree_rss(pid: int) -> int:
@@ -211,7 +213,7 @@ def main() -> None:
     args = p.parse_args()
     if args.runs < 1:
         p.error(f"--runs={args.runs}: need at least 1 run")
-    order = stage_order()
+    order = stage_order(args.set)
     runs = measure(args, order)
     record = {"machine": machine(), "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
               "overrides": args.set, "summary": summarize(runs), "runs": runs}

@@ -81,3 +81,10 @@ def test_one_real_run_is_timed_with_its_memory_and_printout(bq, tmp_path, tiny_o
     assert 0.1 < rec["peak_rss_gib"] < 8 and rec["peak_tree_rss_gib"] > 0
     printed = bq.printed_summary(rec["log"])
     assert printed.startswith("| stage ") and "| calibrate " in printed and "\nNext:\n" in printed
+
+
+def test_the_timed_stages_are_the_ones_the_job_runs(bq):
+    default = bq.stage_order([])
+    assert "recover" not in default  # switched off by recover.mode=none
+    assert default[0] == "calibrate" and {"quantize", "pack", "evaluate", "benchmark", "report"} <= set(default)
+    assert bq.stage_order(["recover=scales"]).index("recover") == default.index("quantize") + 1
