@@ -170,6 +170,7 @@ def quantize_model(model: "nn.Module | BlockSource", input_ids: Optional[torch.T
     plan = plan_quantization(source.model, cfg)
     quantizer = make_quantizer(cfg, progress, comm)
     if device.type == "cuda":
+        torch.cuda.init()  # the allocator's stats exist only once CUDA is initialised; a streamed run has not touched it yet
         torch.cuda.reset_peak_memory_stats(device)
     streams = None
     if quantizer.uses_calibration:
