@@ -11,8 +11,8 @@ import importlib
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Callable, Optional
 
-from pipeline.schema import PipelineConfig
-from pipeline.store import fingerprint
+from core.schema import PipelineConfig
+from core.store import fingerprint
 
 
 @dataclass(frozen=True)

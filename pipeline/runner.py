@@ -19,12 +19,13 @@ from typing import Any, Optional
 from tqdm.auto import tqdm
 
 from pipeline import dag
-from pipeline.context import Artifact, StageContext, StageResult
-from pipeline.errors import InputError
-from pipeline.models import ModelHandle, prepare_model
+from core.context import Artifact, StageContext, StageResult
+from core.errors import InputError
+from core.models import ModelHandle
+from pipeline.models import prepare_model
 from pipeline.runtime import Runtime
-from pipeline.schema import PipelineConfig
-from pipeline.store import ArtifactStore, export_artifact, import_exported
+from core.schema import PipelineConfig
+from core.store import ArtifactStore, export_artifact, import_exported
 from pipeline.tracking import NullTracker
 
 SKIPPED_FILE = "skipped.json"  # the export of a node the config switches off

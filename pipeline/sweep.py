@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.schema import PipelineConfig
+from core.schema import PipelineConfig
 
 log = logging.getLogger("pipeline")
 JOB_FILE = "job.json"
@@ -86,7 +86,7 @@ def sweep_config(sweep_dir: Path) -> PipelineConfig:
 def main(argv: Optional[list[str]] = None) -> int:
     """`python -m pipeline.sweep SWEEP_DIR`: (re)build a sweep's report; logs it to its parent run."""
     from pipeline import tracking
-    from pipeline.errors import ConfigError, InputError
+    from core.errors import ConfigError, InputError
     from stages.report import build_sweep_report, read_sweep_jobs
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=main.__doc__)

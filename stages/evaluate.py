@@ -19,10 +19,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from pipeline.context import StageContext, StageResult
-from pipeline.errors import ConfigError, InputError
-from pipeline.models import ModelHandle, is_offline, offline_env
-from pipeline.schema import EvalConfig, PipelineConfig
+from core.context import StageContext, StageResult
+from core.errors import ConfigError, InputError
+from core.models import ModelHandle, is_offline, offline_env
+from core.schema import EvalConfig, PipelineConfig
 from stages.eval.harness import EvalTarget, check_tokenizer_files, check_vllm_available, close_lm, run_lm_eval
 from stages.eval.results import (deltas_vs_baseline, flatten_lm_eval, paired_ppl_ratio, perplexity_metrics,
                                  short_summary, summary_table)
@@ -181,7 +181,7 @@ def _target(ctx: StageContext) -> EvalTarget:
     from transformers import AutoTokenizer
 
     if ctx.variant == "baseline":
-        from pipeline.models import load_model, load_tokenizer
+        from core.models import load_model, load_tokenizer
 
         handle = ctx.model
         check_tokenizer_files(handle.path, "model folder")
@@ -246,7 +246,7 @@ def eval_backend(ctx: StageContext) -> tuple[str, str]:
     pack = ctx.inputs.get("pack")
     if requested != "vllm" or ctx.variant == "baseline" or not ctx.cfg.eval.tasks or pack is None:
         return requested, f"eval.backend={requested}"
-    from stages.pack import REPORT_FILE
+    from stages.formats.artifact import REPORT_FILE
 
     verdict = pack.read_json(REPORT_FILE).get("vllm", {}) if (pack.path / REPORT_FILE).is_file() else {}
     if verdict and not verdict.get("loads", False):

@@ -27,15 +27,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from pipeline.errors import ConfigError, InputError
+from core.errors import ConfigError, InputError
 from stages.quant.job import BLOCK_METRICS_FILE
 
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.context import StageContext, StageResult
-    from pipeline.models import ModelHandle
-    from pipeline.schema import PipelineConfig, QuantConfig
+    from core.context import StageContext, StageResult
+    from core.models import ModelHandle
+    from core.schema import PipelineConfig, QuantConfig
     from stages.quant.job import QuantizeJob
 
 STEP_METRICS = {"loss_init": "block_loss_init", "loss_best": "block_loss_best", "best_iter": "block_best_iter",
@@ -129,8 +129,8 @@ def make_job(ctx: "StageContext") -> "QuantizeJob":
 def run(ctx: "StageContext") -> "StageResult":
     """Quantize the model block by block into ctx.workdir (resuming finished blocks), streamed from its
     shards; data-parallel under torchrun when run.nproc_per_node or run.nnodes asks for several ranks."""
-    from pipeline.context import StageResult
-    from pipeline.launch import world_size
+    from core.context import StageResult
+    from core.launch import world_size
     from stages.quant.job import run_job
     from stages.quant.qstate import LAYERS_FILE
 
@@ -172,7 +172,7 @@ def meta_model(model: "ModelHandle"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.models import load_config
+    from core.models import load_config
 
     config = load_config(model)
     with torch.device("meta"):
@@ -203,12 +203,12 @@ def check_model_files(model: "ModelHandle", skeleton: Any) -> None:
 
 def check_ranks(cfg: "PipelineConfig") -> None:
     """A data-parallel run on CUDA needs a GPU per rank on this node."""
-    from pipeline.launch import check_world, world_size
+    from core.launch import check_world, world_size
 
     if world_size(cfg.run) > 1:
         import torch
 
-        from pipeline.runtime import resolve_device
+        from core.device import resolve_device
 
         check_world(cfg.run, resolve_device(cfg.run.device), torch.cuda.device_count())
 

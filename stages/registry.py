@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Mapping
 
-from pipeline.errors import one_of
+from core.errors import one_of
 
 # calib.source -> loader of raw documents: (CalibConfig) -> list[Document]
 CALIB_SOURCES: dict[str, str] = {

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from pipeline import dag
-from pipeline.context import StageResult
+from core.context import StageResult
 from pipeline.dag import NotImplementedStageError, StageSpec
-from pipeline.errors import InputError
+from core.errors import InputError
 from pipeline.runner import PipelineRunner
 from pipeline.runtime import Runtime
 

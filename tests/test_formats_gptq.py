@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from stages.formats.compat import compatibility_report
 from stages.formats.gptq import (
     dynamic_rules, gptq_layer_bytes, gptq_quantization_config, pack_gptq, pack_gptq_v2, pack_layer_tensors, pack_qweight,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError
-from pipeline.schema import QuantConfig
+from core.errors import ConfigError
+from core.schema import QuantConfig
 from stages.quant import gptq
 from stages.quant.base import BlockInputs, LayerScheme
 from stages.quant.blocks import block_linears
@@ -468,8 +468,8 @@ def test_gptq_beats_rtn_on_smollm2_heldout_perplexity(smollm2_handle, one_thread
     windows (512 tokens) is lower with GPTQ than with RTN at W3G64 asym and W4G64 sym."""
     import copy
 
-    from pipeline.models import load_model, load_tokenizer
-    from pipeline.schema import CalibConfig
+    from core.models import load_model, load_tokenizer
+    from core.schema import CalibConfig
     from stages.calib_sources import load_austen_documents
     from stages.calibrate import sample_calibration
     from stages.eval.perplexity import perplexity, tokenize_text

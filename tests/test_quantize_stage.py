@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 from pipeline.runner import PipelineRunner
 from pipeline.runtime import Runtime
 from stages.quant.autoround import AutoRoundQuantizer
@@ -114,7 +114,7 @@ def test_override_matching_nothing_fails_before_work(compose, tiny_overrides):
 def _smollm2_like_handle(tmp_path: Path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.models import ModelHandle
+    from core.models import ModelHandle
 
     if not (tmp_path / "config.json").is_file():  # preflight also checks the weights against the config
         LlamaForCausalLM(LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
@@ -159,9 +159,9 @@ def test_preflight_rejects_compile_for_other_methods_and_oversized_batches(compo
 
 def test_rtn_stage_needs_no_calibration_stage(compose, tiny_overrides, tmp_path):
     from stages.quantize import run as quantize_run
-    from pipeline.context import StageContext
+    from core.context import StageContext
     from pipeline.models import prepare_model
-    from pipeline.store import ArtifactStore
+    from core.store import ArtifactStore
 
     cfg, _ = compose(tiny_overrides + ["quant=rtn", "quant.bits=3", "quant.sym=false"])
     handle = prepare_model(cfg.model, ArtifactStore(Path(cfg.run.outputs_dir) / "store"), log=lambda m: None)
@@ -178,7 +178,7 @@ def test_rtn_stage_needs_no_calibration_stage(compose, tiny_overrides, tmp_path)
 @pytest.mark.parametrize("compile_", ["off", "on"])
 def test_cuda_low_gpu_mem_matches_device_resident_tuning(compile_):
     """On CUDA (bf16, amp): pinned-CPU caches + side-stream batches tune like device-resident caches."""
-    from pipeline.schema import QuantConfig
+    from core.schema import QuantConfig
     from stages.quant.driver import quantize_model
     from _quant_helpers import calib_ids, tiny_llama
 
