@@ -167,6 +167,21 @@ def data_parallel_identity(run: Any) -> Optional[dict]:
     return {"world_size": world} if world > 1 else None
 
 
+def fingerprint_view(config: dict[str, Any]) -> dict[str, Any]:
+    """The stage config as its fingerprint sees it: the fields the chosen method does not read
+    (stages.registry.QUANT_METHOD_FIELDS) held at their defaults, so changing them keeps the artifact,
+    and a config that leaves them alone keeps the fingerprint it had when the whole section was hashed."""
+    from dataclasses import asdict
+
+    from core.schema import QuantConfig
+    from stages.registry import quant_fields_ignored_by
+
+    quant, defaults = dict(config["quant"]), asdict(QuantConfig())
+    for name in quant_fields_ignored_by(quant["method"]):
+        quant[name] = defaults[name]
+    return {**config, "quant": quant}
+
+
 def meta_model(model: "ModelHandle"):
     """The model's architecture on the meta device (no weights read)."""
     import torch
