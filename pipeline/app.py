@@ -13,7 +13,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.dag import NotImplementedStageError
 from core.errors import ConfigError, InputError
 from pipeline.next_steps import format_next_steps
 from pipeline.runner import PipelineRunner
@@ -24,7 +23,7 @@ from pipeline.validate import validate_config
 
 log = logging.getLogger("pipeline")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-USER_ERRORS = (ConfigError, InputError, NotImplementedStageError)
+USER_ERRORS = (ConfigError, InputError)
 
 
 def register_configs() -> None:

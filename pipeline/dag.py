@@ -45,15 +45,9 @@ class StageSpec:
         return self.impl.partition(":")[0]
 
     def load(self) -> Callable[..., Any]:
-        """Import the runner; a missing stage module is a clear 'not implemented yet' error."""
+        """Import the stage's run function."""
         module, _, attr = self.impl.partition(":")
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name == module:
-                raise NotImplementedStageError(self.name, module) from exc
-            raise
-        return getattr(mod, attr)
+        return getattr(importlib.import_module(module), attr)
 
     def enabled(self, cfg: PipelineConfig) -> bool:
         if self.enabled_when is None:
@@ -64,14 +58,6 @@ class StageSpec:
     def preflight(self) -> Optional[Callable[..., None]]:
         """The stage module's optional `preflight(cfg, model)` check, run before any work."""
         return getattr(importlib.import_module(self.module), "preflight", None)
-
-
-class NotImplementedStageError(RuntimeError):
-    def __init__(self, stage: str, module: str):
-        super().__init__(
-            f"stage '{stage}' is not implemented yet (module {module} is missing); "
-            f"leave it out with run.stages=[...] listing only implemented stages"
-        )
 
 
 STAGES: tuple[StageSpec, ...] = (

@@ -108,7 +108,6 @@ class PipelineRunner:
                     raise InputError(
                         f"stage '{spec.name}' needs '{dep}', which is neither selected nor in the store "
                         f"({self.store.entry(dep, fps[dep]).path}); add it: run.stages=[{dep},{spec.name},...]")
-            spec.load()  # NotImplementedStageError for a missing module
         for spec in plan.selected:
             if spec.name in plan.forced or not self.store.entry(spec.name, fps[spec.name]).is_complete():
                 check = spec.preflight()
@@ -189,5 +188,4 @@ class PipelineRunner:
 
         return StageContext(cfg=self.cfg, stage=spec.name, variant=spec.variant, workdir=workdir, resumed=resumed,
                             inputs=inputs, model=model, device=self.rt.device, dtype=self.rt.dtype_name,
-                            progress=self.cfg.run.progress, log=self.log, log_metric=log_metric,
-                            extra={"store": self.store})
+                            progress=self.cfg.run.progress, log=self.log, log_metric=log_metric)

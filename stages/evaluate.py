@@ -12,7 +12,6 @@ without per-sample logs), summary.md (Markdown table).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 from dataclasses import dataclass, replace
@@ -34,7 +33,6 @@ from stages.registry import EVAL_BACKENDS, EVAL_TASK_SOURCES, resolve
 METRICS_FILE = "metrics.json"
 RAW_RESULTS_FILE = "lm_eval_results.json"
 SUMMARY_FILE = "summary.md"
-QLINEAR_MODULE = "stages.formats.qlinear"
 
 
 @dataclass
@@ -135,10 +133,6 @@ def preflight(cfg: PipelineConfig, model: Optional[ModelHandle], spec: Any) -> N
         raise ConfigError("eval.dense_weights", False, "true with recover.mode=lora (PEFT wraps plain Linear layers; "
                           "the packed layers become plain Linears with eval.dense_weights=true)",
                           "set eval.dense_weights=true")
-    elif importlib.util.find_spec(QLINEAR_MODULE) is None:
-        raise InputError(f"evaluate loads the packed checkpoint with {QLINEAR_MODULE}.load_quantized_model, "
-                         "which is not installed yet; evaluate the unquantized model with "
-                         "run.stages=[baseline_evaluate]")
 
 
 def packed_folder(path: Path) -> Path:

@@ -42,9 +42,8 @@ def test_default_is_the_quickstart_recipe(compose):
     cfg, _ = compose([])
     assert cfg.model.source == "gguf" and cfg.calib.source == "austen"
     assert (cfg.quant.method, cfg.quant.bits, cfg.quant.group_size, cfg.quant.sym) == ("autoround", 4, 64, True)
-    if "quickstart" in EXPERIMENTS:
-        explicit, _ = compose(["+experiment=quickstart"])
-        assert explicit == cfg
+    explicit, _ = compose(["+experiment=quickstart"])
+    assert explicit == cfg
 
 
 def test_quickstart_evaluates_a_small_slice_and_only_checks_the_benchmark_path(compose):
