@@ -22,9 +22,10 @@ from pipeline.runner import PipelineRunner
 from pipeline.runtime import Runtime
 
 REPO = Path(__file__).resolve().parent.parent
-BASE = ["model=tiny_random", "tracking.enabled=false", "run.progress=false", "run.device=cpu", "calib.nsamples=8",
-        "calib.seqlen=32", "quant.iters=40", "quant.batch_size=8", "quant.group_size=32", "quant.bits=2",
-        "quant.sym=false", "run.stages=[calibrate,quantize]"]
+# quant=autoround: the reference learning rate 1/iters (the default preset's fixed lr suits 10 iterations, not 40)
+BASE = ["model=tiny_random", "quant=autoround", "tracking.enabled=false", "run.progress=false", "run.device=cpu",
+        "calib.nsamples=8", "calib.seqlen=32", "quant.iters=40", "quant.batch_size=8", "quant.group_size=32",
+        "quant.bits=2", "quant.sym=false", "run.stages=[calibrate,quantize]"]
 
 
 class RecordingTracker:
