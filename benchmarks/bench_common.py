@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from pipeline.schema import CalibConfig, ModelConfig, QuantConfig, RandomModelConfig
+from core.schema import CalibConfig, ModelConfig, QuantConfig, RandomModelConfig
 from stages.quant.base import LayerScheme
 from stages.quant.driver import Streams, quantize_model, run_block_step
 from stages.quant.schemes import QuantPlan
@@ -179,8 +179,9 @@ def load_bench_model(args: argparse.Namespace, device: torch.device, dtype: torc
     Returns:
         (ModelHandle, tokenizer, model).
     """
-    from pipeline.models import load_model, load_tokenizer, prepare_model
-    from pipeline.store import ArtifactStore
+    from core.models import load_model, load_tokenizer
+    from pipeline.models import prepare_model
+    from core.store import ArtifactStore
 
     handle = prepare_model(model_config(args), ArtifactStore(Path(args.store)), log=print)
     return handle, load_tokenizer(handle), load_model(handle, dtype, str(device))

@@ -42,7 +42,7 @@ for _path in (REPO, HERE):
 
 import torch  # noqa: E402
 
-from pipeline.schema import QuantConfig  # noqa: E402
+from core.schema import QuantConfig  # noqa: E402
 from scale_common import fmt, save_record  # noqa: E402
 
 TARGETS = {"dp_block_speedup": 1.8, "dp_block_best_loss_rel": 0.02, "dp_smollm2_ppl_rel": 0.01}
@@ -156,7 +156,7 @@ def part_smollm2(args: argparse.Namespace, record: dict, save: Any) -> None:
         code = run(torchrun(ranks, "-m", "stages.quant.worker", str(work / "job.json")))
         row = {"ranks": ranks, "rc": code, "seconds": round(time.perf_counter() - t0, 2)}
         if code == 0:
-            from pipeline.models import load_model
+            from core.models import load_model
 
             model = load_model(handle, dtype, str(device))
             apply_qstate(model, work)
@@ -164,7 +164,7 @@ def part_smollm2(args: argparse.Namespace, record: dict, save: Any) -> None:
             del model
         record["rows"].append(row)
         save()
-    from pipeline.models import load_model
+    from core.models import load_model
 
     record["fp_ppl"] = held_out_ppl(load_model(handle, dtype, str(device)), ids, device, max_windows)
     ppl = {r["ranks"]: r.get("ppl") for r in record["rows"]}

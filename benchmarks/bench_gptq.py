@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from bench_common import (EIGHT_B, SMALL_BLOCK, BlockShape, block_inputs, calibration, environment,  # noqa: E402
                           fmt, held_out_ppl, heldout_ids, load_bench_model, make_block, pick_device,
                           timed_block_step, timed_quantize, write_json)
-from pipeline.schema import QuantConfig  # noqa: E402
+from core.schema import QuantConfig  # noqa: E402
 from stages.quant.driver import Streams, make_quantizer  # noqa: E402
 
 TARGETS = {"block_seconds": 5.0, "smollm2_gptq_seconds": 20.0,

@@ -39,7 +39,7 @@ for _path in (REPO, HERE):
 import torch  # noqa: E402
 
 from bench_common import environment, fmt, pick_device, reset_peak, sync, write_json  # noqa: E402
-from pipeline.schema import RecoverConfig  # noqa: E402
+from core.schema import RecoverConfig  # noqa: E402
 from stages.quant.base import LayerScheme, QuantizedLayer  # noqa: E402
 from stages.quant.rtn import rtn_layer  # noqa: E402
 from stages.recovery.core import RecoverHooks, recover_model  # noqa: E402

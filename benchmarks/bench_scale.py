@@ -46,7 +46,7 @@ for _path in (HERE.parent, HERE):
 
 import torch  # noqa: E402
 
-from pipeline.schema import ModelConfig, QuantConfig, RandomModelConfig  # noqa: E402
+from core.schema import ModelConfig, QuantConfig, RandomModelConfig  # noqa: E402
 from scale_common import GIB, current_rss, fmt, python_cmd, run_measured, save_record  # noqa: E402
 
 EIGHT_B = RandomModelConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

@@ -159,7 +159,7 @@ def mlflow_counts(db: Path) -> dict[str, Any]:
 
 def store_check(store_root: Path) -> dict[str, Any]:
     """Every complete artifact re-hashed in full against its manifest; leftover work folders."""
-    from pipeline import store as store_mod
+    from core import store as store_mod
 
     store_mod.HASH_CHECK_MAX_BYTES = 1 << 62  # hash every file, not only the small ones
     checked, bad = 0, []

@@ -13,18 +13,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.dag import NotImplementedStageError
-from pipeline.errors import ConfigError, InputError
+from core.errors import ConfigError, InputError
 from pipeline.next_steps import format_next_steps
 from pipeline.runner import PipelineRunner
 from pipeline.runtime import setup_runtime
-from pipeline.schema import GROUP_SCHEMAS, PipelineConfig
-from pipeline.summary import format_summary
+from core.schema import GROUP_SCHEMAS, PipelineConfig
+from core.summary import format_summary
 from pipeline.validate import validate_config
 
 log = logging.getLogger("pipeline")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-USER_ERRORS = (ConfigError, InputError, NotImplementedStageError)
+USER_ERRORS = (ConfigError, InputError)
 
 
 def register_configs() -> None:
@@ -78,7 +77,7 @@ def open_tracker(cfg: PipelineConfig, overrides: list[str], sweep_dir: Optional[
 
     from pipeline import tracking
     from pipeline.models import model_commit
-    from pipeline.store import git_commit
+    from core.store import git_commit
 
     if not cfg.tracking.enabled:
         return tracking.NullTracker()

@@ -78,7 +78,7 @@ def check_sweep_params(config: DictConfig) -> None:
     """Check `hydra.sweeper.params` like command-line overrides (unknown keys, bad values).
 
     Raises:
-        pipeline.errors.ConfigError naming the key, the value, what is allowed and a fix.
+        core.errors.ConfigError naming the key, the value, what is allowed and a fix.
     """
     from pipeline.app import CONF_DIR
     from pipeline.overrides import check_cli_overrides
@@ -95,7 +95,7 @@ def check_outputs_dir(config: DictConfig) -> None:
 
     (A literal `run.outputs_dir=` on the command line was checked even earlier, in pipeline.app.main.)
     """
-    from pipeline.errors import ConfigError
+    from core.errors import ConfigError
     from pipeline.validate import check_writable
 
     try:
@@ -114,7 +114,7 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from pipeline import tracking
         from pipeline.app import to_pipeline_config
-        from pipeline.errors import ConfigError
+        from core.errors import ConfigError
 
         check_outputs_dir(config)
         try:
@@ -161,7 +161,7 @@ class SweepCallback(Callback):
         from pipeline.app import to_pipeline_config
         from pipeline.sweep import sweep_report
 
-        from pipeline.errors import ConfigError, InputError
+        from core.errors import ConfigError, InputError
 
         cfg = to_pipeline_config(config)
         sweep_dir = Path(config.hydra.sweep.dir)

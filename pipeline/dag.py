@@ -11,8 +11,8 @@ import importlib
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Callable, Optional
 
-from pipeline.schema import PipelineConfig
-from pipeline.store import fingerprint
+from core.schema import PipelineConfig
+from core.store import fingerprint
 
 
 @dataclass(frozen=True)
@@ -36,21 +36,18 @@ class StageSpec:
     # A disabled node is skipped, and the nodes that need it run without it (their fingerprints
     # then equal those of a DAG without the node).
     enabled_when: Optional[str] = None
+    # "module:function" (stage config dict) -> the dict the fingerprint hashes, when the stage reads only
+    # part of its params depending on their values (quantize: the chosen method's fields).
+    fingerprint_view: Optional[str] = None
 
     @property
     def module(self) -> str:
         return self.impl.partition(":")[0]
 
     def load(self) -> Callable[..., Any]:
-        """Import the runner; a missing stage module is a clear 'not implemented yet' error."""
+        """Import the stage's run function."""
         module, _, attr = self.impl.partition(":")
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name == module:
-                raise NotImplementedStageError(self.name, module) from exc
-            raise
-        return getattr(mod, attr)
+        return getattr(importlib.import_module(module), attr)
 
     def enabled(self, cfg: PipelineConfig) -> bool:
         if self.enabled_when is None:
@@ -63,14 +60,6 @@ class StageSpec:
         return getattr(importlib.import_module(self.module), "preflight", None)
 
 
-class NotImplementedStageError(RuntimeError):
-    def __init__(self, stage: str, module: str):
-        super().__init__(
-            f"stage '{stage}' is not implemented yet (module {module} is missing); "
-            f"leave it out with run.stages=[...] listing only implemented stages"
-        )
-
-
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("calibrate", "stages.calibrate:run", params=("calib",), metric_prefix="calib",
               identity="stages.calib_sources:source_identity", identity_of="calib",
@@ -78,6 +67,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("quantize", "stages.quantize:run", needs=("calibrate",), params=("quant", "run.seed"),
               metric_prefix="quantize", device_sensitive=True,
               identity="stages.quantize:data_parallel_identity", identity_of="run",
+              fingerprint_view="stages.quantize:fingerprint_view",
               description="RTN / GPTQ / AutoRound per block -> integer codes, scales, zeros"),
     StageSpec("recover", "stages.recover:run", needs=("quantize", "calibrate"), params=("recover", "run.seed"),
               metric_prefix="recover", device_sensitive=True, enabled_when="stages.recover:enabled",
@@ -178,9 +168,11 @@ def stage_config(spec: StageSpec, cfg: PipelineConfig) -> dict[str, Any]:
 def stage_fingerprint(spec: StageSpec, cfg: PipelineConfig, input_fps: dict[str, str], model_fp: Optional[str],
                       device: str, dtype: str) -> str:
     """Hash of stage name + version + its config + input fingerprints (+ model, device when relevant)."""
-    payload: dict[str, Any] = {
-        "stage": spec.name, "version": spec.version, "config": stage_config(spec, cfg), "inputs": input_fps,
-    }
+    config = stage_config(spec, cfg)
+    if spec.fingerprint_view:
+        module, _, attr = spec.fingerprint_view.partition(":")
+        config = getattr(importlib.import_module(module), attr)(config)
+    payload: dict[str, Any] = {"stage": spec.name, "version": spec.version, "config": config, "inputs": input_fps}
     if spec.identity:
         module, _, attr = spec.identity.partition(":")
         identity = getattr(importlib.import_module(module), attr)(getattr(cfg, spec.identity_of))

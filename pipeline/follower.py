@@ -9,10 +9,10 @@ run.rdzv_endpoint holds every node until node 0's stage starts its own agent.
 
 from __future__ import annotations
 
-from pipeline.launch import launch, launch_env, torchrun_command
+from core.launch import launch, launch_env, torchrun_command
 from pipeline.runner import PipelineRunner
 from pipeline.runtime import Runtime
-from pipeline.schema import PipelineConfig
+from core.schema import PipelineConfig
 
 STAGE = "quantize"
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import InputError
+from core.errors import InputError
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)

@@ -11,33 +11,20 @@ import functools
 import hashlib
 import importlib.util
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from pipeline.errors import ConfigError
-from pipeline.schema import ModelConfig
-from pipeline.store import sha256_file
+from core.errors import ConfigError
+from core.models import ModelHandle, is_offline
+from core.schema import ModelConfig
+from core.store import sha256_file
 
 if TYPE_CHECKING:
-    import torch
-
-    from pipeline.store import ArtifactStore
+    from core.store import ArtifactStore
 
 MODEL_STAGE = "model"
 MODEL_VERSION = "1"
-
-
-@dataclass(frozen=True)
-class ModelHandle:
-    """Where a model can be loaded from with `from_pretrained`, and its identity."""
-
-    name: str
-    path: str  # hub id or local folder
-    revision: Optional[str]
-    fingerprint: str
-    trust_remote_code: bool = False
 
 
 def find_gguf(cfg: ModelConfig) -> Path:
@@ -235,43 +222,3 @@ def prepare_model(cfg: ModelConfig, store: "ArtifactStore", log: Callable[[str],
                 log(note)
             work.finish(config={"model": asdict(cfg)}, inputs={}, metrics={})
     return ModelHandle(cfg.name, str(entry.path), None, fingerprint, cfg.trust_remote_code)
-
-
-def resolve_dtype(name: str, device: str) -> "torch.dtype":
-    """Map model.dtype to a torch dtype; auto = bfloat16 on CUDA, float32 on CPU."""
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return getattr(torch, name)
-
-
-def load_config(handle: ModelHandle):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(handle.path, revision=handle.revision, trust_remote_code=handle.trust_remote_code)
-
-
-def load_tokenizer(handle: ModelHandle):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(handle.path, revision=handle.revision, trust_remote_code=handle.trust_remote_code)
-
-
-def load_model(handle: ModelHandle, dtype: "torch.dtype", device: str = "cpu"):
-    """Load the unquantized model in `dtype` on `device`, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        handle.path, revision=handle.revision, dtype=dtype, trust_remote_code=handle.trust_remote_code,
-    )
-    return model.to(device).eval()
-
-
-def offline_env() -> dict[str, str]:
-    """Environment variables that keep Hugging Face libraries off the network."""
-    return {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-def is_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")

@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.schema import PipelineConfig
+from core.schema import PipelineConfig
 
 GPU_EXPERIMENT = "python -m pipeline +experiment=llama3_w4_g128 run.offline=false"
 FULL_CPU_EVAL = "eval=local"
@@ -31,7 +31,7 @@ def mlflow_line(cfg: PipelineConfig) -> str:
 
 def checkpoint_line(outcomes: Sequence[Any]) -> str:
     """Where the packed checkpoint of this job is, or '' when the job did not include pack."""
-    from stages.pack import checkpoint_dir
+    from stages.formats.artifact import checkpoint_dir
 
     pack = next((o for o in outcomes if o.name == "pack"), None)
     if pack is None:

@@ -12,8 +12,8 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable, List
 
-from pipeline.errors import ConfigError, choices, close_matches
-from pipeline.schema import PipelineConfig
+from core.errors import ConfigError, choices, close_matches
+from core.schema import PipelineConfig
 from pipeline.validate import check_field, check_writable
 
 OUTPUTS_KEY = "run.outputs_dir"
@@ -65,7 +65,7 @@ def _check_key(key: str) -> Any:
             where = ".".join(path) or "the config"
             prefix = ".".join(path + [""])
             hint = close_matches(part, names)
-            fix = f"did you mean {prefix}{hint[len('did you mean '):]}" if hint else f"see conf/ and pipeline/schema.py"
+            fix = f"did you mean {prefix}{hint[len('did you mean '):]}" if hint else f"see conf/ and core/schema.py"
             raise ConfigError(key, "...", f"{where} has keys: {', '.join(names)}", fix, problem="is not a known key")
         node = _field_type(node, part)
         path.append(part)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.schema import ModelConfig, RandomModelConfig
+    from core.schema import ModelConfig, RandomModelConfig
 
 GENERATOR_VERSION = "per-tensor-1"  # part of a random model's identity: other draws are another model
 SHARD_BYTES = 10**9  # shard size of a written random model (bounds the writer's memory)

@@ -19,12 +19,13 @@ from typing import Any, Optional
 from tqdm.auto import tqdm
 
 from pipeline import dag
-from pipeline.context import Artifact, StageContext, StageResult
-from pipeline.errors import InputError
-from pipeline.models import ModelHandle, prepare_model
+from core.context import Artifact, StageContext, StageResult
+from core.errors import InputError
+from core.models import ModelHandle
+from pipeline.models import prepare_model
 from pipeline.runtime import Runtime
-from pipeline.schema import PipelineConfig
-from pipeline.store import ArtifactStore, export_artifact, import_exported
+from core.schema import PipelineConfig
+from core.store import ArtifactStore, export_artifact, import_exported
 from pipeline.tracking import NullTracker
 
 SKIPPED_FILE = "skipped.json"  # the export of a node the config switches off
@@ -107,7 +108,6 @@ class PipelineRunner:
                     raise InputError(
                         f"stage '{spec.name}' needs '{dep}', which is neither selected nor in the store "
                         f"({self.store.entry(dep, fps[dep]).path}); add it: run.stages=[{dep},{spec.name},...]")
-            spec.load()  # NotImplementedStageError for a missing module
         for spec in plan.selected:
             if spec.name in plan.forced or not self.store.entry(spec.name, fps[spec.name]).is_complete():
                 check = spec.preflight()
@@ -188,5 +188,4 @@ class PipelineRunner:
 
         return StageContext(cfg=self.cfg, stage=spec.name, variant=spec.variant, workdir=workdir, resumed=resumed,
                             inputs=inputs, model=model, device=self.rt.device, dtype=self.rt.dtype_name,
-                            progress=self.cfg.run.progress, log=self.log, log_metric=log_metric,
-                            extra={"store": self.store})
+                            progress=self.cfg.run.progress, log=self.log, log_metric=log_metric)

@@ -8,29 +8,11 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from pipeline.errors import ConfigError
-from pipeline.models import offline_env, resolve_dtype
-from pipeline.schema import PipelineConfig
+from core.device import resolve_device
+from core.models import offline_env, resolve_dtype
+from core.schema import PipelineConfig
 
 log = logging.getLogger("pipeline")
-
-
-def resolve_device(requested: str) -> str:
-    """`auto` -> cuda:0 when available else cpu; an explicit CUDA device must exist."""
-    import torch
-
-    if requested == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("run.device", requested, "auto or cpu on this machine (no CUDA device is visible)",
-                              "e.g. run.device=auto", problem="is not available")
-        index = int(requested.split(":")[1]) if ":" in requested else 0
-        if index >= torch.cuda.device_count():
-            raise ConfigError("run.device", requested, f"cuda:0..cuda:{torch.cuda.device_count() - 1}",
-                              "e.g. run.device=cuda:0", problem="does not exist")
-        return f"cuda:{index}"
-    return "cpu"
 
 
 def seed_everything(seed: int) -> None:

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from pipeline import tracking_db
-from pipeline.errors import ConfigError
-from pipeline.schema import TrackingConfig
+from core.errors import ConfigError
+from core.schema import TrackingConfig
 from pipeline.tracking_db import SchemaOps
 
 log = logging.getLogger("pipeline.tracking")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 
 CORE_TABLES = frozenset({"experiments", "runs", "metrics", "params", "tags"})
 LEFTOVER_PREFIX = "_alembic_tmp_"  # tables alembic's batch mode copies into and renames back

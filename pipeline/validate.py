@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipeline.errors import ConfigError, choices, one_of
-from pipeline.schema import SWITCHES, PipelineConfig
+from core.errors import ConfigError, choices, one_of
+from core.schema import SWITCHES, PipelineConfig
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 DTYPES = ("auto", "bfloat16", "float16", "float32")

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Optional
 
-from pipeline.context import StageContext, StageResult
-from pipeline.errors import ConfigError
-from pipeline.schema import BenchConfig, PipelineConfig
+from core.context import StageContext, StageResult
+from core.errors import ConfigError
+from core.schema import BenchConfig, PipelineConfig
 from stages.bench.options import Backend, BenchOptions, BenchTarget, folder_size
 from stages.bench.workload import Workload, speedups
 
@@ -92,12 +92,12 @@ def check_bench(cfg: BenchConfig, device: str, max_positions: Optional[int]) -> 
 
 def preflight(cfg: PipelineConfig, model: Any, spec: Any = None) -> None:
     """Checks before any stage runs: backend availability, GPU-only options, workload length."""
-    from pipeline.runtime import resolve_device
+    from core.device import resolve_device
 
     device = resolve_device(cfg.run.device)
     max_positions = None
     if model is not None:
-        from pipeline.models import load_config
+        from core.models import load_config
 
         mcfg = load_config(model)
         mcfg = getattr(mcfg, "text_config", None) or mcfg
@@ -183,7 +183,7 @@ def run(ctx: StageContext) -> StageResult:
     if ctx.variant == "baseline":
         path = ctx.model.path
     else:
-        from stages.pack import REPORT_FILE, checkpoint_dir
+        from stages.formats.artifact import REPORT_FILE, checkpoint_dir
         from stages.recovery.adapter import find_adapter
 
         path = str(checkpoint_dir(ctx.inputs["pack"].path))

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipeline.errors import ConfigError, InputError
-from pipeline.schema import CalibConfig
-from pipeline.store import sha256_file
+from core.errors import ConfigError, InputError
+from core.schema import CalibConfig
+from core.store import sha256_file
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 AUSTEN_DIR = DATA_DIR / "austen"

@@ -32,16 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from pipeline.errors import ConfigError, InputError
-from pipeline.schema import CalibConfig
+from core.errors import ConfigError, InputError
+from core.schema import CalibConfig
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from pipeline.context import StageContext, StageResult
-    from pipeline.models import ModelHandle
-    from pipeline.schema import PipelineConfig
+    from core.context import StageContext, StageResult
+    from core.models import ModelHandle
+    from core.schema import PipelineConfig
 
 CALIB_FILE = "calib.safetensors"
 SAMPLES_FILE = "samples.json"
@@ -274,7 +274,7 @@ def load_calibration(path: Path | str) -> "torch.Tensor":
 
 def model_context_length(model: "ModelHandle") -> Optional[int]:
     """The model's maximum positions (max_position_embeddings of its text config), if it declares one."""
-    from pipeline.models import load_config
+    from core.models import load_config
 
     config = load_config(model)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -299,7 +299,7 @@ def preflight(cfg: "PipelineConfig", model: Optional["ModelHandle"], spec: Any =
         model: the model handle (its config gives the context length, its tokenizer the token counts).
         spec: the DAG node (unused).
     """
-    from pipeline.models import load_tokenizer
+    from core.models import load_tokenizer
     from stages.calib_sources import check_source_keys, load_documents
 
     check_source_keys(cfg.calib)
@@ -332,8 +332,8 @@ def _origins(sample: CalibSample, docs: Sequence[Any]) -> list[dict[str, Any]]:
 
 def run(ctx: "StageContext") -> "StageResult":
     """Load the corpus, sample it with the model's tokenizer, write calib.safetensors + samples.json."""
-    from pipeline.context import StageResult
-    from pipeline.models import load_tokenizer
+    from core.context import StageResult
+    from core.models import load_tokenizer
     from stages.calib_sources import load_documents
 
     cfg = ctx.cfg.calib

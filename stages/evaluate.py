@@ -12,17 +12,16 @@ without per-sample logs), summary.md (Markdown table).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from pipeline.context import StageContext, StageResult
-from pipeline.errors import ConfigError, InputError
-from pipeline.models import ModelHandle, is_offline, offline_env
-from pipeline.schema import EvalConfig, PipelineConfig
+from core.context import StageContext, StageResult
+from core.errors import ConfigError, InputError
+from core.models import ModelHandle, is_offline, offline_env
+from core.schema import EvalConfig, PipelineConfig
 from stages.eval.harness import EvalTarget, check_tokenizer_files, check_vllm_available, close_lm, run_lm_eval
 from stages.eval.results import (deltas_vs_baseline, flatten_lm_eval, paired_ppl_ratio, perplexity_metrics,
                                  short_summary, summary_table)
@@ -34,7 +33,6 @@ from stages.registry import EVAL_BACKENDS, EVAL_TASK_SOURCES, resolve
 METRICS_FILE = "metrics.json"
 RAW_RESULTS_FILE = "lm_eval_results.json"
 SUMMARY_FILE = "summary.md"
-QLINEAR_MODULE = "stages.formats.qlinear"
 
 
 @dataclass
@@ -135,10 +133,6 @@ def preflight(cfg: PipelineConfig, model: Optional[ModelHandle], spec: Any) -> N
         raise ConfigError("eval.dense_weights", False, "true with recover.mode=lora (PEFT wraps plain Linear layers; "
                           "the packed layers become plain Linears with eval.dense_weights=true)",
                           "set eval.dense_weights=true")
-    elif importlib.util.find_spec(QLINEAR_MODULE) is None:
-        raise InputError(f"evaluate loads the packed checkpoint with {QLINEAR_MODULE}.load_quantized_model, "
-                         "which is not installed yet; evaluate the unquantized model with "
-                         "run.stages=[baseline_evaluate]")
 
 
 def packed_folder(path: Path) -> Path:
@@ -181,7 +175,7 @@ def _target(ctx: StageContext) -> EvalTarget:
     from transformers import AutoTokenizer
 
     if ctx.variant == "baseline":
-        from pipeline.models import load_model, load_tokenizer
+        from core.models import load_model, load_tokenizer
 
         handle = ctx.model
         check_tokenizer_files(handle.path, "model folder")
@@ -246,7 +240,7 @@ def eval_backend(ctx: StageContext) -> tuple[str, str]:
     pack = ctx.inputs.get("pack")
     if requested != "vllm" or ctx.variant == "baseline" or not ctx.cfg.eval.tasks or pack is None:
         return requested, f"eval.backend={requested}"
-    from stages.pack import REPORT_FILE
+    from stages.formats.artifact import REPORT_FILE
 
     verdict = pack.read_json(REPORT_FILE).get("vllm", {}) if (pack.path / REPORT_FILE).is_file() else {}
     if verdict and not verdict.get("loads", False):

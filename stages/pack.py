@@ -5,44 +5,23 @@ Artifact layout (under the stage's store folder):
                  tokenizer, quantize_config.json or quantization_config.json, packing.json)
   compat.json    which engines/kernels load it (vLLM 0.26, ExLlama-style GPTQ, auto-round),
                  the pack-time exactness check (every layer read back equals the qstate), and the sizes
-Downstream stages find the folder with `checkpoint_dir(ctx.inputs["pack"].path)`.
+Downstream stages find the folder with `stages.formats.artifact.checkpoint_dir(ctx.inputs["pack"].path)`.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.context import StageContext, StageResult
-from pipeline.errors import ConfigError
-from pipeline.schema import PipelineConfig
-from pipeline.store import fingerprint
+from core.context import StageContext, StageResult
+from core.errors import ConfigError
+from core.schema import PipelineConfig
+from core.store import fingerprint
 from stages.formats import parse_size
+from stages.formats.artifact import CHECKPOINT_DIR, REPORT_FILE, checkpoint_dir, checkpoint_dtype
 
-CHECKPOINT_DIR = "checkpoint"
-REPORT_FILE = "compat.json"
 MB = 10**6
-
-
-def checkpoint_dir(pack_artifact_path: Path) -> Path:
-    """The checkpoint folder inside a pack artifact (what evaluate/benchmark load)."""
-    return Path(pack_artifact_path) / CHECKPOINT_DIR
-
-
-def checkpoint_dtype(model_dtype: str, source_dtype: Any) -> Any:
-    """Dtype of the unquantized tensors (embeddings, norms, lm_head): model.dtype when it names one, else
-    (`auto`) the source's own dtype when it is 16-bit, and bfloat16 for a float32 source.
-
-    `auto` does not follow the device (float32 on CPU) so that the same fingerprint always names the
-    same files, and a shipped checkpoint never carries float32 copies of its unquantized tensors.
-    """
-    import torch
-
-    if model_dtype != "auto":
-        return getattr(torch, model_dtype)
-    return source_dtype if source_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
 def _qstate_digest(manifest: dict) -> Optional[str]:
@@ -146,7 +125,7 @@ def preflight(cfg: PipelineConfig, model: Any, spec: Any) -> None:
                               f"4-bit layers only (the run has {sorted(widths)}-bit layers)",
                               "e.g. pack.packing_format=auto_round (any width) or pack.format=gptq")
     if q.quantize_lm_head and model is not None:
-        from pipeline.models import load_config
+        from core.models import load_config
 
         if getattr(load_config(model), "tie_word_embeddings", False):
             raise ConfigError("quant.quantize_lm_head", True, "false for this model (its lm_head is tied to the "

@@ -27,15 +27,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from pipeline.errors import ConfigError, InputError
+from core.errors import ConfigError, InputError
 from stages.quant.job import BLOCK_METRICS_FILE
 
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.context import StageContext, StageResult
-    from pipeline.models import ModelHandle
-    from pipeline.schema import PipelineConfig, QuantConfig
+    from core.context import StageContext, StageResult
+    from core.models import ModelHandle
+    from core.schema import PipelineConfig, QuantConfig
     from stages.quant.job import QuantizeJob
 
 STEP_METRICS = {"loss_init": "block_loss_init", "loss_best": "block_loss_best", "best_iter": "block_best_iter",
@@ -129,8 +129,8 @@ def make_job(ctx: "StageContext") -> "QuantizeJob":
 def run(ctx: "StageContext") -> "StageResult":
     """Quantize the model block by block into ctx.workdir (resuming finished blocks), streamed from its
     shards; data-parallel under torchrun when run.nproc_per_node or run.nnodes asks for several ranks."""
-    from pipeline.context import StageResult
-    from pipeline.launch import world_size
+    from core.context import StageResult
+    from core.launch import world_size
     from stages.quant.job import run_job
     from stages.quant.qstate import LAYERS_FILE
 
@@ -167,12 +167,27 @@ def data_parallel_identity(run: Any) -> Optional[dict]:
     return {"world_size": world} if world > 1 else None
 
 
+def fingerprint_view(config: dict[str, Any]) -> dict[str, Any]:
+    """The stage config as its fingerprint sees it: the fields the chosen method does not read
+    (stages.registry.QUANT_METHOD_FIELDS) held at their defaults, so changing them keeps the artifact,
+    and a config that leaves them alone keeps the fingerprint it had when the whole section was hashed."""
+    from dataclasses import asdict
+
+    from core.schema import QuantConfig
+    from stages.registry import quant_fields_ignored_by
+
+    quant, defaults = dict(config["quant"]), asdict(QuantConfig())
+    for name in quant_fields_ignored_by(quant["method"]):
+        quant[name] = defaults[name]
+    return {**config, "quant": quant}
+
+
 def meta_model(model: "ModelHandle"):
     """The model's architecture on the meta device (no weights read)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.models import load_config
+    from core.models import load_config
 
     config = load_config(model)
     with torch.device("meta"):
@@ -203,12 +218,12 @@ def check_model_files(model: "ModelHandle", skeleton: Any) -> None:
 
 def check_ranks(cfg: "PipelineConfig") -> None:
     """A data-parallel run on CUDA needs a GPU per rank on this node."""
-    from pipeline.launch import check_world, world_size
+    from core.launch import check_world, world_size
 
     if world_size(cfg.run) > 1:
         import torch
 
-        from pipeline.runtime import resolve_device
+        from core.device import resolve_device
 
         check_world(cfg.run, resolve_device(cfg.run.device), torch.cuda.device_count())
 

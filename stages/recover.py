@@ -22,12 +22,12 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pipeline.context import Artifact, StageContext, StageResult
-    from pipeline.models import ModelHandle
-    from pipeline.schema import PipelineConfig
+    from core.context import Artifact, StageContext, StageResult
+    from core.models import ModelHandle
+    from core.schema import PipelineConfig
 
 RECOVER_FILE = "recover.json"
 REPLACEMENTS_FILE = "replacements.safetensors"  # read by stages.formats.source.QStateReader
@@ -108,8 +108,8 @@ def run(ctx: "StageContext") -> "StageResult":
     """Recover ctx.inputs["quantize"] against the unquantized ctx.model on the calibration set."""
     import torch
 
-    from pipeline.context import StageResult
-    from pipeline.models import load_model
+    from core.context import StageResult
+    from core.models import load_model
     from stages.calibrate import load_calibration
     from stages.formats.source import QStateReader, SourceModel
     from stages.recovery import progress

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Mapping
 
-from pipeline.errors import one_of
+from core.errors import one_of
 
 # calib.source -> loader of raw documents: (CalibConfig) -> list[Document]
 CALIB_SOURCES: dict[str, str] = {
@@ -40,6 +40,20 @@ QUANT_METHODS: dict[str, str] = {
     # bitsandbytes: quantized at load time by transformers, whole stage (stages.quant.bnb); no block driver
     "bnb_nf4": "stages.quant.bnb:BnbMethod",
     "bnb_int8": "stages.quant.bnb:BnbMethod",
+}
+
+# quant.method -> the QuantConfig fields only that method reads, beyond the scheme fields every method
+# reads (method, bits, group_size, sym, quantize_lm_head, overrides; any field declared for no method).
+# The quantize fingerprint holds the other methods' fields at their defaults, so changing them keeps
+# the artifact (stages.quantize:fingerprint_view). The block driver (calibrated methods) reads the first three.
+_DRIVER_FIELDS = ("batch_size", "amp", "low_gpu_mem")
+QUANT_METHOD_FIELDS: dict[str, tuple[str, ...]] = {
+    "rtn": (),
+    "gptq": _DRIVER_FIELDS + ("damp_percent", "act_order", "static_groups", "true_sequential", "block_columns"),
+    "autoround": _DRIVER_FIELDS + ("iters", "lr", "minmax_lr", "grad_accum", "use_best_iter", "tune_minmax",
+                                   "compile"),
+    "bnb_nf4": ("bnb",),
+    "bnb_int8": ("bnb",),
 }
 
 # quant.method -> its own config rules, (PipelineConfig) -> None raising ConfigError (torch-free; run by
@@ -128,3 +142,10 @@ def resolve(registry: Mapping[str, str], key: str, name: str) -> Any:
     one_of(key, name, registry)
     module, _, attr = registry[name].partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def quant_fields_ignored_by(method: str) -> set[str]:
+    """The method-specific QuantConfig fields that `method` does not read (other methods' fields)."""
+    one_of("quant.method", method, QUANT_METHOD_FIELDS)
+    declared = {name for fields in QUANT_METHOD_FIELDS.values() for name in fields}
+    return declared - set(QUANT_METHOD_FIELDS[method])

@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from pipeline.context import StageContext, StageResult
-from pipeline.errors import InputError
+from core.context import StageContext, StageResult
+from core.errors import InputError
 
 JOB_FILE = "job.json"  # written into each sweep job folder by pipeline.sweep.write_job_record
 KEY_COLUMNS = ("method", "bits", "group_size", "sym", "iters", "recover")
-LOWER_IS_BETTER_RE = re.compile(r"(ppl|perplexity|bits_per_byte|nll)$")
 # Methods whose tuning iterations are fixed whatever quant.iters says: RTN never tunes (0),
 # GPTQ and bitsandbytes have no iterations (None, shown as "-").
 FIXED_ITERS: dict[str, Optional[int]] = {"rtn": 0, "gptq": None, "bnb_nf4": None, "bnb_int8": None}

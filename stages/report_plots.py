@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
+
+LOWER_IS_BETTER_RE = re.compile(r"(ppl|perplexity|bits_per_byte|nll)$")
 
 # Per-block records written by the quantize stage, in the order they are looked for.
 BLOCK_FILES = ("block_metrics.json",)
@@ -55,8 +58,6 @@ def _maybe_log(ax: Any, values: list[float]) -> None:
 
 
 def _is_lower_better(metric: str) -> bool:
-    from stages.report import LOWER_IS_BETTER_RE
-
     return bool(LOWER_IS_BETTER_RE.search(metric))
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from pipeline.errors import InputError
+from core.errors import InputError
 
 METHOD_TITLES = {"autoround": "AutoRound", "gptq": "GPTQ", "rtn": "RTN", "bnb_nf4": "bitsandbytes NF4",
                  "bnb_int8": "bitsandbytes LLM.int8"}

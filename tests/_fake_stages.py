@@ -1,6 +1,6 @@
 """A two-stage fake DAG for runner tests (imported by spec string, so it lives in its own module)."""
 
-from pipeline.context import StageResult
+from core.context import StageResult
 
 CALLS: list[str] = []
 

@@ -28,8 +28,9 @@ BLOCKS = "model.layers"
 def tiny_once(tiny_store):
     """The tiny random Llama loaded once per test module (float32, CPU)."""
     from conftest import compose_config
-    from pipeline.models import load_model, load_tokenizer, prepare_model
-    from pipeline.store import ArtifactStore
+    from core.models import load_model, load_tokenizer
+    from pipeline.models import prepare_model
+    from core.store import ArtifactStore
 
     cfg, _ = compose_config(["model=tiny_random"])
     handle = prepare_model(cfg.model, ArtifactStore(tiny_store), log=lambda m: None)

@@ -52,7 +52,7 @@ def compose() -> Callable:
 def tiny_store(tmp_path_factory) -> Path:
     """A store holding the tiny random model, materialised once per test session."""
     from pipeline.models import prepare_model
-    from pipeline.store import ArtifactStore
+    from core.store import ArtifactStore
 
     root = tmp_path_factory.mktemp("tiny_outputs")
     cfg, _ = compose_config(["model=tiny_random", f"run.outputs_dir={root}"])
@@ -64,7 +64,7 @@ def tiny_store(tmp_path_factory) -> Path:
 def migrated_db(tmp_path_factory) -> Path:
     """An MLflow sqlite DB created once (first-time migrations take seconds); tests copy it."""
     from pipeline import tracking
-    from pipeline.schema import TrackingConfig
+    from core.schema import TrackingConfig
 
     root = tmp_path_factory.mktemp("mlflow_template")
     tracking.init_backend(TrackingConfig(uri=f"sqlite:///{root}/mlflow.db", artifact_location=str(root / "mlartifacts")))
@@ -92,8 +92,9 @@ def tiny_overrides(tiny_outputs) -> list[str]:
 @pytest.fixture
 def tiny_model(tiny_store):
     """(model, tokenizer, handle) for the tiny random Llama in float32 on CPU."""
-    from pipeline.models import load_model, load_tokenizer, prepare_model
-    from pipeline.store import ArtifactStore
+    from core.models import load_model, load_tokenizer
+    from pipeline.models import prepare_model
+    from core.store import ArtifactStore
 
     cfg, _ = compose_config(["model=tiny_random"])
     handle = prepare_model(cfg.model, ArtifactStore(tiny_store), log=lambda m: None)
@@ -106,7 +107,7 @@ def tiny_model(tiny_store):
 def smollm2_handle(tmp_path_factory):
     """The real SmolLM2-135M converted from its GGUF (slow tests only)."""
     from pipeline.models import prepare_model
-    from pipeline.store import ArtifactStore
+    from core.store import ArtifactStore
 
     cache = Path(os.environ.get("PIPELINE_TEST_CACHE", tmp_path_factory.mktemp("smollm2")))
     cfg, _ = compose_config(["model=smollm2_135m"])

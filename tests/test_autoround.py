@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.schema import QuantConfig
+from core.schema import QuantConfig
 from stages.quant.autoround import AutoRoundQuantizer, BucketParams, default_lr, signsgd_step
 from stages.quant.feed import DeviceFeeder, flat_steps, index_schedule
 from stages.quant.rtn import RTNQuantizer
@@ -166,8 +166,8 @@ def test_autoround_beats_rtn_on_smollm2_w2g64_heldout_perplexity(smollm2_handle,
     RTN ~4e5, AutoRound ~2e3 (10 iterations)."""
     import copy
 
-    from pipeline.models import load_model, load_tokenizer
-    from pipeline.schema import CalibConfig
+    from core.models import load_model, load_tokenizer
+    from core.schema import CalibConfig
     from stages.calib_sources import load_austen_documents
     from stages.calibrate import sample_calibration
     from stages.eval.perplexity import perplexity, tokenize_text

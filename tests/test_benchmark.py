@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from _bench_helpers import dequantized_reference_model, fake_vllm_log, pack_checkpoint
-from pipeline.context import Artifact, StageContext
-from pipeline.errors import ConfigError, InputError
+from core.context import Artifact, StageContext
+from core.errors import ConfigError, InputError
 from stages import benchmark as bench
 from stages.bench.engine import DecodeEngine
 from stages.bench.hf_decoder import decoder_from_hf
@@ -94,7 +94,7 @@ def test_engine_reproduces_transformers_greedy_tokens(model_type):
 def tiny_packed(tmp_path_factory, tiny_store):
     """(baseline model folder, W4G32 sym checkpoint, W3G32 asym checkpoint) of the tiny random Llama."""
     from pipeline.models import prepare_model
-    from pipeline.store import ArtifactStore
+    from core.store import ArtifactStore
     from conftest import compose_config
 
     cfg, _ = compose_config(["model=tiny_random"])
@@ -139,7 +139,7 @@ def test_stage_records_baseline_and_packed_with_speedup(tmp_path, tiny_packed, m
     assert base_rec["backend"] == "torch" and base_rec["backend_requested"] == "torch"
     assert [r["batch_size"] for r in base_rec["results"]] == [1, 2] and base_rec["variant"] == "baseline"
     assert base.metrics["tokens_per_s.b2"] > 0 and base.metrics["tokens_per_s"] == base.metrics["tokens_per_s.b1"]
-    # the pack artifact holds the checkpoint in checkpoint/ (stages.pack.checkpoint_dir)
+    # the pack artifact holds the checkpoint in checkpoint/ (stages.formats.artifact.checkpoint_dir)
     pack_art = tmp_path / "pack"
     (pack_art).mkdir()
     (pack_art / "checkpoint").symlink_to(w4, target_is_directory=True)
@@ -172,7 +172,7 @@ def test_speedup_refused_across_backends_or_workloads():
 
 # -- choices and bad input -----------------------------------------------------------------------------------
 def _bench_cfg(**kw):
-    from pipeline.schema import BenchConfig
+    from core.schema import BenchConfig
 
     return BenchConfig(**kw)
 

@@ -111,7 +111,7 @@ def test_non_block_modules_move_and_kwargs_move(tmp_path):
 
 
 def test_model_without_blocks_is_a_clear_error():
-    from pipeline.errors import InputError
+    from core.errors import InputError
 
     with pytest.raises(InputError, match="no list of decoder blocks"):
         find_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))

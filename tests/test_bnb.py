@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.errors import ConfigError
-from pipeline.schema import LayerOverride
+from core.errors import ConfigError
+from core.schema import LayerOverride
 from pipeline.validate import validate_config
 from stages.quant.bnb_options import ignored_keys, ignored_note
 
@@ -154,7 +154,7 @@ def _source_weights(outputs: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     from pipeline.models import prepare_model
-    from pipeline.store import ArtifactStore
+    from core.store import ArtifactStore
 
     handle = prepare_model(compose_config(["model=tiny_random"])[0].model, ArtifactStore(outputs / "store"),
                            log=lambda m: None)
@@ -272,7 +272,7 @@ def test_int8_quantize_and_pack_store_the_reference_int8_weights(bnb_outputs):
 
 # -- eval.backend=vllm where the checkpoint is not vLLM-servable -----------------------------------------
 def _eval_ctx(tmp_path: Path, loads: bool, variant: str = "quantized", tasks=("persuasion_lastword",)):
-    from pipeline.context import Artifact
+    from core.context import Artifact
 
     pack = tmp_path / "pack"
     pack.mkdir(exist_ok=True)

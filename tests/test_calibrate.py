@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.errors import ConfigError, InputError
-from pipeline.schema import CalibConfig
+from core.errors import ConfigError, InputError
+from core.schema import CalibConfig
 from stages import calib_sources as src
 from stages.calibrate import (
     CALIB_FILE, SAMPLES_FILE, check_context, draw_calibration, is_repetitive, load_calibration, preflight,
@@ -47,7 +47,7 @@ def digest(t: torch.Tensor) -> str:
 @pytest.fixture(scope="module")
 def smol_tok(tiny_store):
     """SmolLM2's tokenizer (the tiny random model ships it)."""
-    from pipeline.models import load_tokenizer
+    from core.models import load_tokenizer
 
     return load_tokenizer(_tiny_handle(tiny_store))
 
@@ -55,7 +55,7 @@ def smol_tok(tiny_store):
 def _tiny_handle(store: Path):
     from conftest import compose_config
     from pipeline.models import prepare_model
-    from pipeline.store import ArtifactStore
+    from core.store import ArtifactStore
 
     cfg, _ = compose_config(["model=tiny_random"])
     return prepare_model(cfg.model, ArtifactStore(store), log=lambda m: None)

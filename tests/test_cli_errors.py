@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 from pipeline.overrides import check_cli_overrides
 
 from conftest import CONF_DIR, REPO

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 from pipeline.overrides import check_cli_overrides, config_groups, group_options
-from pipeline.schema import GROUP_SCHEMAS, PipelineConfig
+from core.schema import GROUP_SCHEMAS, PipelineConfig
 from pipeline.validate import validate_config
 
 from conftest import CONF_DIR, REPO
@@ -42,16 +42,15 @@ def test_default_is_the_quickstart_recipe(compose):
     cfg, _ = compose([])
     assert cfg.model.source == "gguf" and cfg.calib.source == "austen"
     assert (cfg.quant.method, cfg.quant.bits, cfg.quant.group_size, cfg.quant.sym) == ("autoround", 4, 64, True)
-    if "quickstart" in EXPERIMENTS:
-        explicit, _ = compose(["+experiment=quickstart"])
-        assert explicit == cfg
+    explicit, _ = compose(["+experiment=quickstart"])
+    assert explicit == cfg
 
 
 def test_quickstart_evaluates_a_small_slice_and_only_checks_the_benchmark_path(compose):
     cfg, dcfg = compose([])
     assert (dcfg.hydra.runtime.choices["eval"], dcfg.hydra.runtime.choices["bench"]) == ("quick", "path_check")
-    assert (cfg.eval.task_source, cfg.eval.tasks, cfg.eval.limit) == ("local", ["persuasion_lastword"], 24)
-    assert (cfg.eval.perplexity.seqlen, cfg.eval.perplexity.max_windows) == (512, 8)
+    assert (cfg.eval.task_source, cfg.eval.tasks, cfg.eval.limit) == ("local", ["persuasion_lastword"], 16)
+    assert (cfg.eval.perplexity.seqlen, cfg.eval.perplexity.max_windows) == (512, 6)
     w = cfg.bench
     assert (w.num_prompts, w.input_len, w.output_len, w.batch_sizes, w.warmup, w.repeats) == (2, 16, 16, [1], 0, 1)
 

@@ -21,7 +21,7 @@ from pipeline.dag import STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 EXPORT = "outputs/dvc"
-# Code each stage module needs besides its own file (pipeline/ and the registry are always deps).
+# Code each stage module needs besides its own file (core/, pipeline/ and the registry are always deps).
 CODE_DEPS = {
     "calibrate": ("stages/calibrate.py", "stages/calib_sources.py", "stages/data"),
     "quantize": ("stages/quantize.py", "stages/quant"),
@@ -81,7 +81,7 @@ def test_dvc_stage_mirrors_its_dag_node(spec):
     assert f"'run.stages=[{spec.name}]'" in cmd and f"run.export_dir={EXPORT}" in cmd
     assert re.findall(r"run\.stages=\[([^\]]*)\]", cmd) == [spec.name]  # one node per DVC stage
     deps = _names(stage["deps"])
-    assert "pipeline" in deps and set(CODE_DEPS[spec.name]) <= set(deps)
+    assert {"core", "pipeline"} <= set(deps) and set(CODE_DEPS[spec.name]) <= set(deps)
     assert spec.impl.split(":")[0].replace(".", "/") + ".py" in deps
     upstream = {d[len(EXPORT) + 1:] for d in deps if d.startswith(EXPORT + "/")}
     assert upstream == set(spec.needs) | set(spec.optional_needs)
@@ -92,15 +92,10 @@ def test_dvc_stage_mirrors_its_dag_node(spec):
     assert stage.get("always_changed", False) == spec.name.endswith("benchmark")
 
 
-def test_dvc_code_deps_exist_or_belong_to_a_stage_not_landed_yet():
-    from pipeline.dag import SPECS
-
-    for name, stage in dvc_stages().items():
-        for dep in _names(stage["deps"]):
-            if dep.startswith(EXPORT):
-                continue
-            module_file = REPO / (SPECS[name].module.replace(".", "/") + ".py")
-            assert (REPO / dep).exists() or not module_file.exists(), f"{name}: dep {dep} does not exist"
+def test_dvc_code_deps_exist():
+    missing = [(name, dep) for name, stage in dvc_stages().items() for dep in _names(stage["deps"])
+               if not dep.startswith(EXPORT) and not (REPO / dep).exists()]
+    assert missing == []
 
 
 def test_dvc_config_enables_hydra_composition():
@@ -177,7 +172,7 @@ def dvc_repo(tmp_path, tiny_store) -> Path:
     """A git + DVC repository with the code, conf/ (+ experiment test_tiny) and a tiny params.yaml."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("pipeline", "stages", "conf", "hydra_plugins", "dvc.yaml", ".dvcignore"):
+    for name in ("core", "pipeline", "stages", "conf", "hydra_plugins", "dvc.yaml", ".dvcignore"):
         _copy(REPO / name, repo / name)
     (repo / ".dvc").mkdir()
     shutil.copy2(REPO / ".dvc" / "config", repo / ".dvc" / "config")
@@ -198,7 +193,7 @@ def dvc(repo: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProce
 
 
 def test_dvc_repro_exports_artifacts_and_links_restored_outputs_back(dvc_repo):
-    from pipeline.store import ArtifactStore, import_exported
+    from core.store import ArtifactStore, import_exported
 
     dvc(dvc_repo, "repro", "calibrate")
     out = dvc_repo / EXPORT / "calibrate"

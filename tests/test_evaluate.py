@@ -9,7 +9,7 @@ import statistics
 import pytest
 import torch
 
-from pipeline.errors import ConfigError, InputError
+from core.errors import ConfigError, InputError
 from stages.eval import taskdata
 from stages.eval.harness import EvalTarget, check_tokenizer_files, lm_eval_limit
 from stages.eval.perplexity import perplexity, tokenize_text
@@ -35,8 +35,9 @@ def _eval_cfg(compose, tasks, limit, **perplexity):
 @pytest.fixture(scope="module")
 def tiny(tiny_store):
     from conftest import compose_config
-    from pipeline.models import load_model, load_tokenizer, prepare_model
-    from pipeline.store import ArtifactStore
+    from core.models import load_model, load_tokenizer
+    from pipeline.models import prepare_model
+    from core.store import ArtifactStore
 
     cfg, _ = compose_config(["model=tiny_random"])
     handle = prepare_model(cfg.model, ArtifactStore(tiny_store), log=lambda m: None)
@@ -265,7 +266,7 @@ def test_hub_dataset_text_offline_needs_network(compose):
 
 def test_model_folder_without_tokenizer(tmp_path, compose):
     from pipeline.dag import SPECS
-    from pipeline.models import ModelHandle
+    from core.models import ModelHandle
     from stages.evaluate import preflight
 
     (tmp_path / "config.json").write_text("{}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from stages.formats.auto_round import (
     AUTO_AWQ, AUTO_GPTQ, AUTO_ROUND, auto_round_quantization_config, choose_packing_format, pack_auto_round, pack_awq,
     pack_awq_layer, unpack_auto_round_layer, unpack_awq,

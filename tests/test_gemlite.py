@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from _kernel_helpers import make_gptq_layer
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 from stages.kernels import catalog, gemlite_linear
 from stages.kernels.linear import Route, dequantize_weight, to_int4
 from stages.kernels.planner import KernelRejected, decide

@@ -12,7 +12,7 @@ import pytest
 from pipeline import models
 from pipeline.gguf_convert import convert_to_folder, llama_hf_name, plan_conversion, unpermute_rows
 from pipeline.gguf_reader import read_gguf
-from pipeline.schema import ModelConfig
+from core.schema import ModelConfig
 from tests._gguf_helpers import SMOLLM2_GGUF, write_gguf, write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]

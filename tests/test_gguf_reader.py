@@ -9,7 +9,7 @@ import pytest
 from gguf.constants import GGMLQuantizationType as T
 from gguf.constants import GGUFValueType as V
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from pipeline.gguf_reader import read_gguf
 from tests._gguf_helpers import write_gguf
 

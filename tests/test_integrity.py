@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from pipeline.runner import PipelineRunner
 from pipeline.runtime import Runtime
-from pipeline.store import ArtifactStore, sha256_file
+from core.store import ArtifactStore, sha256_file
 from pipeline.weights_check import check_model_folder, read_header
 
 from conftest import REPO
@@ -135,7 +135,7 @@ def test_a_damaged_artifact_is_not_reused_and_is_removed(tmp_path, damage, probl
 
 
 def test_a_large_file_is_checked_by_size(tmp_path, monkeypatch):
-    from pipeline import store
+    from core import store
 
     monkeypatch.setattr(store, "HASH_CHECK_MAX_BYTES", 50)
     entry = _artifact(tmp_path, {"big.bin": b"x" * 100})

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import tracking
-from pipeline.schema import TrackingConfig
+from core.schema import TrackingConfig
 
 from _mlflow_server import MlflowServer, api
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline import models
-from pipeline.errors import ConfigError
-from pipeline.schema import ModelConfig
+from core.errors import ConfigError
+from core.schema import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_ID = "example-org/tiny-model"

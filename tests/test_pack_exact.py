@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from stages.formats.auto_round import pack_auto_round
 from stages.formats.choice import pack_auto
 from stages.formats.gptq import pack_gptq, pack_gptq_v2
@@ -191,6 +191,6 @@ def test_a_layout_that_loses_numbers_fails_the_pack_and_writes_nothing(tmp_path,
     ("float16", torch.float32, torch.float16),
 ])
 def test_unquantized_tensors_are_written_in_a_16_bit_dtype_unless_asked(model_dtype, source_dtype, expected):
-    from stages.pack import checkpoint_dtype
+    from stages.formats.artifact import checkpoint_dtype
 
     assert checkpoint_dtype(model_dtype, source_dtype) == expected

@@ -8,12 +8,13 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from pipeline.context import Artifact, StageContext
-from pipeline.errors import ConfigError
+from core.context import Artifact, StageContext
+from core.errors import ConfigError
 from pipeline.validate import validate_config
 from stages.formats.gptq import gptq_layer_bytes
 from stages.formats.qlinear import iter_quant_linears, load_quantized_model
-from stages.pack import REPORT_FILE, checkpoint_dir, preflight, run
+from stages.formats.artifact import REPORT_FILE, checkpoint_dir
+from stages.pack import preflight, run
 from _formats_helpers import tiny_model, tiny_once  # noqa: F401  (fixtures)
 from _formats_helpers import fake_quantize, logits, quantize_linears, random_ids, save_test_qstate
 
@@ -134,7 +135,7 @@ def test_preflight_rejects_a_quantized_lm_head_tied_to_the_embeddings(compose, s
 @pytest.fixture
 def smollm2_handle_free_tied(tmp_path):
     """A ModelHandle of a small random Llama with tie_word_embeddings=true (no GGUF conversion needed)."""
-    from pipeline.models import ModelHandle
+    from core.models import ModelHandle
     from _formats_helpers import make_llama_folder
 
     folder = make_llama_folder(tmp_path / "tied", tie_word_embeddings=True)

@@ -28,8 +28,9 @@ class BigramLM(torch.nn.Module):
 def tiny_lm(tiny_store):
     """(model, tokenizer) of the tiny random Llama, loaded once for this module."""
     from conftest import compose_config
-    from pipeline.models import load_model, load_tokenizer, prepare_model
-    from pipeline.store import ArtifactStore
+    from core.models import load_model, load_tokenizer
+    from pipeline.models import prepare_model
+    from core.store import ArtifactStore
 
     cfg, _ = compose_config(["model=tiny_random"])
     handle = prepare_model(cfg.model, ArtifactStore(tiny_store), log=lambda m: None)

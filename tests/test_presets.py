@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from pipeline.errors import ConfigError, InputError
+from core.errors import ConfigError, InputError
 from pipeline.overrides import group_options
 from pipeline.validate import validate_config
 
@@ -68,7 +68,7 @@ def test_doc_prefix_that_the_corpus_cannot_fill_names_random_window(compose, tin
 
 @pytest.mark.parametrize("quant,compile_", [("autoround", "auto"), ("autoround_best", "auto"), ("rtn", "auto")])
 def test_compile_defaults_to_auto(compose, quant, compile_):
-    from pipeline.schema import switch_enabled
+    from core.schema import switch_enabled
 
     cfg, _ = compose([f"quant={quant}"])
     assert cfg.quant.compile == compile_

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from stages.formats.gptq import pack_gptq
 from stages.formats.qlinear import QuantLinear, iter_quant_linears, load_quantized_model
 from stages.quant.base import LayerScheme

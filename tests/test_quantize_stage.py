@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 from pipeline.runner import PipelineRunner
 from pipeline.runtime import Runtime
 from stages.quant.autoround import AutoRoundQuantizer
@@ -114,7 +114,7 @@ def test_override_matching_nothing_fails_before_work(compose, tiny_overrides):
 def _smollm2_like_handle(tmp_path: Path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.models import ModelHandle
+    from core.models import ModelHandle
 
     if not (tmp_path / "config.json").is_file():  # preflight also checks the weights against the config
         LlamaForCausalLM(LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
@@ -159,9 +159,9 @@ def test_preflight_rejects_compile_for_other_methods_and_oversized_batches(compo
 
 def test_rtn_stage_needs_no_calibration_stage(compose, tiny_overrides, tmp_path):
     from stages.quantize import run as quantize_run
-    from pipeline.context import StageContext
+    from core.context import StageContext
     from pipeline.models import prepare_model
-    from pipeline.store import ArtifactStore
+    from core.store import ArtifactStore
 
     cfg, _ = compose(tiny_overrides + ["quant=rtn", "quant.bits=3", "quant.sym=false"])
     handle = prepare_model(cfg.model, ArtifactStore(Path(cfg.run.outputs_dir) / "store"), log=lambda m: None)
@@ -178,7 +178,7 @@ def test_rtn_stage_needs_no_calibration_stage(compose, tiny_overrides, tmp_path)
 @pytest.mark.parametrize("compile_", ["off", "on"])
 def test_cuda_low_gpu_mem_matches_device_resident_tuning(compile_):
     """On CUDA (bf16, amp): pinned-CPU caches + side-stream batches tune like device-resident caches."""
-    from pipeline.schema import QuantConfig
+    from core.schema import QuantConfig
     from stages.quant.driver import quantize_model
     from _quant_helpers import calib_ids, tiny_llama
 
@@ -231,3 +231,46 @@ def test_benchmark_small_model_part_runs_on_cpu(tmp_path, one_thread):
     assert [(r["cell"], r["method"]) for r in rows][:3] == [("fp", "none"), ("W2G64 asym", "rtn"),
                                                             ("W2G64 asym", "autoround")]
     assert all(r["ppl"] > 1 for r in rows)
+
+
+def test_another_methods_field_keeps_the_quantize_artifact_and_its_own_reruns_it(compose, tiny_overrides, one_thread):
+    base = ["quant=autoround", *tiny_overrides]
+    first = {o.name: o for o in _run(compose, base)}
+    assert first["quantize"].status == "ran"
+    gptq_only = {o.name: o for o in _run(compose, base + ["quant.damp_percent=0.05", "quant.act_order=true",
+                                                            "quant.block_columns=64"])}
+    assert gptq_only["quantize"].status == "cached"
+    assert gptq_only["quantize"].fingerprint == first["quantize"].fingerprint
+    own = {o.name: o for o in _run(compose, base + ["quant.iters=3"])}
+    assert own["calibrate"].status == "cached" and own["quantize"].status == "ran"
+    assert own["quantize"].fingerprint != first["quantize"].fingerprint
+
+
+@pytest.mark.parametrize("method, ignored, read", [
+    ("rtn", ["quant.iters=7", "quant.lr=0.5", "quant.batch_size=2", "quant.damp_percent=0.05"], "quant.bits=2"),
+    ("gptq", ["quant.iters=7", "quant.lr=0.5", "quant.grad_accum=2", "quant.compile=off"], "quant.damp_percent=0.05"),
+    ("gptq", ["quant.bnb.double_quant=true"], "quant.batch_size=2"),
+    ("autoround", ["quant.static_groups=true", "quant.true_sequential=false"], "quant.lr=0.5"),
+])
+def test_quantize_fingerprint_covers_only_the_chosen_methods_fields(compose, method, ignored, read):
+    from pipeline import dag
+
+    def fp(overrides):
+        cfg, _ = compose([f"quant={method}", *overrides])
+        return dag.stage_fingerprint(dag.SPECS["quantize"], cfg, {"calibrate": "c"}, "m", "cpu", "float32")
+
+    assert fp(ignored) == fp([])
+    assert fp([read]) != fp([])
+
+
+def test_every_quant_method_declares_its_fields_and_they_exist():
+    from dataclasses import fields
+
+    from core.schema import QuantConfig
+    from stages.registry import QUANT_METHOD_FIELDS, QUANT_METHODS
+
+    assert set(QUANT_METHOD_FIELDS) == set(QUANT_METHODS)
+    names = {f.name for f in fields(QuantConfig)}
+    declared = {name for method_fields in QUANT_METHOD_FIELDS.values() for name in method_fields}
+    assert declared <= names
+    assert names - declared == {"method", "bits", "group_size", "sym", "quantize_lm_head", "overrides"}

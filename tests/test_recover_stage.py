@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import REPO
 from _quant_helpers import one_thread  # noqa: F401
 from pipeline.dag import SPECS, stage_fingerprint
-from pipeline.errors import ConfigError, InputError
+from core.errors import ConfigError, InputError
 from pipeline.runner import PipelineRunner
 from pipeline.runtime import Runtime
 from pipeline.validate import validate_config
@@ -75,8 +75,9 @@ def test_lora_adapter_lands_beside_the_checkpoint_and_peft_reproduces_the_traine
     from stages.formats.source import QStateReader
     from stages.recovery.adapter import apply_adapter_with_peft, read_adapter
     from stages.recovery.student import build_student
-    from pipeline.models import load_model, prepare_model
-    from pipeline.store import ArtifactStore
+    from core.models import load_model
+    from pipeline.models import prepare_model
+    from core.store import ArtifactStore
     from stages.evaluate import densify_quant_linears
 
     ov = tiny_overrides + RECOVER + ["recover=lora", "recover.rank=4", "recover.lr=0.001", "eval.tasks=[]",
@@ -108,7 +109,7 @@ def test_lora_adapter_lands_beside_the_checkpoint_and_peft_reproduces_the_traine
     # the evaluate stage scored the checkpoint + adapter: its perplexity is the trained student's
     from stages.eval.perplexity import perplexity, tokenize_text
     from stages.eval.texts import read_heldout_text
-    from pipeline.models import load_tokenizer
+    from core.models import load_tokenizer
 
     text_ids = tokenize_text(load_tokenizer(handle), read_heldout_text())
     with torch.no_grad():
@@ -214,8 +215,8 @@ def test_recovery_lowers_distillation_loss_and_heldout_perplexity_of_smollm2(smo
     The scales model is scored in its exported form (float16 scales, integer zeros, tuned norms)."""
     import copy
 
-    from pipeline.models import load_model, load_tokenizer
-    from pipeline.schema import CalibConfig, RecoverConfig
+    from core.models import load_model, load_tokenizer
+    from core.schema import CalibConfig, RecoverConfig
     from stages.calib_sources import load_austen_documents
     from stages.calibrate import sample_calibration
     from stages.eval.perplexity import perplexity, tokenize_text

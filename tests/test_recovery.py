@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import InputError
-from pipeline.schema import RecoverConfig
+from core.errors import InputError
+from core.schema import RecoverConfig
 from stages.quant.base import LayerScheme, QuantizedLayer
 from stages.quant.qdq import dequantize, quantize_weight
 from stages.recovery.adapter import LoraAdapter, read_adapter, vllm_max_lora_rank, write_adapter

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from stages.report import build_report, build_sweep_report, read_sweep_jobs, to_markdown, write_report
 from stages.report_plots import read_block_losses
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from stages.report import build_sweep_report
 from stages.report_reference import build_reference_table, to_markdown
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.errors import ConfigError
-from pipeline.schema import QuantConfig
+from core.errors import ConfigError
+from core.schema import QuantConfig
 from stages.quant.driver import quantize_model
 from stages.quant.qdq import quantize_weight
 from stages.quant.rtn import RTNQuantizer, rtn_layer

@@ -34,7 +34,7 @@ def test_extrapolation_scales_only_the_tuning_loop():
 
 
 def test_a_rank_reporting_a_bad_input_becomes_the_stage_error(tmp_path):
-    from pipeline.errors import InputError
+    from core.errors import InputError
     from stages.quant.launch import _failure, error_file, job_file
 
     job = job_file(tmp_path)

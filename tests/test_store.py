@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.store import MANIFEST, ArtifactStore, export_artifact, fingerprint
+from core.store import MANIFEST, ArtifactStore, export_artifact, fingerprint
 
 
 def test_fingerprint_is_stable_and_order_independent():

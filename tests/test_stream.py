@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import InputError
-from pipeline.schema import ModelConfig, QuantConfig, RandomModelConfig
+from core.errors import InputError
+from core.schema import ModelConfig, QuantConfig, RandomModelConfig
 from stages.quant.job import QuantizeJob, run_job
 from stages.quant.qstate import load_qstate
 from _quant_helpers import one_thread  # noqa: F401

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ def test_basic_launcher_sweep_nests_runs_under_one_parent(tiny_outputs, migrated
     import shutil
 
     from pipeline import tracking
-    from pipeline.schema import TrackingConfig
+    from core.schema import TrackingConfig
 
     shutil.copy(migrated_db, tiny_outputs / "mlflow.db")
     proc = run_pipeline(calib_sweep_args(tiny_outputs, tracking=True), cwd=tiny_outputs.parent)
@@ -85,7 +85,7 @@ def test_joblib_launcher_runs_jobs_in_worker_processes(tiny_outputs, migrated_db
     import shutil
 
     from pipeline import tracking
-    from pipeline.schema import TrackingConfig
+    from core.schema import TrackingConfig
 
     shutil.copy(migrated_db, tiny_outputs / "mlflow.db")
     args = calib_sweep_args(tiny_outputs, tracking=True) + ["hydra/launcher=joblib_local", "hydra.launcher.n_jobs=2"]
@@ -118,7 +118,7 @@ def test_submitit_local_launcher_two_job_sweep(tiny_outputs):
 WRITER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from pipeline.store import ArtifactStore
+    from core.store import ArtifactStore
 
     root, go, log = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     while not go.exists():
@@ -140,7 +140,7 @@ WRITER = textwrap.dedent("""
 
 
 def test_two_processes_writing_the_same_artifact_keep_the_store_consistent(tmp_path):
-    from pipeline.store import sha256_file
+    from core.store import sha256_file
 
     script, go, log = tmp_path / "writer.py", tmp_path / "go", tmp_path / "log.txt"
     script.write_text(WRITER)

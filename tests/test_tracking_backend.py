@@ -20,8 +20,8 @@ import pytest
 
 from pipeline import tracking
 from pipeline.app import run_job
-from pipeline.errors import ConfigError
-from pipeline.schema import TrackingConfig
+from core.errors import ConfigError
+from core.schema import TrackingConfig
 from pipeline.tracking_db import inspect_db
 
 from _mlflow_db_helpers import EXPERIMENT, STALE_REVISION, half_migrated_db
@@ -56,7 +56,7 @@ INIT = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
     from pipeline import tracking
-    from pipeline.schema import TrackingConfig
+    from core.schema import TrackingConfig
 
     db, go = Path(sys.argv[1]), Path(sys.argv[2])
     tracking._schema_ops()  # imports done: the three processes start the creation together

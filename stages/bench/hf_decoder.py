@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from stages.bench.engine import SUPPORTED_MODEL_TYPES, DecoderSpec
 from stages.kernels.linear import DenseWeight, ModuleWeight, Source, fuse_sources
 from stages.kernels.tiles import from_gptq

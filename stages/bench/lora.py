@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from stages.recovery.adapter import LoraAdapter
 
 # engine Linear -> the Hugging Face modules it fuses, relative to a decoder layer

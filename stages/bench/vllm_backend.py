@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from stages.bench.options import BenchOptions, BenchTarget, special_token_ids, text_vocab_size
 from stages.bench.workload import Workload, prompt_token_ids
 

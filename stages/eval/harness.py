@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pipeline.errors import ConfigError, InputError
-from pipeline.schema import EvalConfig
+from core.errors import ConfigError, InputError
+from core.schema import EvalConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
 

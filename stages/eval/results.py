@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from pipeline.summary import format_table
+from core.summary import format_table
 
 # The metric a task is judged by (for delta_vs_baseline and the summary), first match wins.
 PRIMARY_METRICS = ("acc", "bits_per_byte", "word_perplexity", "perplexity", "exact_match")

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from pipeline.errors import ConfigError, close_matches
+from core.errors import ConfigError, close_matches
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 PAPER_TASKS = ("winogrande", "hellaswag", "piqa", "arc_easy", "arc_challenge", "lambada_openai")

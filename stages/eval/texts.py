@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import ConfigError
-from pipeline.schema import PerplexityConfig
+from core.errors import ConfigError
+from core.schema import PerplexityConfig
 from stages.eval.taskdata import read_heldout_text
 
 HELDOUT = "persuasion"

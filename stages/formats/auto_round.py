@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from pipeline.errors import ConfigError, InputError, choices
+from core.errors import ConfigError, InputError, choices
 from stages.formats.gptq import (
     GPTQ_BITS, base_scheme, check_lm_head, check_packable, check_zero_storable, is_lm_head, pack_layer_tensors,
     unpack_layer_tensors,

@@ -3,7 +3,7 @@
 A bitsandbytes model is not a qstate (integer codes + scales + zeros): the quantize stage saved it
 with transformers' `save_pretrained` (stages.quant.bnb). `pack_bnb(ctx)` copies that serialisation:
 bitsandbytes' tensors as they are, every other floating tensor in the checkpoint dtype (the rule
-of every format, stages.pack.checkpoint_dtype), shards of pack.max_shard_size, config.json (dtype
+of every format, stages.formats.artifact.checkpoint_dtype), shards of pack.max_shard_size, config.json (dtype
 and NF4 compute dtype set accordingly) and the tokenizer files. (Loading a pre-quantized model and
 calling save_pretrained again fails in transformers 5.24: its bitsandbytes load conversion has no
 reverse.) Then it checks the result: "exact" for this format means that the checkpoint, reloaded
@@ -21,8 +21,8 @@ from typing import Any, Optional
 import torch
 from safetensors import safe_open
 
-from pipeline.context import StageContext, StageResult
-from pipeline.errors import InputError
+from core.context import StageContext, StageResult
+from core.errors import InputError
 from stages.formats.compat import VLLM_VERSION, summary_lines
 from stages.formats.source import SourceModel, read_safetensors_headers
 from stages.quant.bnb import (BNB_DIR, BNB_STATE_FILE, cast_unquantized, check_backend, quantized_modules,
@@ -167,7 +167,7 @@ def write_bnb_checkpoint(saved: Path, out: Path, quantized_keys: set[str], dtype
 def pack_bnb(ctx: StageContext) -> StageResult:
     """The pack stage for a bitsandbytes quantize artifact (see module doc)."""
     from stages.formats import parse_size
-    from stages.pack import REPORT_FILE, checkpoint_dir, checkpoint_dtype
+    from stages.formats.artifact import REPORT_FILE, checkpoint_dir, checkpoint_dtype
 
     art = ctx.inputs["quantize"].path
     state = json.loads((art / BNB_STATE_FILE).read_text())

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from stages.formats.source import QStateReader, SourceModel, check_layer_values, check_qstate_matches_model
 from stages.formats.writer import LayerRecord, PackOptions, PackResult, Recipe, tensor_nbytes, write_checkpoint
 from stages.quant.base import LayerScheme, QuantizedLayer

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from stages.formats.auto_round import AUTO_AWQ, AUTO_GPTQ, ZERO_OFFSET, unpack_awq_layer
 from stages.formats.gptq import pack_layer_tensors, unpack_qweight, unpack_qzeros
 from stages.formats.source import TensorInfo, read_safetensors_headers

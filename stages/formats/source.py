@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional
 import torch
 from safetensors import safe_open
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from stages.quant.base import LayerScheme, QuantizedLayer
 from stages.quant.qdq import num_groups
 from stages.quant.qstate import LAYERS_FILE, QSTATE_FILE

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.errors import InputError
+from core.errors import InputError
 
 from stages.formats.source import (
     SAFETENSORS_INDEX, SAFETENSORS_SINGLE, QStateReader, SourceModel, read_safetensors_headers,

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 from stages.kernels import gemlite_linear, int4
 from stages.kernels.linear import int8_reason
 from stages.kernels.tiles import TritonWeight

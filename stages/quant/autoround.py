@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.schema import QuantConfig, switch_enabled
+from core.schema import QuantConfig, switch_enabled
 from stages.quant.base import BlockInputs, BlockResult, LayerScheme, QuantizedLayer
 from stages.quant.blocks import run_block
 from stages.quant.distributed import LOCAL, Comm

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from pipeline.errors import InputError
+from core.errors import InputError
 
 # Keyword arguments a block gets that only matter for generation (KV cache) and must not
 # be replayed while quantizing. transformers 5.17 says past_key_values, 5.24 says cache.

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 from stages.quant.bnb_options import BNB_SCHEMES, ignored_keys, ignored_note
 
 if TYPE_CHECKING:
-    from pipeline.context import StageContext, StageResult
-    from pipeline.schema import BnbConfig, PipelineConfig
+    from core.context import StageContext, StageResult
+    from core.schema import BnbConfig, PipelineConfig
 
 BNB_DIR = "bnb"  # the quantize artifact's save_pretrained folder
 BNB_STATE_FILE = "bnb_layers.json"  # the quantize artifact's record (what pack reads first)
@@ -160,7 +160,7 @@ class BnbMethod:
     @staticmethod
     def preflight(cfg: "PipelineConfig", model: Any) -> None:
         """Before any stage runs: bitsandbytes is installed and runs this scheme on the run's device."""
-        from pipeline.runtime import resolve_device
+        from core.device import resolve_device
 
         device = resolve_device(cfg.run.device)
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -169,7 +169,7 @@ class BnbMethod:
     @staticmethod
     def run_stage(ctx: "StageContext") -> "StageResult":
         """Load the model quantized, save it (bnb/) and record its layers (bnb_layers.json)."""
-        from pipeline.context import StageResult
+        from core.context import StageResult
 
         q = ctx.cfg.quant
         note = ignored_note(q)

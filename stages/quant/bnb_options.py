@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ BNB_OPTION_OF = {"double_quant": "bnb_nf4", "int8_threshold": "bnb_int8"}
 
 
 def _defaults(method: str) -> Any:
-    from pipeline.schema import BnbConfig, QuantConfig
+    from core.schema import BnbConfig, QuantConfig
 
     s = BNB_SCHEMES[method]
     return QuantConfig(method=method, bits=s.bits, group_size=s.group_size, sym=True, iters=0), BnbConfig()

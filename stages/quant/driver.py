@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.errors import InputError
-from pipeline.schema import QuantConfig
+from core.errors import InputError
+from core.schema import QuantConfig
 from stages.quant.base import BlockInputs, BlockResult, QuantizedLayer
 from stages.quant.blocks import block_outputs, capture_first_inputs, capture_kwargs, kwargs_to
 from stages.quant.distributed import LOCAL, Comm

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.errors import InputError
-from pipeline.schema import QuantConfig
+from core.errors import InputError
+from core.schema import QuantConfig
 from stages.quant.base import BlockInputs, BlockResult, LayerScheme, QuantizedLayer
 from stages.quant.blocks import batches, run_block
 from stages.quant.distributed import LOCAL, Comm

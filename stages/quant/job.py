@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pipeline.schema import LayerOverride, QuantConfig
+from core.schema import LayerOverride, QuantConfig
 
 BLOCK_METRICS_FILE = "block_metrics.json"
 

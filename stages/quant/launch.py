@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from pipeline.errors import InputError
-from pipeline.launch import launch, launch_env, torchrun_command, world_size
-from pipeline.schema import RunConfig
+from core.errors import InputError
+from core.launch import launch, launch_env, torchrun_command, world_size
+from core.schema import RunConfig
 from stages.quant.job import QuantizeJob
 
 DIST_DIR = "dist"

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from pipeline.schema import QuantConfig
+from core.schema import QuantConfig
 from stages.quant.base import BlockInputs, BlockResult, LayerScheme, QuantizedLayer
 from stages.quant.distributed import LOCAL, Comm
 from stages.quant.qdq import quantize_weight

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from pipeline.errors import ConfigError
-from pipeline.schema import QuantConfig
+from core.errors import ConfigError
+from core.schema import QuantConfig
 from stages.quant.base import LayerScheme
 from stages.quant.blocks import block_linears, find_blocks
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 import torch
 from torch import nn
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from stages.quant.blocks import find_blocks, non_block_modules_to
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"

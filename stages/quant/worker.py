@@ -29,7 +29,7 @@ def _wait_for(path: Path) -> None:
 
 
 def _stop_if_orphaned() -> None:
-    from pipeline.launch import launcher_alive
+    from core.launch import launcher_alive
 
     if not launcher_alive():
         print("[quantize worker] the launching pipeline is gone: stopping before the next block", flush=True)
@@ -45,7 +45,7 @@ def _write_json(path: Path, data: dict) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     import torch
 
-    from pipeline.errors import ConfigError, InputError
+    from core.errors import ConfigError, InputError
     from stages.quant.distributed import init_from_env
     from stages.quant.job import QuantizeJob, run_job
     from stages.quant.launch import error_file, result_file

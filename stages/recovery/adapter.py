@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import InputError
+from core.errors import InputError
 
 ADAPTER_DIR = "adapter"
 CONFIG_FILE = "adapter_config.json"

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from pipeline.schema import RecoverConfig
+from core.schema import RecoverConfig
 from stages.quant.base import QuantizedLayer
 from stages.recovery.losses import TopK
 from stages.recovery.modes import Export, learning_rate

@@ -18,8 +18,8 @@ from typing import Callable, Optional
 
 import torch
 
-from pipeline.errors import ConfigError
-from pipeline.schema import RecoverConfig
+from core.errors import ConfigError
+from core.schema import RecoverConfig
 from stages.quant.base import QuantizedLayer
 from stages.recovery.adapter import LoraAdapter
 from stages.recovery.student import Student, enable_norms, layer_names_matching

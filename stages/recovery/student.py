@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from stages.quant.base import QuantizedLayer
 from stages.recovery.qlinear import RecoverLinear
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.schema import RecoverConfig
+from core.schema import RecoverConfig
 from stages.recovery.targets import TargetSource, body_and_head, chunk_slices, hidden_states
 
 BETAS = (0.9, 0.95)

@@ -18,8 +18,8 @@ import subprocess
 import sys
 from typing import Callable
 
-from pipeline.errors import ConfigError
-from pipeline.schema import RunConfig
+from core.errors import ConfigError
+from core.schema import RunConfig
 
 LAUNCHER_PID_ENV = "PIPELINE_LAUNCHER_PID"
 POLL_SECONDS = 2.0

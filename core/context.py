@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pipeline.models import ModelHandle
-from pipeline.schema import PipelineConfig
+from core.models import ModelHandle
+from core.schema import PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,6 @@ class StageContext:
     log: Callable[[str], None] = print
     # log_metric(name, value, step): name without the stage prefix; forwarded to MLflow.
     log_metric: Callable[[str, float, Optional[int]], None] = lambda name, value, step=None: None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def torch_dtype(self):
         import torch

@@ -1,0 +1,1 @@
+"""What stages and the orchestrator share: errors, typed config, artifact store, stage context, model loading."""
