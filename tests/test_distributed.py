@@ -119,6 +119,7 @@ def _kill_workers_after_first_block(outputs: Path, killed: list[int]) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_killed_two_rank_run_resumes_at_the_first_unfinished_block(runs, tiny_store, compose):
     outputs = outputs_with_model(tiny_store, runs["root"] / "killed")
     killed: list[int] = []

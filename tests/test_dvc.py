@@ -192,6 +192,7 @@ def dvc(repo: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProce
     return sh([sys.executable, "-m", "dvc", *args], repo, timeout)
 
 
+@pytest.mark.slow
 def test_dvc_repro_exports_artifacts_and_links_restored_outputs_back(dvc_repo):
     from core.store import ArtifactStore, import_exported
 

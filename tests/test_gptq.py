@@ -391,6 +391,7 @@ def test_quantize_stage_runs_gptq_with_act_order(compose, tiny_overrides, one_th
     assert all(b["layer_mse_gptq"] < b["layer_mse_rtn"] and b["rtn_fallbacks"] == 0 for b in blocks)
 
 
+@pytest.mark.slow
 def test_gptq_stage_resumes_after_a_crash_with_act_order_and_overrides(compose, tiny_overrides, tmp_path, monkeypatch):
     """Finished blocks (g_idx included) are saved and reloaded; the resumed qstate equals a fresh run's."""
     from pathlib import Path

@@ -68,6 +68,7 @@ def mlflow_server(tmp_path):
     server.stop()
 
 
+@pytest.mark.slow
 def test_server_lists_the_sweep_runs_params_metrics_and_report(tmp_path, compose, mlflow_server):
     tcfg, parent, children = log_sweep(tmp_path, compose)
     port = mlflow_server.start()

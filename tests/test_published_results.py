@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_small_quality_grid_runs_through_the_pipeline_and_renders_results(tiny_outputs, tmp_path):
     results, md = tmp_path / "results", tmp_path / "RESULTS.md"
     cmd = [sys.executable, "benchmarks/published_results.py", "--small", "--parts", "quality", "--cells", "W4G64 sym",
@@ -39,6 +42,7 @@ def test_small_quality_grid_runs_through_the_pipeline_and_renders_results(tiny_o
     assert "## 6. CPU: the quickstart" in text and "(not run: no results in quickstart_cpu/)" in text
 
 
+@pytest.mark.slow
 def test_small_recover_part_runs_every_cell_with_and_without_recovery_and_the_cost_script(tiny_outputs, tmp_path):
     results, md = tmp_path / "results", tmp_path / "RESULTS.md"
     cmd = [sys.executable, "benchmarks/published_results.py", "--small", "--parts", "recover", "--cells", "W3G64 asym",

@@ -117,6 +117,7 @@ def test_lora_adapter_lands_beside_the_checkpoint_and_peft_reproduces_the_traine
     assert out["evaluate"].metrics["ppl"] == pytest.approx(want_ppl, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_one(compose, tiny_overrides,
                                                                                    monkeypatch, tmp_path, one_thread):
     ov = tiny_overrides + RECOVER + ["recover=scales", STAGES]

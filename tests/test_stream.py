@@ -162,6 +162,7 @@ THIN = RandomModelConfig(hidden_size=512, intermediate_size=1408, num_hidden_lay
                          num_key_value_heads=1, vocab_size=256, max_position_embeddings=128, seed=0)
 
 
+@pytest.mark.slow
 def test_peak_host_memory_is_one_blocks_worth_for_a_model_several_times_larger(tmp_path):
     """In a fresh process: the budget is the peak RSS increment of quantizing a 2-block model (RTN), plus
     slack; a 256-block model of the same width, whose bf16 weights are over 4x that budget, is quantized

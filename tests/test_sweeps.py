@@ -162,6 +162,7 @@ def test_two_processes_writing_the_same_artifact_keep_the_store_consistent(tmp_p
         assert sha256_file(folder / ("f" * 16) / out["path"]) == out["sha256"]
 
 
+@pytest.mark.slow
 def test_a_writer_killed_mid_artifact_leaves_nothing_complete_and_the_next_resumes(tmp_path):
     script, go, log = tmp_path / "writer.py", tmp_path / "go", tmp_path / "log.txt"
     script.write_text(WRITER)

@@ -85,6 +85,7 @@ def test_three_processes_creating_a_fresh_database_at_the_same_moment_all_succee
     assert not list(tmp_path.glob(".mlflow.db.build-*"))
 
 
+@pytest.mark.slow
 def test_three_concurrent_first_runs_in_a_fresh_folder_all_finish(tiny_outputs):
     assert not (tiny_outputs / "mlflow.db").exists()
     args = [*CALIB_ONLY, f"run.outputs_dir={tiny_outputs}"]
