@@ -34,6 +34,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+
+from scale_common import tree_rss  # noqa: E402  (the process tree's resident bytes, from /proc)
+
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "published" / "quickstart_cpu"
 STEM = "quickstart_cpu"
 SAMPLE_S = 0.2
@@ -50,24 +55,6 @@ def stage_order(overrides: list[str]) -> list[str]:
 
     cfg, _ = compose_job_config(list(overrides))
     return [s.name for s in topological_order() if s.enabled(cfg)]
-
-
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants right now (0 once it is gone)."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
 
 
 def run_once(workdir: Path, overrides: list[str], timeout_s: float) -> dict[str, Any]:

@@ -39,6 +39,8 @@ for path in (REPO, Path(__file__).parent):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from scale_common import tree_rss  # noqa: E402
+
 OFFLINE_8B = ["model=llama3_8b_random", "run.offline=true", "calib=austen", "calib.mode=random_window",
               "eval=local", "bench.num_prompts=1", "bench.input_len=8", "bench.output_len=128"]
 SMALL = ["model=tiny_random", "run.offline=true", "calib=austen", "calib.mode=random_window", "calib.nsamples=8",
@@ -49,7 +51,8 @@ SUMMARY_ROW = re.compile(r"^\|\s*(\w+)\s*\|\s*(\w+)\s*\|\s*([\d.]+)\s*\|")
 
 
 class Sampler:
-    """Peak host RSS of a process tree (psutil) and peak GPU memory in use (nvidia-smi), sampled in a thread."""
+    """Peak host RSS of a process tree (scale_common.tree_rss) and peak GPU memory in use (nvidia-smi), sampled
+    in a thread."""
 
     def __init__(self, pid: int, period: float = 0.2):
         self.pid, self.period = pid, period
@@ -57,22 +60,6 @@ class Sampler:
         self.peak_gpu_mib = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _rss(self) -> int:
-        import psutil
-
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0
-        total = 0
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        return total
 
     def _gpu(self) -> int:
         if not shutil.which("nvidia-smi"):
@@ -83,7 +70,7 @@ class Sampler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.peak_rss = max(self.peak_rss, self._rss())
+            self.peak_rss = max(self.peak_rss, tree_rss(self.pid))
             self.peak_gpu_mib = max(self.peak_gpu_mib, self._gpu())
             self._stop.wait(self.period)
 

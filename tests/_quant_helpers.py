@@ -66,3 +66,16 @@ def block_case(n: int = 16, seqlen: int = 32) -> BlockCase:
     hidden = capture_first_inputs(model, blocks, calib_ids(n, seqlen), "cpu")
     targets, _ = block_outputs(blocks[0], hidden, kwargs, "cpu", 8)
     return BlockCase(blocks[0], BlockInputs(hidden, kwargs), targets)
+
+
+class RecordingTracker:
+    """A tracker that keeps the metrics a stage logs (step metrics as (key, value, step))."""
+
+    def __init__(self):
+        self.metrics: list[tuple[str, float, int | None]] = []
+
+    def log_metric(self, key, value, step=None):
+        self.metrics.append((key, value, step))
+
+    def log_stage(self, prefix, manifest, path, status):
+        pass

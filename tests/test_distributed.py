@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _quant_helpers import RecordingTracker
 from core.errors import ConfigError
 from pipeline.runner import PipelineRunner
 from pipeline.runtime import Runtime
@@ -26,17 +27,6 @@ REPO = Path(__file__).resolve().parent.parent
 BASE = ["model=tiny_random", "quant=autoround", "tracking.enabled=false", "run.progress=false", "run.device=cpu",
         "calib.nsamples=8", "calib.seqlen=32", "quant.iters=40", "quant.batch_size=8", "quant.group_size=32",
         "quant.bits=2", "quant.sym=false", "run.stages=[calibrate,quantize]"]
-
-
-class RecordingTracker:
-    def __init__(self):
-        self.metrics: list[tuple[str, float, int | None]] = []
-
-    def log_metric(self, key, value, step=None):
-        self.metrics.append((key, value, step))
-
-    def log_stage(self, prefix, manifest, path, status):
-        pass
 
 
 def outputs_with_model(tiny_store: Path, folder: Path) -> Path:

@@ -14,18 +14,8 @@ from pipeline.runner import PipelineRunner
 from pipeline.runtime import Runtime
 from stages.quant.autoround import AutoRoundQuantizer
 from stages.quant.qstate import load_qstate
-from _quant_helpers import one_thread  # noqa: F401
+from _quant_helpers import RecordingTracker, one_thread  # noqa: F401
 
-
-class RecordingTracker:
-    def __init__(self):
-        self.metrics: list[tuple[str, float, int | None]] = []
-
-    def log_metric(self, key, value, step=None):
-        self.metrics.append((key, value, step))
-
-    def log_stage(self, prefix, manifest, path, status):
-        pass
 
 
 def _run(compose, overrides, tracker=None):
