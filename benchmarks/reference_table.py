@@ -68,6 +68,10 @@ def jobs_of(sweep: Path) -> list[dict[str, Any]]:
         rec = json.loads(path.read_text())
         stages = {}
         for name, info in rec.get("stages", {}).items():
+            if info["status"] == "skipped":  # a disabled node (recover=none) has no manifest
+                stages[name] = {"status": "skipped", "seconds": None, "fingerprint": None, "metrics": {},
+                                "summary": {}}
+                continue
             manifest = json.loads((Path(info["path"]) / "manifest.json").read_text())
             stages[name] = {"status": info["status"], "seconds": manifest["metrics"].get("seconds"),
                             "fingerprint": info["fingerprint"], "metrics": manifest["metrics"],
