@@ -141,11 +141,20 @@ def tokenizer_inputs(gguf: GGUFFile) -> tuple[dict[str, Any], dict[str, Any]]:
     return tokenizer, tokenizer_config
 
 
+def _tokenizer_converter():
+    """transformers' GGUF tokenizer converter: in `integrations.gguf` since 5.2x, `integrations.ggml` before."""
+    try:
+        from transformers.integrations.gguf import convert_gguf_tokenizer
+    except ImportError:
+        from transformers.integrations.ggml import convert_gguf_tokenizer
+    return convert_gguf_tokenizer
+
+
 def build_tokenizer(gguf: GGUFFile):
     """The tokenizer `AutoTokenizer.from_pretrained(gguf_file=...)` builds, from the parsed metadata."""
     from transformers import TokenizersBackend
-    from transformers.integrations.gguf import convert_gguf_tokenizer
 
+    convert_gguf_tokenizer = _tokenizer_converter()
     tokenizer_dict, tokenizer_config = tokenizer_inputs(gguf)
     backend, extra = convert_gguf_tokenizer(gguf.metadata["general.architecture"], tokenizer_dict)
     return TokenizersBackend(tokenizer_object=backend, **tokenizer_config, **extra)
