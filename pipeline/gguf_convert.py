@@ -46,10 +46,22 @@ def unpermute_rows(weights: np.ndarray, n_head: int) -> np.ndarray:
     return weights.reshape(n_head, dim, 2, *weights.shape[1:]).swapaxes(2, 1).reshape(weights.shape)
 
 
+def _transformers_gguf(name: str) -> Any:
+    """One of transformers' GGUF tables/functions: `integrations.gguf` in newer releases, `integrations.ggml`
+    (re-exported by `integrations`) in older ones such as 5.17."""
+    import importlib
+
+    for module in ("transformers.integrations.gguf", "transformers.integrations.ggml"):
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(f"transformers has no GGUF helper {name!r} in integrations.gguf or integrations.ggml")
+
+
 def _llama_config(gguf: GGUFFile) -> dict[str, Any]:
     """The config dict transformers' GGUF loader builds for a llama file, from its own key table."""
-    from transformers.integrations import GGUF_CONFIG_MAPPING
-
+    GGUF_CONFIG_MAPPING = _transformers_gguf("GGUF_CONFIG_MAPPING")
     config: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in gguf.tensors}
     for key, value in gguf.metadata.items():
         prefix, _, rest = key.partition(".")
@@ -125,8 +137,7 @@ def convert_state_dict(gguf: GGUFFile, converter: ArchConverter, config: dict[st
 
 def tokenizer_inputs(gguf: GGUFFile) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tokenizer_dict, tokenizer_config) shaped as transformers' GGUF tokenizer path builds them."""
-    from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING
-
+    GGUF_TOKENIZER_MAPPING = _transformers_gguf("GGUF_TOKENIZER_MAPPING")
     meta = gguf.metadata
     grouped = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
                for group, renames in GGUF_TOKENIZER_MAPPING.items()}
@@ -141,23 +152,14 @@ def tokenizer_inputs(gguf: GGUFFile) -> tuple[dict[str, Any], dict[str, Any]]:
     return tokenizer, tokenizer_config
 
 
-def _tokenizer_converter():
-    """transformers' GGUF tokenizer converter: in `integrations.gguf` since 5.2x, `integrations.ggml` before."""
-    try:
-        from transformers.integrations.gguf import convert_gguf_tokenizer
-    except ImportError:
-        from transformers.integrations.ggml import convert_gguf_tokenizer
-    return convert_gguf_tokenizer
-
-
 def build_tokenizer(gguf: GGUFFile):
     """The tokenizer `AutoTokenizer.from_pretrained(gguf_file=...)` builds, from the parsed metadata."""
     from transformers import TokenizersBackend
 
-    convert_gguf_tokenizer = _tokenizer_converter()
+    convert_gguf_tokenizer = _transformers_gguf("convert_gguf_tokenizer")
     tokenizer_dict, tokenizer_config = tokenizer_inputs(gguf)
     backend, extra = convert_gguf_tokenizer(gguf.metadata["general.architecture"], tokenizer_dict)
-    return TokenizersBackend(tokenizer_object=backend, **tokenizer_config, **extra)
+    return TokenizersBackend(tokenizer_object=backend, **{**tokenizer_config, **extra})  # as transformers merges them
 
 
 def convert_to_folder(gguf: GGUFFile, out: Path, progress: bool = True) -> Optional[str]:
