@@ -118,6 +118,9 @@ def machine() -> dict[str, Any]:
 
 def run_part(part: str, outputs: Path, out: Path, small: bool, extra: list[str]) -> dict[str, Any]:
     cmd = pipeline_command(part, outputs, small, extra)
+    # job records of an earlier run of this part (maybe with other jobs) must not mix into this one's;
+    # the stage outputs stay in the store, so finished stages are still reused
+    shutil.rmtree(outputs / "sweeps" / part, ignore_errors=True)
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
