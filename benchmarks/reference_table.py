@@ -151,6 +151,35 @@ def eval_seconds(record: dict[str, Any]) -> dict[str, tuple[Optional[float], str
     return out
 
 
+def evaluation_slice(record: dict[str, Any]) -> Optional[str]:
+    """What the table's task and perplexity columns were scored on, read from a job's evaluate metrics."""
+    for job in record["jobs"]:
+        metrics = job["stages"].get("evaluate", {}).get("metrics", {})
+        if metrics:
+            tasks = [f"{k.rsplit('.', 1)[0]} ({int(v)} documents)" for k, v in metrics.items() if k.endswith(".samples")]
+            ppl = (f"; perplexity over {int(metrics['ppl.windows'])} windows ({int(metrics['ppl.tokens'])} tokens)"
+                   if "ppl.windows" in metrics else "")
+            return f"scored on: {', '.join(tasks) or 'no lm-eval task'}{ppl}"
+    return None
+
+
+def every_document_accuracy(parts: dict[str, dict[str, Any]]) -> list[str]:
+    """The task columns again from the eval parts, which score every document of every task."""
+    lines: list[str] = []
+    for part in ("eval_hf", "eval_vllm"):
+        rows = parts.get(part, {}).get("table") or []
+        tasks = [k for k in (rows[0] if rows else {}) if k.endswith(".acc")]
+        if not rows or not tasks:
+            continue
+        lines += [f"### Task accuracy on every document ({part}: eval.limit=null, backend {part[5:]})", "",
+                  "| method | scheme | " + " | ".join(f"{t[:-4]} acc %" for t in tasks) + " |",
+                  "|---|---|" + "---|" * len(tasks)]
+        lines += [f"| {r['method']} | {r['scheme']} | " + " | ".join(f"{float(r[t]):.1f}" if r[t] else "-" for t in tasks)
+                  + " |" for r in rows]
+        lines += [""]
+    return lines
+
+
 def markdown(out: Path) -> str:
     """Everything measured so far in `out`, as Markdown."""
     parts = {p: json.loads((out / f"reference_{p}.json").read_text()) for p in PARTS
@@ -165,8 +194,12 @@ def markdown(out: Path) -> str:
                   f"exit {rec['returncode']})", ""]
         if table_md.is_file():
             lines += table_md.read_text().splitlines()[2:] + [""]
+        slice_line = evaluation_slice(rec)
+        if slice_line:
+            lines += [f"- {slice_line}"]
         if rec.get("nf4_vs_autoround"):
             lines += [f"- {rec['nf4_vs_autoround']}", ""]
+    lines += every_document_accuracy(parts)
     timed = {p: eval_seconds(parts[p]) for p in ("eval_hf", "eval_vllm") if p in parts}
     if timed:
         rows = list(dict.fromkeys(r for t in timed.values() for r in t))

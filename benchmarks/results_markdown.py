@@ -182,6 +182,8 @@ def write_results_markdown(results: Path, md_path: Path) -> str:
         lines += ["## 5. Reliability: parallel sweep soak (CPU)", "", soak.read_text().strip(), ""]
     lines += _section_from_md("6. CPU: the quickstart (benchmarks/bench_quickstart.py)", results / "quickstart_cpu")
     lines += recover_section(results)
+    lines += _section_from_md("8. The reference comparison: one sweep (benchmarks/reference_table.py)",
+                              results / "reference")
     text = "\n".join(lines).rstrip() + "\n"
     md_path.write_text(text)
     return text
