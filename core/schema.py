@@ -148,7 +148,8 @@ class RecoverConfig:
 
     # none (skip the stage) or a registry key in stages.registry.RECOVER_MODES:
     # scales (tune the quantization scales end to end; the checkpoint format is unchanged) |
-    # lora (train low-rank adapters on the frozen quantized model; a PEFT adapter beside the checkpoint)
+    # lora (train low-rank adapters on the frozen quantized model; a PEFT adapter beside the checkpoint) |
+    # scales_lora (both at once: the tuned qstate for pack plus the adapter beside the checkpoint)
     mode: str = "none"
     # Registry key in stages.registry.RECOVER_LOSSES: kl (distil the unquantized model's next-token
     # distribution) | lm (next-token cross-entropy of the calibration text)
@@ -158,7 +159,10 @@ class RecoverConfig:
     teacher: str = "topk"
     topk: int = 64
     steps: int = 200  # optimizer steps; 0 = export the quantized model unchanged
-    lr: Optional[float] = None  # None: the mode's default (scales 2e-3, a relative step; lora 1e-3)
+    lr: Optional[float] = None  # None: the mode's default (scales 2e-3, a relative step; lora and scales_lora 1e-3)
+    # scales_lora only: the learning rate of the scales, zeros and norms (lr then drives the adapters);
+    # None: 2e-3, the scales mode's default
+    scales_lr: Optional[float] = None
     # Registry key in stages.registry.RECOVER_SCHEDULES: constant | linear | cosine (to 0 at the last step)
     schedule: str = "cosine"
     warmup_steps: int = 0
@@ -170,10 +174,10 @@ class RecoverConfig:
     grad_checkpointing: bool = False  # recompute each block in backward (less memory, ~30% more time)
     amp: bool = True  # bf16 autocast on CUDA; trainable parameters stay float32
     checkpoint_every: int = 50  # save the trainable state every this many steps (resume after a crash)
-    # scales mode
+    # scales and scales_lora modes
     tune_zeros: bool = False  # asym: zero points as continuous values, rounded in the forward (straight-through)
     tune_norms: bool = True  # the unquantized normalisation weights train too (written into the checkpoint)
-    # lora mode
+    # lora and scales_lora modes
     rank: int = 16
     alpha: float = 32.0
     target_modules: List[str] = field(

@@ -71,6 +71,7 @@ STAGES: tuple[StageSpec, ...] = (
               description="RTN / GPTQ / AutoRound per block -> integer codes, scales, zeros"),
     StageSpec("recover", "stages.recover:run", needs=("quantize", "calibrate"), params=("recover", "run.seed"),
               metric_prefix="recover", device_sensitive=True, enabled_when="stages.recover:enabled",
+              fingerprint_view="stages.recover:fingerprint_view",
               description="tune scales end to end or train LoRA adapters on the quantized model (recover.mode)"),
     StageSpec("pack", "stages.pack:run", needs=("quantize", "recover"), params=("pack", "model.dtype"),
               metric_prefix="pack", version="2",

@@ -192,6 +192,7 @@ FIELD_RULES: dict[str, Callable[[str, Any], None]] = {
     "recover.topk": _int_at_least(1, 64),
     "recover.steps": _int_at_least(0, 200),
     "recover.lr": _positive_or_none(0.001),
+    "recover.scales_lr": _positive_or_none(0.002),
     "recover.warmup_steps": _int_at_least(0, 0),
     "recover.batch_size": _int_at_least(1, 8),
     "recover.grad_accum": _int_at_least(1, 1),

@@ -27,6 +27,7 @@ from stages.eval.results import (deltas_vs_baseline, flatten_lm_eval, paired_ppl
                                  short_summary, summary_table)
 from stages.eval.tasks import check_task_names
 from stages.eval.texts import check_text_source, load_perplexity_text
+from stages.recover import writes_adapter
 from stages.recovery.adapter import apply_adapter_with_peft, find_adapter
 from stages.registry import EVAL_BACKENDS, EVAL_TASK_SOURCES, resolve
 
@@ -129,8 +130,9 @@ def preflight(cfg: PipelineConfig, model: Optional[ModelHandle], spec: Any) -> N
     if getattr(spec, "variant", "quantized") == "baseline":
         if model is not None:
             check_tokenizer_files(model.path, "model folder")
-    elif cfg.recover.mode == "lora" and not e.dense_weights:
-        raise ConfigError("eval.dense_weights", False, "true with recover.mode=lora (PEFT wraps plain Linear layers; "
+    elif writes_adapter(cfg) and not e.dense_weights:
+        raise ConfigError("eval.dense_weights", False, f"true with recover.mode={cfg.recover.mode} (PEFT wraps plain "
+                          "Linear layers; "
                           "the packed layers become plain Linears with eval.dense_weights=true)",
                           "set eval.dense_weights=true")
 

@@ -1,4 +1,5 @@
-"""Recover stage: win back quality after quantization, between quantize and pack (recover.mode=scales | lora).
+"""Recover stage: win back quality after quantization, between quantize and pack (recover.mode=scales | lora |
+scales_lora).
 
 Core: `stages.recovery.core.recover_model` (no I/O). Stage I/O (`run`):
 * reads the unquantized model (`ctx.model`), the calibration ids (calibrate artifact; never the
@@ -10,7 +11,7 @@ Core: `stages.recovery.core.recover_model` (no I/O). Stage I/O (`run`):
   zeros; the format of stages.quant.qstate) and `replacements.safetensors` (the tuned norm
   weights, which pack writes in place of the model's); for mode=lora, `adapter/` (a PEFT
   adapter: adapter_config.json + adapter_model.safetensors), which pack puts beside the
-  checkpoint; and `recover.json` (metrics and the loss per step);
+  checkpoint; for mode=scales_lora, both; and `recover.json` (metrics and the loss per step);
 * logs `loss` and `lr` per step (step = optimizer step) and the summary metrics to MLflow.
 With recover.mode=none the DAG skips the stage and pack reads the quantize stage's qstate.
 """
@@ -31,6 +32,21 @@ if TYPE_CHECKING:
 
 RECOVER_FILE = "recover.json"
 REPLACEMENTS_FILE = "replacements.safetensors"  # read by stages.formats.source.QStateReader
+
+
+ADAPTER_MODES = ("lora", "scales_lora")  # recover.mode values whose output includes a PEFT adapter
+
+
+def writes_adapter(cfg: "PipelineConfig") -> bool:
+    """Whether the packed checkpoint gets a LoRA adapter beside it (evaluate must load it through PEFT)."""
+    return cfg.recover.mode in ADAPTER_MODES
+
+
+def fingerprint_view(config: dict[str, Any]) -> dict[str, Any]:
+    """The stage config as its fingerprint sees it: recover.scales_lr left out while null (every mode but
+    scales_lora), so the scales and lora artifacts keep the fingerprints they had before the field existed."""
+    recover = {k: v for k, v in config["recover"].items() if not (k == "scales_lr" and v is None)}
+    return {**config, "recover": recover}
 
 
 def enabled(cfg: "PipelineConfig") -> bool:
@@ -68,14 +84,14 @@ def _write_outputs(workdir: Path, result: Any, meta: dict, base_model: str) -> l
     from stages.quant.qstate import LAYERS_FILE, save_qstate
     from stages.recovery.adapter import ADAPTER_DIR, CONFIG_FILE, write_adapter
 
-    export = result.export
+    export, files = result.export, []
     if export.layers is not None:
         save_qstate(workdir, export.layers, meta)
         save_file({k: v.contiguous() for k, v in export.replacements.items()}, str(workdir / REPLACEMENTS_FILE))
-        files = [LAYERS_FILE]  # the qstate itself (a byte per weight) stays out of MLflow
-    else:
+        files.append(LAYERS_FILE)  # the qstate itself (a byte per weight) stays out of MLflow
+    if export.adapter is not None:
         write_adapter(workdir / ADAPTER_DIR, export.adapter, base_model)
-        files = [f"{ADAPTER_DIR}/{CONFIG_FILE}"]
+        files.append(f"{ADAPTER_DIR}/{CONFIG_FILE}")
         # what recovery adds on disk beside the checkpoint
         result.metrics["adapter_mb"] = sum(p.stat().st_size for p in (workdir / ADAPTER_DIR).iterdir()) / 1e6
     record = {"metrics": result.metrics, "curve": result.curve}
@@ -160,6 +176,10 @@ def check_recover_config(cfg: "PipelineConfig") -> None:
                           f"(calib.nsamples={n} minus recover.val_samples={r.val_samples})",
                           f"e.g. recover.batch_size={max(1, min(8, n - r.val_samples))}",
                           problem="exceeds the calibration samples")
+    if r.scales_lr is not None and r.mode != "scales_lora":
+        raise ConfigError("recover.scales_lr", r.scales_lr, "null unless recover.mode=scales_lora",
+                          f"drop recover.scales_lr (recover.mode={r.mode} trains with recover.lr alone) or set "
+                          "recover=scales_lora", problem=f"has no effect with recover.mode={r.mode}")
     if r.warmup_steps > r.steps:
         raise ConfigError("recover.warmup_steps", r.warmup_steps, f"at most recover.steps={r.steps}",
                           f"e.g. recover.warmup_steps={r.steps // 10}")

@@ -67,6 +67,7 @@ QUANT_CONFIG_CHECKS: dict[str, str] = {
 RECOVER_MODES: dict[str, str] = {
     "scales": "stages.recovery.modes:ScalesMode",
     "lora": "stages.recovery.modes:LoraMode",
+    "scales_lora": "stages.recovery.modes:ScalesLoraMode",
 }
 
 # recover.loss -> target factory: (RecoverConfig, TargetInputs) -> TargetSource

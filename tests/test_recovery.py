@@ -153,7 +153,7 @@ def test_recover_config_defaults_name_registered_choices():
     cfg = RecoverConfig()
     assert cfg.mode == "none" and cfg.loss in registry.RECOVER_LOSSES and cfg.teacher in registry.RECOVER_TEACHERS
     assert cfg.schedule in registry.RECOVER_SCHEDULES and cfg.lora_init in registry.LORA_INITS
-    assert set(registry.RECOVER_MODES) == {"scales", "lora"}
+    assert set(registry.RECOVER_MODES) == {"scales", "lora", "scales_lora"}
 
 
 def test_torch_backend_lora_on_fused_linears_equals_peft_per_module():

@@ -18,7 +18,7 @@ from torch import nn
 from core.schema import RecoverConfig
 from stages.quant.base import QuantizedLayer
 from stages.recovery.losses import TopK
-from stages.recovery.modes import Export, learning_rate
+from stages.recovery.modes import Export
 from stages.recovery.student import build_student
 from stages.recovery.targets import TargetInputs
 from stages.recovery.trainer import TrainState, autocast_for, mean_loss, train
@@ -97,7 +97,7 @@ def recover_model(model: nn.Module, layers: Iterable[tuple[str, QuantizedLayer]]
         hooks.on_init(init)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = train(student.model, params, source, input_ids, train_idx, cfg, learning_rate(cfg),
+    result = train(student.model, params, source, input_ids, train_idx, cfg, mode.learning_rates(list(params)),
                    resolve(RECOVER_SCHEDULES, "recover.schedule", cfg.schedule), device, seed=seed,
                    resume=hooks.resume, on_step=hooks.on_step, on_checkpoint=hooks.on_checkpoint, progress=progress)
     student.model.eval()

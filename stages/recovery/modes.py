@@ -6,9 +6,14 @@
   ordinary GPTQ / auto-round checkpoint.
 * `LoraMode` (recover.mode=lora): rank-r adapters on the quantized layers that
   recover.target_modules selects; the quantized weights stay frozen. Output: a PEFT adapter.
+* `ScalesLoraMode` (recover.mode=scales_lora): both parameter sets train together, each with its
+  own learning rate (recover.scales_lr for scales/zeros/norms, recover.lr for the adapters).
+  Output: the tuned qstate (pack writes the ordinary checkpoint) and the adapter beside it; the
+  adapter was trained on top of the tuned scales, so the two belong together.
 
 Each mode checks its config against the model's layers before anything is loaded (`check`),
-switches on its parameters (`attach`) and exports them (`export`).
+switches on its parameters (`attach`), gives each trainable parameter its learning rate
+(`learning_rates`) and exports them (`export`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from stages.quant.base import QuantizedLayer
 from stages.recovery.adapter import LoraAdapter
 from stages.recovery.student import Student, enable_norms, layer_names_matching
 
-DEFAULT_LR = {"scales": 2e-3, "lora": 1e-3}
+DEFAULT_LR = {"scales": 2e-3, "lora": 1e-3, "scales_lora": 1e-3}
+LORA_PARAMS = ("lora_A", "lora_B")  # RecoverLinear's adapter parameters (the rest are scales, zeros, norms)
 
 
 @dataclass
@@ -68,6 +74,9 @@ class ScalesMode:
         layers = {name: layer.exported() for name, layer in student.layers.items()}
         norms = {name: p.detach().float().cpu().clone() for name, p in student.norms.items()}
         return Export(layers=layers, replacements=norms)
+
+    def learning_rates(self, names: list[str]) -> dict[str, float]:
+        return dict.fromkeys(names, learning_rate(self.cfg))
 
 
 class LoraMode:
@@ -116,6 +125,35 @@ class LoraMode:
         weights = {n: (l.lora_A.detach().cpu(), l.lora_B.detach().cpu())
                    for n, l in student.layers.items() if l.lora_A is not None}
         return Export(adapter=LoraAdapter(self.cfg.rank, self.cfg.alpha, list(self.cfg.target_modules), weights))
+
+    def learning_rates(self, names: list[str]) -> dict[str, float]:
+        return dict.fromkeys(names, learning_rate(self.cfg))
+
+
+class ScalesLoraMode:
+    """Scales (+ norms, zeros) and LoRA adapters trained jointly; exports the tuned qstate and the adapter."""
+
+    name = "scales_lora"
+
+    def __init__(self, cfg: RecoverConfig):
+        self.cfg = cfg
+        self.scales, self.lora = ScalesMode(cfg), LoraMode(cfg)
+
+    def check(self, layers: ModelLayers) -> None:
+        self.scales.check(layers)
+        self.lora.check(layers)
+
+    def attach(self, student: Student, fp_weight: Callable[[str], torch.Tensor]) -> None:
+        self.lora.attach(student, fp_weight)  # svd init: the residual of the untuned quantized weight
+        self.scales.attach(student, fp_weight)
+
+    def export(self, student: Student) -> Export:
+        tuned = self.scales.export(student)
+        return Export(layers=tuned.layers, replacements=tuned.replacements, adapter=self.lora.export(student).adapter)
+
+    def learning_rates(self, names: list[str]) -> dict[str, float]:
+        scales_lr = self.cfg.scales_lr if self.cfg.scales_lr is not None else DEFAULT_LR["scales"]
+        return {n: learning_rate(self.cfg) if n.rsplit(".", 1)[-1] in LORA_PARAMS else scales_lr for n in names}
 
 
 def _svd_init(residual: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -119,9 +119,14 @@ def mean_loss(model: nn.Module, source: TargetSource, input_ids: torch.Tensor, i
     return total
 
 
-def _optimizer(params: dict[str, nn.Parameter], cfg: RecoverConfig, lr: float,
+def _optimizer(params: dict[str, nn.Parameter], cfg: RecoverConfig, lrs: dict[str, float],
                resume: Optional[TrainState]) -> torch.optim.AdamW:
-    opt = torch.optim.AdamW(list(params.values()), lr=lr, betas=BETAS, weight_decay=cfg.weight_decay)
+    """AdamW with one parameter group per peak learning rate (kept as the group's "peak_lr")."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, p in params.items():
+        groups.setdefault(lrs[name], []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "lr": lr, "peak_lr": lr} for lr, ps in groups.items()],
+                            betas=BETAS, weight_decay=cfg.weight_decay)
     if resume is not None:
         with torch.no_grad():
             for name, p in params.items():
@@ -143,7 +148,7 @@ def snapshot(params: dict[str, nn.Parameter], opt: torch.optim.Optimizer, step: 
 
 
 def train(model: nn.Module, params: dict[str, nn.Parameter], source: TargetSource, input_ids: torch.Tensor,
-          train_idx: torch.Tensor, cfg: RecoverConfig, lr: float, schedule: Callable[[int, int], float],
+          train_idx: torch.Tensor, cfg: RecoverConfig, lrs: dict[str, float], schedule: Callable[[int, int], float],
           device: torch.device, *, seed: int = 0, resume: Optional[TrainState] = None,
           on_step: Optional[Callable[[int, float, float], None]] = None,
           on_checkpoint: Optional[Callable[[TrainState], None]] = None, progress: bool = False) -> TrainResult:
@@ -153,10 +158,11 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], source: TargetSourc
         model: the student (its trainable parameters are `params`, by name).
         source: targets per batch (stages.recovery.targets).
         input_ids: calibration ids [n, T]; train_idx: the samples to train on.
+        lrs: parameter name -> peak learning rate (the schedule scales every group alike).
         on_step: callback(step, loss, lr) after every optimizer step (1-based step).
         on_checkpoint: callback(state) every recover.checkpoint_every steps.
     """
-    opt = _optimizer(params, cfg, lr, resume)
+    opt = _optimizer(params, cfg, lrs, resume)
     autocast = autocast_for(device, cfg.amp)
     curve = list(resume.curve) if resume else []
     first = resume.step if resume else 0
@@ -166,7 +172,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], source: TargetSourc
                initial=first, total=cfg.steps)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr * lr_at(schedule, step, cfg.steps, cfg.warmup_steps)
+            group["lr"] = group["peak_lr"] * lr_at(schedule, step, cfg.steps, cfg.warmup_steps)
         opt.zero_grad(set_to_none=True)
         loss = 0.0
         for micro in range(cfg.grad_accum):
