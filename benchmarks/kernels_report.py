@@ -29,12 +29,18 @@ def kernel_tables(rec: dict) -> list[str]:
              f"`{m['command']}`. us per call, {rec['timing']}; copy bandwidth "
              f"{(rec.get('copy_bandwidth_GBps') or 0):.0f} GB/s. Each cell: the candidate's fastest config whose "
              "relative error vs the reference dequantization is < 2e-2; best = fastest of all, with its % of the "
-             "memory roofline (bytes read / copy bandwidth) and relative error.", ""]
+             "memory roofline (bytes read / copy bandwidth) and relative error. Prefill rows time bf16 and the "
+             "scratch route only (dequantize into one shared buffer, then cuBLAS); lm_head has no prefill rows."
+             + (f" gemlite tuned-config file: {rec['gemlite_config_file']}." if rec.get("gemlite_config_file") else ""),
+             ""]
     for scheme, per_shape in rec["results"].items():
         names = sorted({c for cell in per_shape.values() for c in cell["candidates"]}, key=lambda n: (n != "bf16", n))
         rows = []
         for shape, cell in per_shape.items():
-            for mrow in rec["rows"]:
+            if cell.get("skipped"):
+                rows.append([f"{shape} {cell['n']}x{cell['k']}", "all", *["–"] * len(names), cell["skipped"]])
+                continue
+            for mrow in cell.get("rows", rec["rows"]):
                 cands = cell["candidates"]
                 bests = {n: best_of(cands[n], mrow) if n in cands and "error" not in cands[n] else None for n in names}
                 quant = {n: b for n, b in bests.items() if b and n != "bf16"}
