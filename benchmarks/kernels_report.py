@@ -66,11 +66,13 @@ def decode_tables(rec: dict) -> list[str]:
     m = rec["machine"]
     lines = [f"## Decode and prefill on the torch backend ({m['card']}, torch {m['torch']}, {m['date']})", "",
              f"`{m['command']}`. Model {rec['model']}, random weights; policy `{rec['policy']}`; workloads "
-             f"{rec['workloads']}. Decode tokens/s = batch x (output_len - 1) / (total - TTFT), medians.", ""]
+             f"{rec['workloads']}; batch-1 weight {rec.get('batch1_weight', 1.0)}. Decode tokens/s = batch x "
+             "(output_len - 1) / (total - TTFT), medians. scratch MiB: the one buffer the large-M route shares "
+             "(not in weight memory).", ""]
     rows, checks = [], []
     for name, r in rec["records"].items():
         if "decode" not in r:
-            rows.append([name, r.get("error", r.get("skipped", "?"))[:200], *[""] * (len(rec["workloads"][0]["batch_sizes"]) + 3)])
+            rows.append([name, r.get("error", r.get("skipped", "?"))[:200], *[""] * (len(rec["workloads"][0]["batch_sizes"]) + 4)])
             continue
         dec = {d["batch_size"]: d["decode_tokens_per_s"]["median"] for d in r["decode"]}
         ttft = r["prefill"][0]["ttft_ms"]["median"] if r.get("prefill") else None
@@ -80,7 +82,7 @@ def decode_tables(rec: dict) -> list[str]:
                              for b in sorted(dec)],
                      f"{_fmt(ttft, 1)} ({_fmt(v.get('prefill_b1', 1.0 if name == 'bf16' else None))}x)",
                      f"{r['weight_memory_bytes'] / 2**30:.2f} ({_fmt(v.get('weight_memory', 1.0 if name == 'bf16' else None), 3)}x)",
-                     _fmt(v.get("decoder_linears"), 3), routes[:400]])
+                     _fmt(v.get("decoder_linears"), 3), f"{r.get('scratch_bytes', 0) / 2**20:.0f}", routes[:400]])
         target = DECODE_TARGETS.get(name)
         if target and v:
             ok = v.get("decode_b1", 0) >= target[0] and v.get("decode_b16", 0) >= target[1]
@@ -93,7 +95,7 @@ def decode_tables(rec: dict) -> list[str]:
     prefill_len = rec["workloads"][-1]["input_len"]
     lines += _table(["variant", *[f"b{b} decode tok/s (x bf16)" for b in batches],
                      f"prefill {prefill_len} TTFT ms (x bf16)",
-                     "weight mem GiB (x bf16)", "decoder Linears x bf16", "kernels chosen"], rows)
+                     "weight mem GiB (x bf16)", "decoder Linears x bf16", "scratch MiB", "kernels chosen"], rows)
     return lines + [""] + checks + [""]
 
 

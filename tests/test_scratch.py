@@ -102,6 +102,10 @@ def test_batch1_weight_moves_the_single_format_choice():
 
 
 def test_prefill_rows_are_planned_for_every_group_but_last_token_ones():
+    from stages.bench.engine import prefill_rows
+    from stages.bench.workload import Workload
+
+    assert prefill_rows(Workload(2, 2048, 2, (1, 4))) == [2048, 8192]
     assert group_rows(["layers.0.qkv", "layers.1.qkv"], [1, 16], [2048], ("lm_head",)) == [1, 16, 2048]
     assert group_rows(["lm_head"], [1, 16], [2048], ("lm_head",)) == [1, 16]
     assert group_rows(["lm_head", "layers.0.o"], [16, 1], [2048], ("lm_head",)) == [1, 16, 2048]
@@ -137,3 +141,23 @@ def test_cuda_scratch_reads_aten_int4_layout():
     eye = torch.eye(1024, device="cuda", dtype=torch.bfloat16)
     kernel_w = torch.ops.aten._weight_int4pack_mm(eye, packed.packed, 128, packed.scales_and_zeros)  # [K, N]
     assert (got.float() - kernel_w.float()).abs().max() <= 1e-2 * kernel_w.float().abs().max()
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_planner_times_the_scratch_route_only_at_prefill_sizes(monkeypatch, quick):
+    """int8pack runs on the CPU, so the group measurement runs here with a stand-in timer."""
+    import types
+
+    from stages.kernels import planner
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: types.SimpleNamespace(multi_processor_count=4))
+    w, _ = _int8_weight()
+    plan = planner.GroupPlan("g", ["l0"], [], [])
+    calls = []
+    per_format = planner._measure_group([w], ["int8pack"], torch.float32, [1, 16, 256], quick,
+                                        lambda fns: calls.append(fns) or float(len(calls)), False, plan,
+                                        scratch.ScratchPool())  # each timing slower than the last: scratch (first) wins
+    best = per_format["int8pack"]
+    assert [best[m][1].kind for m in (1, 16)] == ["int8pack", "int8pack"] and best[256][1].kind == "scratch"
+    assert set(plan.ms["scratch:int8pack_all"]) == {256} and not plan.rejected
+    assert set(plan.ms["int8pack"]) == ({1, 16} if quick else {1, 16, 256})  # quick: no low-bit kernel at 256 rows

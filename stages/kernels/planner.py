@@ -299,9 +299,11 @@ def _measure_group(srcs: list[TritonWeight], fmts: list[str], dtype: torch.dtype
             plan.rejected[KIND_OF[fmt]] = f"conversion failed: {type(exc).__name__}: {str(exc)[:200]}"
             per_format[fmt] = {}
             continue
+        dense = _best(tuner, "scratch", converted, rows, _scratch_configs(fmt, sample[0], probe), plan)
+        # quick: where the scratch route runs, the low-bit kernels (2-3x slower than cuBLAS at prefill sizes) are not timed
+        low_rows = [m for m in rows if not (quick and m in dense)]
         per_format[fmt] = _merge(
-            _best(tuner, KIND_OF[fmt], converted, rows, _configs_for(fmt, sample[0], sms, quick), plan),
-            _best(tuner, "scratch", converted, rows, _scratch_configs(fmt, sample[0], probe), plan))
+            _best(tuner, KIND_OF[fmt], converted, low_rows, _configs_for(fmt, sample[0], sms, quick), plan), dense)
         del converted
     if measure_bf16:
         plan.bf16_ms = {m: tuner.bf16_ms(m) for m in rows}
