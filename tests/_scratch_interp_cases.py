@@ -17,7 +17,8 @@ from pathlib import Path
 
 # (id, bits, group size, sym, act-order)
 SCHEMES = [("w4g128s", 4, 128, True, False), ("w4g128a", 4, 128, False, False), ("w3g64a", 3, 64, False, False),
-           ("w2g64a", 2, 64, False, False), ("w8g-1s", 8, -1, True, False), ("w4g64a-act", 4, 64, False, True)]
+           ("w2g64a", 2, 64, False, False), ("w8g-1s", 8, -1, True, False), ("w4g64a-act", 4, 64, False, True),
+           ("w4g32a", 4, 32, False, False)]  # groups smaller than a 64-value tile: per-row scales
 N, K, M = 96, 256, 5
 DTYPES = ("float16", "float32")  # the interpreter rounds bfloat16 differently: checked by the gpu test
 

@@ -29,7 +29,8 @@ BLOCK_N = 128
 @triton.jit
 def _dequant_gptq_kernel(qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, K, n0, n1, stride_qw, stride_s, stride_z, stride_o,
                          group_size, zero_const, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                         HAS_GIDX: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr):
+                         HAS_GIDX: tl.constexpr, GROUP_TILE: tl.constexpr, BLOCKS: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
     VPB: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     WPB: tl.constexpr = 3 if BITS == 3 else 1
     blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
@@ -45,17 +46,29 @@ def _dequant_gptq_kernel(qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, K, n0, n1, stride
     else:
         P1 = P0
         P2 = P0
+    if GROUP_TILE:  # the whole tile lies in one group: one scale (and zero) row
+        gt = (tl.program_id(1) * BLOCKS * VPB) // group_size
+        s_row = tl.load(s_ptr + gt * stride_s + offs_n, mask=mask_n, other=0).to(tl.float32)
+        if HAS_ZEROS:
+            z_row = tl.load(z_ptr + gt * stride_z + offs_n, mask=mask_n, other=0).to(tl.float32)
     for v in tl.static_range(VPB):
         k = blk * VPB + v
-        if HAS_GIDX:
-            g = tl.load(g_ptr + k, mask=mask_b, other=0)
+        if GROUP_TILE:
+            s = s_row[None, :]
+            if HAS_ZEROS:
+                z = z_row[None, :]
+            else:
+                z = zero_const
         else:
-            g = k // group_size
-        s = tl.load(s_ptr + g[:, None] * stride_s + offs_n[None, :], mask=mask, other=0).to(tl.float32)
-        if HAS_ZEROS:
-            z = tl.load(z_ptr + g[:, None] * stride_z + offs_n[None, :], mask=mask, other=0).to(tl.float32)
-        else:
-            z = zero_const
+            if HAS_GIDX:
+                g = tl.load(g_ptr + k, mask=mask_b, other=0)
+            else:
+                g = k // group_size
+            s = tl.load(s_ptr + g[:, None] * stride_s + offs_n[None, :], mask=mask, other=0).to(tl.float32)
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + g[:, None] * stride_z + offs_n[None, :], mask=mask, other=0).to(tl.float32)
+            else:
+                z = zero_const
         q = _extract(P0, P1, P2, v, BITS).to(tl.float32)
         w = ((q - z) * s).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + k[:, None] * stride_o + (offs_n - n0)[None, :], w, mask=mask)
@@ -92,7 +105,9 @@ def dequant_gptq_into(w: TritonWeight, out: torch.Tensor, n0: int, n1: int) -> t
     _dequant_gptq_kernel[grid](w.qweight, w.scales, z, g, out, w.in_features, n0, n1, w.qweight.stride(0),
                                w.scales.stride(0), z.stride(0) if z.dim() else 0, out.stride(0), w.group_size,
                                float(w.zero_const), BITS=w.bits, HAS_ZEROS=w.zeros is not None,
-                               HAS_GIDX=w.g_idx is not None, BLOCKS=blocks, BLOCK_N=BLOCK_N, num_warps=4)
+                               HAS_GIDX=w.g_idx is not None,
+                               GROUP_TILE=w.g_idx is None and w.group_size % (blocks * vpb) == 0, BLOCKS=blocks,
+                               BLOCK_N=BLOCK_N, num_warps=4)
     return out
 
 
