@@ -11,8 +11,9 @@ the reference dequantization. Each scheme gets an equal share of the kernel part
 box; what does not fit is recorded as skipped). Decode part (benchmarks/decode_candidates.py):
 32-layer 8B-shaped models on the torch backend's engine, planner policy auto (quick tuning),
 decode batch 1/16 and prefill 2,048 tokens, weight memory, vs bf16; variants bf16, W4G128 sym,
-W4G128 asym, W3G64, W2G64, W4G128 sym with lm_head quantized, W8; a variant starts only when
-the time left covers the slowest one so far.
+W4G128 asym, W3G64, W2G64, W4G128 sym with lm_head quantized, W4G128 sym planned with batch 1
+weighted 4 (bench.kernel_batch1_weight: the one-format trade-off), W8; a variant starts only
+when the time left covers the slowest one so far.
 
 On a Hopper card other than the H100, gemlite's H100-tuned config file is loaded (most W4
 shapes then skip gemlite's autotuning); the record names it.
@@ -48,6 +49,7 @@ import kernel_candidates as kc  # noqa: E402
 from kernels_report import render  # noqa: E402
 
 FIRST_VARIANT_GUESS_S = 45.0  # a decode variant's wall time before one has been measured (8B-shaped, H200)
+BATCH1_WEIGHT_VARIANT = 4.0  # the extra decode variant's bench.kernel_batch1_weight
 
 
 def log(msg: str) -> None:
@@ -112,13 +114,15 @@ def kernels_part(args, out: Path, data: dict) -> dict:
 
 
 def decode_variants(args) -> list[tuple]:
-    """(name, scheme, lm_head scheme) in priority order: bf16, every scheme but W8, the lm_head variant, W8."""
+    """(name, scheme, lm_head scheme, batch-1 weight) in priority order: bf16, every scheme but W8, the lm_head
+    variant, the first scheme again with batch 1 weighted BATCH1_WEIGHT_VARIANT (the one-format trade-off), W8."""
     schemes = kc.SCHEMES_SMALL if args.small else kc.SCHEMES
     chosen = [(k, v) for k, v in schemes.items() if not args.schemes or k in args.schemes.split(",")]
     first_name, first = next(iter(schemes.items()))
-    late = [(k, v, None) for k, v in chosen if v[0] == 8]
-    return ([("bf16", None, None)] + [(k, v, None) for k, v in chosen if v[0] != 8]
-            + [(f"{first_name}_lmhead", first, first)] + late)
+    w, late = args.batch1_weight, [(k, v, None, args.batch1_weight) for k, v in chosen if v[0] == 8]
+    return ([("bf16", None, None, w)] + [(k, v, None, w) for k, v in chosen if v[0] != 8]
+            + [(f"{first_name}_lmhead", first, first, w),
+               (f"{first_name}_b1w{BATCH1_WEIGHT_VARIANT:g}", first, None, BATCH1_WEIGHT_VARIANT)] + late)
 
 
 def decode_part(args, out: Path, data: dict) -> dict:
@@ -132,7 +136,7 @@ def decode_part(args, out: Path, data: dict) -> dict:
     data["decode"] = rec
     deadline = T0 + args.budget_s
     slowest = 0.0 if args.small else FIRST_VARIANT_GUESS_S
-    for name, scheme, head in decode_variants(args):
+    for name, scheme, head, batch1_weight in decode_variants(args):
         left = deadline - time.perf_counter()
         if left < 1.1 * slowest:
             rec["records"][name] = {"skipped": f"time budget spent ({left:.0f} s left, a variant takes ~{slowest:.0f} s)"}
@@ -142,7 +146,7 @@ def decode_part(args, out: Path, data: dict) -> dict:
         try:
             r = dc.run_variant(dims, scheme, head, "auto" if scheme is None else args.decode_policy, device, dtype,
                                dc.workloads_for(args.small), kc.random_layer, log, quick=True,
-                               batch1_weight=args.batch1_weight)
+                               batch1_weight=batch1_weight)
         except Exception as exc:  # one variant failing must not lose the others
             r = {"error": f"{type(exc).__name__}: {str(exc)[:600]}"}
         slowest = max(slowest, time.perf_counter() - t0)

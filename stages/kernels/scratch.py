@@ -70,6 +70,9 @@ class ScratchConfig:
 def gemlite_as_gptq(w: Any) -> TritonWeight:
     """A gemlite weight's own packed tensors viewed as the GPTQ layout (no copy)."""
     layer = w.layer
+    if layer.W_q.dtype != torch.int32 or layer.W_q.shape[0] * 32 != w.in_features * int(layer.W_nbits):
+        raise ValueError(f"gemlite packed this layer as {layer.W_q.dtype} {tuple(layer.W_q.shape)}, not the 32-bit "
+                         "GPTQ word layout the dequantizer reads")
     scalar_zero = layer.zeros.dim() == 0
     groups = layer.scales.shape[0]
     return TritonWeight(layer.W_q, layer.scales, None if scalar_zero else layer.zeros, None, int(layer.W_nbits),
