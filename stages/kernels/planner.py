@@ -1,7 +1,7 @@
 """Choose kernels for every Linear by measuring them (CUDA) and build `KernelLinear`s.
 
 Layers with the same signature (format, bits, group size, shape, zeros, g_idx) share one
-decision. For each row count M the benchmark will use (its batch sizes), every candidate
+decision. For each row count M the benchmark will use (see "Row counts" below), every candidate
 kernel is checked against the reference dequantization on one layer, then timed as CUDA-graph
 replays over several layers of the group (so the weights do not sit in L2). Policies
 (`bench.linear_kernel`):
@@ -31,6 +31,8 @@ prefill sizes (it reads the same weight copy) and uses it where it is faster.
 
 Row counts: the decode batch sizes, plus the prefill row counts (batch x prompt length) for
 every group except the Linears that only ever see the last token (lm_head, `last_token_only`).
+Quick tuning (`bench.kernel_tuning=quick`) times fewer Triton tiles, gemlite's own kernel choice
+only, and no low-bit kernel at a row count where the scratch route runs.
 """
 
 from __future__ import annotations
