@@ -3,32 +3,41 @@
 
 Kernel part (benchmarks/kernel_candidates.py): Llama-3-8B layer shapes (q/k/v fused 6144x4096,
 o 4096x4096, gate/up fused 28672x4096, down 4096x14336, lm_head 128256x4096) x rows 1/16/64
-x schemes W4G128 sym/asym, W3G64 asym, W2G64 asym, W8 sym (per channel): every candidate
-(bf16, our Triton kernel per tile, tinygemm = torch's _weight_int4pack_mm (2/3-bit widened),
-int8pack, gemlite per kernel type and its own choice, gemlite launched eagerly, and gemlite
-again with its H100-tuned config file on a Hopper card it has no file for): us per call,
-% of the memory roofline (bytes read / measured copy bandwidth), relative error vs the
-reference dequantization. Decode part (benchmarks/decode_candidates.py): 32-layer 8B-shaped
-models on the torch backend's engine, planner policy auto, decode batch 1/16 and prefill
-2,048 tokens, weight memory, vs bf16 (+ a W4G128 variant with lm_head quantized).
+(+ 2048, the prefill, except lm_head) x schemes W4G128 sym/asym, W3G64 asym, W2G64 asym, W8 sym
+(per channel): every candidate (bf16, our Triton kernel per tile, tinygemm = torch's
+_weight_int4pack_mm (2/3-bit widened), int8pack, gemlite, and at prefill rows the scratch route):
+us per call, % of the memory roofline (bytes read / measured copy bandwidth), relative error vs
+the reference dequantization. Each scheme gets an equal share of the kernel part's time (a time
+box; what does not fit is recorded as skipped). Decode part (benchmarks/decode_candidates.py):
+32-layer 8B-shaped models on the torch backend's engine, planner policy auto (quick tuning),
+decode batch 1/16 and prefill 2,048 tokens, weight memory, vs bf16; variants bf16, W4G128 sym,
+W4G128 asym, W3G64, W2G64, W4G128 sym with lm_head quantized, W4G128 sym planned with batch 1
+weighted 4 (bench.kernel_batch1_weight: the one-format trade-off), W8; a variant starts only
+when the time left covers the slowest one so far.
+
+On a Hopper card other than the H100, gemlite's H100-tuned config file is loaded (most W4
+shapes then skip gemlite's autotuning); the record names it.
 
 Needs torch, triton (+ gemlite for its candidates); no checkpoints on disk. Usage:
-  python benchmarks/bench_kernels.py --out $OUT                 # H200: both parts, within --budget-s (470)
-  python benchmarks/bench_kernels.py --parts kernels --out $OUT --budget-s 470
-  python benchmarks/bench_kernels.py --parts decode --out $OUT --budget-s 470
-  python benchmarks/bench_kernels.py --small --out /tmp/bk       # CPU: tiny shapes, code paths only
+  python benchmarks/bench_kernels.py --out $OUT                  # H200: both parts, about --budget-s (510) s
+  python benchmarks/bench_kernels.py --parts kernels --out $OUT --budget-s 300
+  python benchmarks/bench_kernels.py --parts decode --out $OUT --budget-s 300
+  python benchmarks/bench_kernels.py --small --out /tmp/bk        # CPU: tiny shapes, code paths only
   python benchmarks/bench_kernels.py --report DIR [DIR ...] --out $OUT   # merge earlier JSON into kernels.md
-Writes <out>/kernels.json, <out>/decode.json (after every unit, so a cut-short run keeps its
-numbers) and <out>/kernels.md.
+Writes <out>/kernels.json, <out>/decode.json and <out>/kernels.md after every unit (a shape of a
+scheme, a decode variant), so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
-from pathlib import Path
+
+T0 = time.perf_counter()  # the budget counts from here, before torch is imported
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
@@ -39,7 +48,8 @@ import decode_candidates as dc  # noqa: E402
 import kernel_candidates as kc  # noqa: E402
 from kernels_report import render  # noqa: E402
 
-T0 = time.perf_counter()
+FIRST_VARIANT_GUESS_S = 45.0  # a decode variant's wall time before one has been measured (8B-shaped, H200)
+BATCH1_WEIGHT_VARIANT = 4.0  # the extra decode variant's bench.kernel_batch1_weight
 
 
 def log(msg: str) -> None:
@@ -66,76 +76,96 @@ def gemlite_h100_config() -> str:
     return str(path) if "h100" not in name and path.is_file() else ""
 
 
-def kernels_part(args, out: Path) -> dict:
+def use_gemlite_h100_config(rec: dict) -> None:
+    """Load gemlite's H100-tuned configs on another Hopper card (its own lookup misses it); record the file."""
+    cfg = gemlite_h100_config()
+    if cfg:
+        import gemlite
+
+        gemlite.load_config(cfg)  # then gemlite skips its autotuning wherever the file has the shape
+        rec["gemlite_config_file"] = cfg
+
+
+def kernels_part(args, out: Path, data: dict) -> dict:
     device, dtype = ("cuda:0", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
     schemes = kc.SCHEMES_SMALL if args.small else kc.SCHEMES
     shapes = kc.SHAPES_SMALL if args.small else kc.SHAPES_8B
     schemes = {k: v for k, v in schemes.items() if not args.schemes or k in args.schemes.split(",")}
     shapes = {k: v for k, v in shapes.items() if not args.shapes or k in args.shapes.split(",")}
     rows = [1, 3] if args.small else [int(r) for r in args.rows.split(",")]
+    prefill = [64] if args.small else [int(r) for r in args.prefill_rows.split(",") if r]
     bw = kc.copy_bandwidth(device)
-    rec = {"machine": machine(), "dtype": str(dtype), "rows": rows, "copy_bandwidth_GBps": bw and bw / 1e9,
-           "timing": "graph: median of CUDA-graph replays of 24 calls over copies > L2; eager: Python launches",
-           "results": {}}
-    budget = kc.Budget(args.kernel_budget)
-    log(f"kernel part on {rec['machine']['card']}: copy bandwidth {rec['copy_bandwidth_GBps']} GB/s")
-    rec["results"] = kc.sweep(schemes, shapes, rows, device, dtype, args.quick, budget, log, bw)
-    save(out, "kernels", rec)
-    cfg = gemlite_h100_config()
-    if cfg and budget.left() > 0:
-        import gemlite
+    rec = {"machine": machine(), "dtype": str(dtype), "rows": rows, "prefill_rows": prefill,
+           "copy_bandwidth_GBps": bw and bw / 1e9, "results": {},
+           "timing": "median of CUDA-graph replays of 24 calls over copies > L2" if device != "cpu" else "wall clock"}
+    use_gemlite_h100_config(rec)
+    data["kernels"] = rec
+    log(f"kernel part on {rec['machine']['card']}: copy bandwidth {rec['copy_bandwidth_GBps']} GB/s, "
+        f"{args.kernel_budget:.0f} s")
 
-        gemlite.load_config(cfg)  # then gemlite skips its autotuning wherever the file has the shape
-        rec["gemlite_config_file"] = cfg
-        extra = kc.sweep(schemes, shapes, rows, device, dtype, args.quick, budget, log, bw, only="gemlite",
-                         suffix="+h100cfg")
-        for scheme, per_shape in extra.items():
-            for shape, cell in per_shape.items():
-                rec["results"][scheme][shape]["candidates"].update(cell["candidates"])
-        save(out, "kernels", rec)
+    def on_unit(results: dict) -> None:
+        rec["results"] = results
+        save(out, "kernels", rec, data)
+
+    rec["results"] = kc.sweep(schemes, shapes, rows, device, dtype, not args.full_tiles, kc.Budget(args.kernel_budget),
+                              log, bw, tuple(prefill), on_unit)
+    save(out, "kernels", rec, data)
     return rec
 
 
-def decode_part(args, out: Path) -> dict:
+def decode_variants(args) -> list[tuple]:
+    """(name, scheme, lm_head scheme, batch-1 weight) in priority order: bf16, every scheme but W8, the lm_head
+    variant, the first scheme again with batch 1 weighted BATCH1_WEIGHT_VARIANT (the one-format trade-off), W8."""
+    schemes = kc.SCHEMES_SMALL if args.small else kc.SCHEMES
+    chosen = [(k, v) for k, v in schemes.items() if not args.schemes or k in args.schemes.split(",")]
+    first_name, first = next(iter(schemes.items()))
+    w, late = args.batch1_weight, [(k, v, None, args.batch1_weight) for k, v in chosen if v[0] == 8]
+    return ([("bf16", None, None, w)] + [(k, v, None, w) for k, v in chosen if v[0] != 8]
+            + [(f"{first_name}_lmhead", first, first, w),
+               (f"{first_name}_b1w{BATCH1_WEIGHT_VARIANT:g}", first, None, BATCH1_WEIGHT_VARIANT)] + late)
+
+
+def decode_part(args, out: Path, data: dict) -> dict:
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda:0", torch.bfloat16) if cuda else ("cpu", torch.float32)
     dims = dc.SMALL if args.small else dc.LLAMA_8B
-    schemes = kc.SCHEMES_SMALL if args.small else kc.SCHEMES
-    variants = [("bf16", None, None)] + [(k, v, None) for k, v in schemes.items()
-                                         if not args.schemes or k in args.schemes.split(",")]
-    first = next(iter(schemes.values()))
-    variants.append((f"{next(iter(schemes))}_lmhead", first, first))
     rec = {"machine": machine(), "model": dims, "workloads": [w.to_dict() for w in dc.workloads_for(args.small)],
-           "policy": args.decode_policy, "records": {}}
-    deadline = time.perf_counter() + args.decode_budget
-    cfg = gemlite_h100_config()
-    if cfg:  # the planner tunes gemlite per group and row count: with the file, most W4 shapes skip autotuning
-        import gemlite
-
-        gemlite.load_config(cfg)
-        rec["gemlite_config_file"] = cfg
-    for name, scheme, head in variants:
-        if time.perf_counter() > deadline:
-            rec["records"][name] = {"skipped": "time budget spent"}
+           "policy": args.decode_policy, "batch1_weight": args.batch1_weight, "records": {}}
+    if cuda:
+        use_gemlite_h100_config(rec)
+    data["decode"] = rec
+    deadline = T0 + args.budget_s
+    slowest = 0.0 if args.small else FIRST_VARIANT_GUESS_S
+    for name, scheme, head, batch1_weight in decode_variants(args):
+        left = deadline - time.perf_counter()
+        if left < 1.1 * slowest:
+            rec["records"][name] = {"skipped": f"time budget spent ({left:.0f} s left, a variant takes ~{slowest:.0f} s)"}
+            save(out, "decode", rec, data)
             continue
+        t0 = time.perf_counter()
         try:
             r = dc.run_variant(dims, scheme, head, "auto" if scheme is None else args.decode_policy, device, dtype,
-                               dc.workloads_for(args.small), kc.random_layer, log, quick=True)
+                               dc.workloads_for(args.small), kc.random_layer, log, quick=True,
+                               batch1_weight=batch1_weight)
         except Exception as exc:  # one variant failing must not lose the others
             r = {"error": f"{type(exc).__name__}: {str(exc)[:600]}"}
+        slowest = max(slowest, time.perf_counter() - t0)
         rec["records"][name] = r
-        if "bf16" in rec["records"] and "error" not in r and "error" not in rec["records"]["bf16"] and name != "bf16":
-            r["vs_bf16"] = dc.ratios(r, rec["records"]["bf16"])
+        base = rec["records"].get("bf16", {})
+        if name != "bf16" and "error" not in r and "decode" in base:
+            r["vs_bf16"] = dc.ratios(r, base)
         log(f"decode {name}: {r.get('vs_bf16', r.get('error', 'baseline'))}")
-        save(out, "decode", rec)
+        save(out, "decode", rec, data)
     return rec
 
 
-def save(out: Path, name: str, data: dict) -> None:
+def save(out: Path, name: str, rec: dict, data: dict) -> None:
+    """Write <out>/<name>.json and re-render <out>/kernels.md (atomically: a cut-short run keeps both)."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    tmp.replace(out / f"{name}.json")
+    for fname, text in ((f"{name}.json", json.dumps(rec, indent=1, default=str) + "\n"), ("kernels.md", render(data))):
+        tmp = out / f".{fname}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / fname)
 
 
 def main(argv=None) -> int:
@@ -143,29 +173,21 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="kernels,decode")
     ap.add_argument("--small", action="store_true", help="tiny shapes and model: CPU check of the code paths")
     ap.add_argument("--out", default="benchmarks/results/kernels")
-    ap.add_argument("--budget-s", type=float, default=470.0, help="seconds for all parts together")
-    ap.add_argument("--kernel-share", type=float, default=0.5, help="share of the budget for the kernel part")
+    ap.add_argument("--budget-s", type=float, default=510.0, help="seconds for the whole run, from start-up")
+    ap.add_argument("--kernel-share", type=float, default=0.4, help="share of the budget for the kernel part")
     ap.add_argument("--schemes", default="", help="comma list (default: all)")
     ap.add_argument("--shapes", default="", help="comma list of qkv,o,gate_up,down,lm_head (default: all)")
-    ap.add_argument("--rows", default="1,16,64")
-    ap.add_argument("--quick", action="store_true", help="fewer Triton tiles per M")
+    ap.add_argument("--rows", default="1,16,64", help="decode row counts of the kernel part")
+    ap.add_argument("--prefill-rows", default="2048", help="prefill row counts of the kernel part (bf16 vs scratch)")
+    ap.add_argument("--full-tiles", action="store_true", help="every Triton tile and gemlite kernel (slower)")
     ap.add_argument("--decode-policy", default="auto", help="bench.linear_kernel policy of the decode part")
+    ap.add_argument("--batch1-weight", type=float, default=1.0, help="bench.kernel_batch1_weight of the decode part")
     ap.add_argument("--report", nargs="+", metavar="DIR", help="only render earlier JSON into kernels.md")
-    ap.add_argument("--gemlite-autotune", default="fast", choices=("fast", "default", "max"),
-                    help="gemlite.set_autotune mode for shapes its config file lacks (default: gemlite's own 'fast')")
     args = ap.parse_args(argv)
-    if args.gemlite_autotune != "fast" and not args.report:
-        import importlib.util
-
-        if importlib.util.find_spec("gemlite") is not None and torch.cuda.is_available():
-            import gemlite
-
-            gemlite.set_autotune(args.gemlite_autotune)
     out, parts = Path(args.out), args.parts.split(",")
     both = "kernels" in parts and "decode" in parts
-    args.kernel_budget = args.budget_s * (args.kernel_share if both else 1.0)
-    args.decode_budget = args.budget_s - args.kernel_budget if both else args.budget_s
-    data = {}
+    args.kernel_budget = (args.budget_s * (args.kernel_share if both else 1.0)) - (time.perf_counter() - T0)
+    data: dict = {}
     if args.report:
         for d in args.report:
             for name in ("kernels", "decode"):
@@ -174,14 +196,14 @@ def main(argv=None) -> int:
                     data[name] = json.loads(f.read_text())
     else:
         if "kernels" in parts:
-            data["kernels"] = kernels_part(args, out)
-            args.decode_budget = args.budget_s - (time.perf_counter() - T0)
+            kernels_part(args, out, data)
         if "decode" in parts:
-            data["decode"] = decode_part(args, out)
+            decode_part(args, out, data)
     out.mkdir(parents=True, exist_ok=True)
     md = render(data)
     (out / "kernels.md").write_text(md)
     print(md[-3000:], flush=True)
+    log("done")
     return 0
 
 

@@ -9,7 +9,8 @@ variant quantizes lm_head too). Every quantized model goes through the planner
 candidate per row count, measured on this GPU), then `stages.bench.engine.DecodeEngine` with
 compiled glue and CUDA graphs, measured with `stages.bench.workload.measure` exactly as the
 benchmark stage does: decode at batch 1 and 16 (8-token prompts, 128 new tokens) and the
-prefill of 2,048 tokens at batch 1 (time to first token).
+prefill of 2,048 tokens at batch 1 (time to first token). The planner tunes for the decode
+batch sizes and the 2,048-row prefill (`plan_rows`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from stages.bench.torch_backend import weight_bytes
 from stages.bench.workload import BatchTiming, Workload, measure, prompt_token_ids
 from stages.kernels.linear import DenseWeight, fuse_sources
 from stages.kernels.planner import build_kernel_linears
+
+
+def scratch_bytes(linears: dict) -> int:
+    """Bytes of the one buffer the scratch routes share (0 when no route uses it)."""
+    pools = {id(r.config.pool): r.config.pool for m in linears.values() for r in m.routes if r.kind == "scratch"}
+    return sum(p.nbytes() for p in pools.values())
 
 LLAMA_8B = dict(hidden=4096, inter=14336, layers=32, heads=32, kv_heads=8, vocab=128256, theta=500000.0)
 SMALL = dict(hidden=256, inter=512, layers=2, heads=4, kv_heads=2, vocab=1024, theta=500000.0)
@@ -71,20 +78,30 @@ def random_sources(d: dict, scheme, lm_head_scheme, device: str, dtype: torch.dt
     return out
 
 
+def plan_rows(workloads: list) -> tuple[list[int], list[int]]:
+    """(decode rows, prefill rows) the planner tunes for: the decode batch sizes, and batch x prompt length of
+    the prefill workloads (output_len <= 2; the short prompts of the decode workload take the nearest route)."""
+    decode = sorted({b for w in workloads for b in w.batch_sizes})
+    prefill = sorted({b * w.input_len for w in workloads if w.output_len <= 2 for b in w.batch_sizes})
+    return decode, prefill
+
+
 def run_variant(d: dict, scheme, lm_head_scheme, policy: str, device: str, dtype: torch.dtype, workloads: list,
-                make_layer: Callable, log: Callable[[str], None], quick: bool) -> dict:
+                make_layer: Callable, log: Callable[[str], None], quick: bool, batch1_weight: float = 1.0) -> dict:
     """Build, plan, warm up and measure one model; returns its record."""
     t0 = time.perf_counter()
     cuda = device.startswith("cuda")
     max_len = max(w.max_len for w in workloads)
     spec = random_spec(d, max_len, device, dtype)
     sources = random_sources(d, scheme, lm_head_scheme, device, dtype, make_layer)
-    rows = sorted({b * (w.input_len if w.output_len <= 2 else 1) for w in workloads for b in w.batch_sizes})
-    linears, plans = build_kernel_linears(sources, policy, dtype, rows, quick=quick, log=log)
+    rows, prefill = plan_rows(workloads)
+    linears, plans = build_kernel_linears(sources, policy, dtype, rows, quick=quick, log=log, prefill_rows=prefill,
+                                          batch1_weight=batch1_weight)
     engine = DecodeEngine(spec, linears, max(max(w.batch_sizes) for w in workloads), max_len, compile_glue=cuda,
                           cuda_graphs=cuda)
     record: dict = {"policy": policy, "plans": [{"group": p.signature, "routes": p.routes, "formats": p.formats,
-                                                 "note": p.note} for p in plans], **weight_bytes(spec, linears)}
+                                                 "note": p.note} for p in plans], **weight_bytes(spec, linears),
+                    "scratch_bytes": scratch_bytes(linears)}
     for w in workloads:
         prompts = prompt_token_ids(w, d["vocab"]).to(device)
 

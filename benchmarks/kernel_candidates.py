@@ -4,12 +4,12 @@ For each scheme, layer shape and row count M: random codes/scales/zeros in the c
 own GPTQ layout (`stages.formats.gptq.pack_layer_tensors`), converted by the project's
 adapters into each candidate's format, checked against the reference dequantization
 (relative error of ``x @ W^T`` against a float32 product with `dequantize_weight`), then
-timed. Timing (stated in every record): ``graph`` = median of CUDA-graph replays of 24
-calls cycling over enough copies of the layer to exceed the L2 cache (the planner's
-`time_graph_ms`: launch overhead excluded, as in the decode engine); ``eager`` = the same
-calls launched from Python, synchronised once per 24 (what a plain PyTorch loop pays,
-the way gemlite looked slow before). On the CPU (``--small``) a wall-clock loop stands in:
-it exercises the code paths only.
+timed: median of CUDA-graph replays of 24 calls cycling over enough copies of the layer to
+exceed the L2 cache (the planner's `time_graph_ms`: launch overhead excluded, as in the
+decode engine). Decode row counts (1/16/64) time every low-bit kernel; prefill row counts
+(2048) time bf16 and the scratch route (dequantize into one buffer, then cuBLAS), the only
+candidates that can reach bf16 there, and skip lm_head (the engine runs it on the last token).
+On the CPU (``--small``) a wall-clock loop stands in: it exercises the code paths only.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from stages.kernels import catalog, gemlite_linear
+from stages.kernels import catalog, gemlite_linear, scratch
 from stages.kernels.linear import DenseWeight, dequantize_weight, kernel_fn, to_int4, to_int8
 from stages.kernels.planner import ROTATE_BYTES, candidate_configs, time_graph_ms
+from stages.kernels.scratch import SCRATCH_MIN_ROWS, ScratchConfig, ScratchPool
 from stages.kernels.tiles import TritonWeight, from_gptq
 
 SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -33,6 +34,7 @@ SHAPES_SMALL = {"qkv": (96, 128), "down": (64, 256)}
 SCHEMES = {"w4g128_sym": (4, 128, True), "w4g128_asym": (4, 128, False), "w3g64_asym": (3, 64, False),
            "w2g64_asym": (2, 64, False), "w8_sym": (8, -1, True)}
 SCHEMES_SMALL = {"w4g32_sym": (4, 32, True), "w2g32_asym": (2, 32, False), "w8_sym": (8, -1, True)}
+LAST_TOKEN_SHAPES = ("lm_head",)  # the engine runs lm_head on the last position only: no prefill rows
 
 
 @dataclass
@@ -44,6 +46,10 @@ class Budget:
 
     def left(self) -> float:
         return self.seconds - (time.perf_counter() - self.start)
+
+    def box(self, share: int) -> "Budget":
+        """A sub-budget: an equal share of what is left among `share` remaining units."""
+        return Budget(max(0.0, self.left()) / max(1, share))
 
 
 def random_layer(n: int, k: int, bits: int, gs: int, sym: bool, device: str, seed: int) -> TritonWeight:
@@ -70,8 +76,8 @@ def clone_layer(w: TritonWeight) -> TritonWeight:
                         w.in_features, w.out_features, w.zero_const)
 
 
-def time_eager_ms(fns: list[Callable[[], Any]], iters: int = 24, reps: int = 5) -> float:
-    """Median time of one call launched from Python (launch and dispatch overhead included)."""
+def time_wall_ms(fns: list[Callable[[], Any]], iters: int = 24, reps: int = 5) -> float:
+    """Median wall time of one call launched from Python (the CPU stand-in for graph timing)."""
     for f in fns:
         f()
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -94,24 +100,32 @@ class Candidate:
     kind: str
     convert: Callable[[TritonWeight, torch.dtype], Any]
     configs: Callable[[int], list]
-    timing: str = "graph"
+
+
+def _decode_only(configs: Callable[[int], list]) -> Callable[[int], list]:
+    return lambda m: configs(m) if m < SCRATCH_MIN_ROWS else []
 
 
 def candidates_for(w: TritonWeight, dtype: torch.dtype, device: str, quick: bool, sms: int) -> tuple[list[Candidate], dict]:
-    """Every candidate that can take this layer here, and why the others cannot."""
+    """Every candidate that can take this layer here, and why the others cannot (see module doc for the rows)."""
     reasons = catalog.format_reasons(w, dtype, device)
     out = [Candidate("bf16", "dense", lambda s, d: DenseWeight(dequantize_weight(s, d)), lambda m: [None])]
     if reasons["gptq"] is None:
-        out.append(Candidate("triton", "triton", lambda s, d: s, lambda m: candidate_configs(m, w, sms, quick)))
+        out.append(Candidate("triton", "triton", lambda s, d: s,
+                             _decode_only(lambda m: candidate_configs(m, w, sms, quick))))
+        pool = ScratchPool(dtype)
+        chunks = scratch.chunk_candidates(w.in_features, w.out_features)
+        out.append(Candidate("scratch", "scratch", lambda s, d: s, lambda m: [
+            ScratchConfig("gptq", c, pool) for c in chunks] if m >= SCRATCH_MIN_ROWS else []))
     if reasons["tinygemm"] is None or (device == "cpu" and w.bits <= 4 and w.group_size in (32, 64, 128, 256)):
         name = "tinygemm" if w.bits == 4 else f"tinygemm_w{w.bits}as4"
-        out.append(Candidate(name, "tinygemm", to_int4, lambda m: [None]))
+        out.append(Candidate(name, "tinygemm", to_int4, _decode_only(lambda m: [None])))
     if reasons["int8pack"] is None:
-        out.append(Candidate("int8pack", "int8pack", to_int8, lambda m: [None]))
+        out.append(Candidate("int8pack", "int8pack", to_int8, _decode_only(lambda m: [None])))
     if reasons["gemlite"] is None:
         name = "gemlite" if w.bits != 3 else "gemlite_w3as4"
-        out.append(Candidate(name, "gemlite", gemlite_linear.from_triton_weight, gemlite_linear.candidate_configs))
-        out.append(Candidate(name + ":eager", "gemlite", gemlite_linear.from_triton_weight, lambda m: [None], "eager"))
+        out.append(Candidate(name, "gemlite", gemlite_linear.from_triton_weight,
+                             _decode_only(lambda m: gemlite_linear.candidate_configs(m)[:1 if quick else None])))
     if device == "cpu":
         out.append(Candidate("dequant", "dequant", lambda s, d: s, lambda m: [None]))
     skipped = {catalog.FORMAT_KERNEL[f]: r for f, r in reasons.items() if r}
@@ -142,12 +156,14 @@ def measure_candidate(cand: Candidate, copies: list[TritonWeight], dtype: torch.
             if budget.left() <= 0:
                 cell[str(m)] = {"skipped": "time budget spent"}
                 continue
-            fns = [kernel_fn(cand.kind, f, cfg) for f in fmts]
             try:
+                if cand.kind == "scratch":
+                    scratch.reserve(fmts[0], cfg)
+                fns = [kernel_fn(cand.kind, f, cfg) for f in fmts]
                 y = fns[0](x)
                 err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30))
                 calls = [lambda f=f: f(x) for f in fns]
-                ms = time_graph_ms(calls) if cuda and cand.timing == "graph" else time_eager_ms(calls)
+                ms = time_graph_ms(calls) if cuda else time_wall_ms(calls)
             except Exception as exc:  # e.g. out of shared memory, capture failure: recorded
                 cell[str(m)] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
                 continue
@@ -169,31 +185,36 @@ def copy_bandwidth(device: str) -> Optional[float]:
 
 
 def sweep(schemes: dict, shapes: dict, rows: list[int], device: str, dtype: torch.dtype, quick: bool,
-          budget: Budget, log: Callable[[str], None], bandwidth: Optional[float], only: str = "",
-          suffix: str = "") -> dict:
+          budget: Budget, log: Callable[[str], None], bandwidth: Optional[float], prefill_rows: tuple = (),
+          on_unit: Callable[[dict], None] = lambda res: None) -> dict:
     """scheme -> shape -> candidate -> config -> M -> numbers (plus what was not applicable and why).
 
-    only: measure just the candidates whose name starts with it; suffix: appended to their names
-    (a second pass of one library under other global settings, e.g. gemlite with a tuned-config file).
+    Each scheme gets an equal share of the budget left (a time box: what does not fit is recorded as
+    skipped); `on_unit` sees the results after every shape (the caller saves them).
     """
     sms = torch.cuda.get_device_properties(0).multi_processor_count if device.startswith("cuda") else 1
     out: dict = {}
     for si, (scheme, (bits, gs, sym)) in enumerate(schemes.items()):
+        box = budget.box(len(schemes) - si)
         for shape, (n, k) in shapes.items():
-            w = random_layer(n, k, bits, gs, sym, device, seed=si * 10 + len(out))
-            per_copy = max(1, w.nbytes())
-            copies = [w] + [clone_layer(w) for _ in range(min(48, math.ceil(ROTATE_BYTES / per_copy)) - 1)]
+            shape_rows = rows + ([] if shape in LAST_TOKEN_SHAPES else [r for r in prefill_rows if r not in rows])
+            cell = out.setdefault(scheme, {})[shape] = {"n": n, "k": k, "rows": shape_rows, "candidates": {}}
+            if box.left() <= 0:
+                cell["skipped"] = "time budget spent"
+                continue
+            w = random_layer(n, k, bits, gs, sym, device, seed=si * 10 + len(out[scheme]))
+            copies = [w] + [clone_layer(w) for _ in range(min(48, math.ceil(ROTATE_BYTES / max(1, w.nbytes()))) - 1)]
             ref_w = dequantize_weight(w, dtype).float()
-            cands, skipped = candidates_for(w, dtype, device, quick, sms)
-            cands = [c for c in cands if c.name.startswith(only)]
-            cell = out.setdefault(scheme, {})[shape] = {"n": n, "k": k, "not_applicable": skipped, "candidates": {}}
+            cands, cell["not_applicable"] = candidates_for(w, dtype, device, quick, sms)
             for cand in cands:
                 n_copies = copies if cand.name != "bf16" else copies[: max(1, math.ceil(ROTATE_BYTES / (2 * n * k)))]
-                cell["candidates"][cand.name + suffix] = measure_candidate(cand, n_copies, dtype, rows, ref_w, bandwidth, budget)
-            log(f"{scheme} {shape} {n}x{k}: {len(cands)} candidates ({budget.left():.0f} s left)")
-            del copies, ref_w
+                cell["candidates"][cand.name] = measure_candidate(cand, n_copies, dtype, shape_rows, ref_w, bandwidth,
+                                                                  box)
+            log(f"{scheme} {shape} {n}x{k}: {len(cands)} candidates ({box.left():.0f} s left for {scheme})")
+            del copies, ref_w, w
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
+            on_unit(out)
     return out
 
 

@@ -29,12 +29,18 @@ def kernel_tables(rec: dict) -> list[str]:
              f"`{m['command']}`. us per call, {rec['timing']}; copy bandwidth "
              f"{(rec.get('copy_bandwidth_GBps') or 0):.0f} GB/s. Each cell: the candidate's fastest config whose "
              "relative error vs the reference dequantization is < 2e-2; best = fastest of all, with its % of the "
-             "memory roofline (bytes read / copy bandwidth) and relative error.", ""]
+             "memory roofline (bytes read / copy bandwidth) and relative error. Prefill rows time bf16 and the "
+             "scratch route only (dequantize into one shared buffer, then cuBLAS); lm_head has no prefill rows."
+             + (f" gemlite tuned-config file: {rec['gemlite_config_file']}." if rec.get("gemlite_config_file") else ""),
+             ""]
     for scheme, per_shape in rec["results"].items():
         names = sorted({c for cell in per_shape.values() for c in cell["candidates"]}, key=lambda n: (n != "bf16", n))
         rows = []
         for shape, cell in per_shape.items():
-            for mrow in rec["rows"]:
+            if cell.get("skipped"):
+                rows.append([f"{shape} {cell['n']}x{cell['k']}", "all", *["–"] * len(names), cell["skipped"]])
+                continue
+            for mrow in cell.get("rows", rec["rows"]):
                 cands = cell["candidates"]
                 bests = {n: best_of(cands[n], mrow) if n in cands and "error" not in cands[n] else None for n in names}
                 quant = {n: b for n, b in bests.items() if b and n != "bf16"}
@@ -60,11 +66,13 @@ def decode_tables(rec: dict) -> list[str]:
     m = rec["machine"]
     lines = [f"## Decode and prefill on the torch backend ({m['card']}, torch {m['torch']}, {m['date']})", "",
              f"`{m['command']}`. Model {rec['model']}, random weights; policy `{rec['policy']}`; workloads "
-             f"{rec['workloads']}. Decode tokens/s = batch x (output_len - 1) / (total - TTFT), medians.", ""]
+             f"{rec['workloads']}; batch-1 weight {rec.get('batch1_weight', 1.0)}. Decode tokens/s = batch x "
+             "(output_len - 1) / (total - TTFT), medians. scratch MiB: the one buffer the large-M route shares "
+             "(not in weight memory).", ""]
     rows, checks = [], []
     for name, r in rec["records"].items():
         if "decode" not in r:
-            rows.append([name, r.get("error", r.get("skipped", "?"))[:200], *[""] * (len(rec["workloads"][0]["batch_sizes"]) + 3)])
+            rows.append([name, r.get("error", r.get("skipped", "?"))[:200], *[""] * (len(rec["workloads"][0]["batch_sizes"]) + 4)])
             continue
         dec = {d["batch_size"]: d["decode_tokens_per_s"]["median"] for d in r["decode"]}
         ttft = r["prefill"][0]["ttft_ms"]["median"] if r.get("prefill") else None
@@ -74,7 +82,7 @@ def decode_tables(rec: dict) -> list[str]:
                              for b in sorted(dec)],
                      f"{_fmt(ttft, 1)} ({_fmt(v.get('prefill_b1', 1.0 if name == 'bf16' else None))}x)",
                      f"{r['weight_memory_bytes'] / 2**30:.2f} ({_fmt(v.get('weight_memory', 1.0 if name == 'bf16' else None), 3)}x)",
-                     _fmt(v.get("decoder_linears"), 3), routes[:400]])
+                     _fmt(v.get("decoder_linears"), 3), f"{r.get('scratch_bytes', 0) / 2**20:.0f}", routes[:400]])
         target = DECODE_TARGETS.get(name)
         if target and v:
             ok = v.get("decode_b1", 0) >= target[0] and v.get("decode_b16", 0) >= target[1]
@@ -87,7 +95,7 @@ def decode_tables(rec: dict) -> list[str]:
     prefill_len = rec["workloads"][-1]["input_len"]
     lines += _table(["variant", *[f"b{b} decode tok/s (x bf16)" for b in batches],
                      f"prefill {prefill_len} TTFT ms (x bf16)",
-                     "weight mem GiB (x bf16)", "decoder Linears x bf16", "kernels chosen"], rows)
+                     "weight mem GiB (x bf16)", "decoder Linears x bf16", "scratch MiB", "kernels chosen"], rows)
     return lines + [""] + checks + [""]
 
 

@@ -7,6 +7,9 @@ reads registers, stack and spills from the cubin (cuobjdump -res-usage) and coun
 instructions that matter (HMMA tensor-core ops, 128-bit global loads, cp.async, local-memory
 traffic). A cheap check, before spending GPU time, that the kernels compile and stay in registers.
 
+The scratch route's dequantizers (`stages/kernels/triton_dequant.py`) are compiled too: their
+stores should be 128-bit (STG.E.128), the point of their column-view arguments and tile widths.
+
   python benchmarks/triton_aot_check.py [--bits 4,8,3,2] [--rows 1,16]
 """
 
@@ -38,15 +41,39 @@ DIVISIBLE = (0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
+DEQUANT_ARGS = {"gptq": (("qw_ptr", "*i32"), ("s_ptr", "*fp16"), ("z_ptr", "*u8"), ("g_ptr", "*i32"),
+                          ("out_ptr", "*bf16")) + tuple((a, "i32") for a in (
+                              "K", "N", "stride_qw", "stride_s", "stride_z", "stride_o", "group_size")) + (
+                                  ("zero_const", "fp32"),),
+                 "int4pack": (("p_ptr", "*i32"), ("sz_ptr", "*bf16"), ("out_ptr", "*bf16")) + tuple(
+                     (a, "i32") for a in ("K", "N", "stride_g", "stride_o", "group_size"))}
+
+
 def compile_tile(w: TritonWeight, cfg, has_zeros: bool) -> dict:
-    sig = dict(zip(ARGS, TYPES))
     consts = {"BITS": w.bits, "HAS_ZEROS": has_zeros, "HAS_GIDX": False, "GROUP_TILE": group_tile_ok(w, cfg),
               "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "ROWS": cfg.rows, "USE_DOT": cfg.use_dot}
+    return compile_kernel(triton_gemm._wq_matmul_kernel, dict(zip(ARGS, TYPES)), consts, DIVISIBLE,
+                          {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+def compile_dequant(bits: int) -> dict:
+    """The scratch route's dequantizer for `bits` (0: the int4pack layout) as `dequant_*_into` launches it."""
+    from stages.kernels import triton_dequant as td
+
+    if bits == 0:
+        consts = {"IKT": 8, "BLOCK_K": 32, "BLOCK_N": td.BLOCK_N}
+        return compile_kernel(td._dequant_int4pack_kernel, dict(DEQUANT_ARGS["int4pack"]), consts, range(8),
+                              {"num_warps": 4})
+    blocks = max(1, 64 // (32 if bits == 3 else 32 // bits))
+    consts = {"BITS": bits, "HAS_ZEROS": True, "HAS_GIDX": False, "GROUP_TILE": True, "BLOCKS": blocks,
+              "BLOCK_N": td.BLOCK_N * max(1, 8 // blocks)}
+    return compile_kernel(td._dequant_gptq_kernel, dict(DEQUANT_ARGS["gptq"]), consts, range(12), {"num_warps": 4})
+
+
+def compile_kernel(fn, sig: dict, consts: dict, divisible, options: dict) -> dict:
     sig.update({k: "constexpr" for k in consts})
-    src = ASTSource(fn=triton_gemm._wq_matmul_kernel, signature=sig, constexprs=consts,
-                    attrs={(i,): [["tt.divisibility", 16]] for i in DIVISIBLE})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
     try:
@@ -57,7 +84,7 @@ def compile_tile(w: TritonWeight, cfg, has_zeros: bool) -> dict:
     usage = next((ln.strip() for ln in res.splitlines() if "REG:" in ln), "")
     fields = dict(p.split(":") for p in usage.split() if ":" in p)
     return {"regs": int(fields.get("REG", -1)), "stack": int(fields.get("STACK", -1)),
-            **{op: sass.count(op) for op in ("HMMA", "LDG.E.128", "LDGSTS", "LDL", "STL")}}
+            **{op: sass.count(op) for op in ("HMMA", "LDG.E.128", "LDGSTS", "STG.E.128", "LDL", "STL")}}
 
 
 def main() -> int:
@@ -82,7 +109,14 @@ def main() -> int:
                     except Exception as exc:  # reported: this tile would be rejected on the GPU too
                         bad += 1
                         print(f"w{bits} {name:8s} M={m:<3d} {cfg.label():28s} FAILED {type(exc).__name__}: {exc}")
-    print(f"{len(seen)} distinct tiles compiled for sm_90, {bad} failed")
+    for bits in (4, 8, 3, 2, 0):
+        try:
+            r = compile_dequant(bits)
+            print(f"dequant {'int4pack' if bits == 0 else f'w{bits}'}: {r}", flush=True)
+        except Exception as exc:  # reported: the scratch route would fail on the GPU too
+            bad += 1
+            print(f"dequant w{bits} FAILED {type(exc).__name__}: {exc}")
+    print(f"{len(seen)} distinct tiles + 5 dequantizers compiled for sm_90, {bad} failed")
     return 1 if bad else 0
 
 

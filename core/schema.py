@@ -270,6 +270,9 @@ class BenchConfig:
     # Registry key in stages.registry.BENCH_LINEAR_KERNELS: how quantized Linears are computed
     linear_kernel: str = "auto"
     kernel_tuning: str = "full"  # full | quick: Triton tiles timed per batch size
+    # auto keeps one weight format per layer group, chosen by a weighted mean of log(time / fastest)
+    # over the planned row counts; this is the weight of batch 1 (the others weigh 1 each)
+    kernel_batch1_weight: float = 1.0
     # vllm backend
     gpu_memory_utilization: float = 0.85
     vllm_enforce_eager: bool = False  # skip vLLM's torch.compile and CUDA graphs (faster start, slower decode)

@@ -52,6 +52,7 @@ def resolve_options(cfg: BenchConfig, device: str, dtype: str) -> BenchOptions:
     return BenchOptions(device=device, dtype=dtype, compile=cfg.compile == "on" or (cfg.compile == "auto" and cuda),
                         cuda_graphs=cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cuda),
                         linear_kernel=cfg.linear_kernel, kernel_tuning=cfg.kernel_tuning,
+                        kernel_batch1_weight=cfg.kernel_batch1_weight,
                         gpu_memory_utilization=cfg.gpu_memory_utilization, vllm_enforce_eager=cfg.vllm_enforce_eager,
                         vllm_timeout_s=cfg.vllm_timeout_s)
 
@@ -77,6 +78,11 @@ def check_bench(cfg: BenchConfig, device: str, max_positions: Optional[int]) -> 
         if cfg.linear_kernel in CUDA_ONLY_POLICIES:
             raise ConfigError("bench.linear_kernel", cfg.linear_kernel, f"auto or dequant on device {device}",
                               "use bench.linear_kernel=auto (dequantizes on the CPU)", problem="needs a CUDA device")
+    weight = cfg.kernel_batch1_weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        raise ConfigError("bench.kernel_batch1_weight", weight, "a number > 0 (1: batch 1 counts like any other "
+                          "planned row count)", "e.g. bench.kernel_batch1_weight=4 to favour batch 1",
+                          problem="is not a weight")
     missing = package_problem(cfg.linear_kernel)
     if missing:
         raise ConfigError("bench.linear_kernel", cfg.linear_kernel, missing, "install it, or use bench.linear_kernel=auto",

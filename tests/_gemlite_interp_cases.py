@@ -2,7 +2,8 @@
 
 Run by tests/test_gemlite.py (python tests/_gemlite_interp_cases.py with TRITON_INTERPRET=1);
 prints one line ``RESULTS <json>``: per scheme, the layout check (gemlite's packed W_q vs the
-checkpoint's GPTQ qweight), the kernel's own weights read back through an identity input,
+checkpoint's GPTQ qweight), the kernel's own weights read back through an identity input, the scratch route's
+dequantization of gemlite's packed tensors,
 and per gemlite kernel the relative error against a float64 product with the reference
 dequantization. float16 activations (the interpreter's bfloat16 dot is not reliable).
 """
@@ -25,7 +26,7 @@ def _case(bits: int, gs: int, sym: bool) -> dict:
     import torch
 
     from _kernel_helpers import make_gptq_layer, pack_bitstream_reference
-    from stages.kernels import gemlite_linear
+    from stages.kernels import gemlite_linear, scratch
     from stages.kernels.linear import dequantize_weight
     from stages.kernels.tiles import from_gptq
 
@@ -40,6 +41,10 @@ def _case(bits: int, gs: int, sym: bool) -> dict:
            "stored_bits": int(gw.layer.W_nbits), "nbytes": gw.nbytes(),
            "identity_weights_equal": bool(torch.equal(gemlite_linear.matmul(eye, gw, gemlite_linear.GemliteConfig(
                "GEMM")).t(), ref_w)), "rel_err": {}}
+    pool = scratch.ScratchPool(torch.float16)  # the large-M route reads gemlite's own packed tensors
+    pool.reserve(K * N, "cpu")
+    res["scratch_equal"] = bool(torch.equal(scratch.DEQUANTIZERS["gemlite"](gw, pool.view(K, N, "cpu"), 0, N),
+                                            ref_w.t()))
     for kind, m in KERNEL_ROWS.items():
         x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).to(torch.float16)
         ref = x.double() @ ref_w.double().t()

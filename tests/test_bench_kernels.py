@@ -50,3 +50,28 @@ def test_decode_variant_on_cpu_reports_ratios():
     assert {p["routes"][0] for p in rec["plans"]} == {"dequant_once", "dense"}
     r = dc.ratios(rec, base)
     assert set(r) == {"decode_b1", "prefill_b1", "weight_memory", "decoder_linears"} and r["decode_b1"] > 0
+
+
+def test_sweep_time_boxes_schemes_and_reports_every_unit():
+    units = []
+    res = kc.sweep({"w4g32_sym": (4, 32, True), "w8_sym": (8, -1, True)}, {"qkv": (96, 128), "lm_head": (64, 128)},
+                   [1], "cpu", torch.float32, True, kc.Budget(0), lambda m: None, None, (256,), units.append)
+    assert all(cell["skipped"] == "time budget spent" for per in res.values() for cell in per.values())
+    assert res["w8_sym"]["qkv"]["rows"] == [1, 256] and res["w8_sym"]["lm_head"]["rows"] == [1]  # no prefill for lm_head
+    md = render({"kernels": {"machine": {"card": "CPU", "torch": "x", "date": "d", "command": "c"}, "rows": [1],
+                             "timing": "t", "results": res}})
+    assert "| qkv 96x128 | all |" in md and "time budget spent" in md
+    done = kc.sweep({"w4g32_sym": (4, 32, True)}, {"qkv": (96, 128)}, [1], "cpu", torch.float32, True, kc.Budget(60),
+                    lambda m: None, None, (), units.append)
+    assert len(units) == 1 and "bf16" in done["w4g32_sym"]["qkv"]["candidates"]
+
+
+def test_decode_variants_run_w2_before_the_lm_head_variant_and_w8_last():
+    import argparse
+
+    import bench_kernels as bk
+
+    variants = bk.decode_variants(argparse.Namespace(small=False, schemes="", batch1_weight=1.0))
+    assert [v[0] for v in variants] == ["bf16", "w4g128_sym", "w4g128_asym", "w3g64_asym", "w2g64_asym",
+                                        "w4g128_sym_lmhead", "w4g128_sym_b1w4", "w8_sym"]
+    assert [v[3] for v in variants] == [1.0] * 6 + [4.0, 1.0]

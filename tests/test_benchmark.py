@@ -229,6 +229,8 @@ def test_bad_inputs_fail_before_work(monkeypatch, tiny_packed):
     with pytest.raises(ConfigError, match="bench.linear_kernel=tinygemm needs a CUDA device"):
         bench.check_bench(_bench_cfg(linear_kernel="tinygemm"), "cpu", 2048)
     bench.check_bench(_bench_cfg(linear_kernel="dequant", compile="off"), "cpu", 2048)  # fine
+    with pytest.raises(ConfigError, match=r"bench.kernel_batch1_weight=0 is not a weight \(a number > 0.*e.g. bench"):
+        bench.check_bench(_bench_cfg(kernel_batch1_weight=0), "cpu", 2048)
     from conftest import compose_config
 
     cfg, _ = compose_config(["model=tiny_random", "run.device=cpu", "bench.input_len=2000", "bench.output_len=100"])

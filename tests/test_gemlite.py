@@ -64,6 +64,7 @@ def test_gemlite_kernels_reproduce_the_reference_weights(gemlite_cpu, case):
     gemlite picks itself is within float16 rounding of the float64 product."""
     res = gemlite_cpu[case]
     assert res["identity_weights_equal"]
+    assert res["scratch_equal"]  # the large-M route dequantizes gemlite's packed tensors to the same weights
     errs = res["rel_err"]
     for kind in ("GEMV_REVSPLITK", "GEMM_SPLITK", "GEMM", "auto"):
         assert isinstance(errs[kind], float) and errs[kind] < 2e-3, (kind, errs[kind])

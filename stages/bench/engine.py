@@ -25,6 +25,12 @@ import torch.nn.functional as F
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 LINEAR_NAMES = ("qkv", "o", "gate_up", "down")
+LAST_TOKEN_LINEARS = ("lm_head",)  # prefill runs these on the last position only (M = batch)
+
+
+def prefill_rows(workload: Any) -> list[int]:
+    """Rows the decoder Linears see in the prefill of each batch size (batch x prompt length)."""
+    return sorted({b * workload.input_len for b in workload.batch_sizes})
 
 
 @dataclass

@@ -35,6 +35,7 @@ class BenchOptions:
     cuda_graphs: bool = False
     linear_kernel: str = "auto"
     kernel_tuning: str = "full"  # full | quick
+    kernel_batch1_weight: float = 1.0  # weight of batch 1 in auto's one-format-per-group choice
     measure_bf16_kernels: bool = False
     gpu_memory_utilization: float = 0.85
     vllm_enforce_eager: bool = False

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from stages.bench.engine import DecodeEngine
+from stages.bench.engine import LAST_TOKEN_LINEARS, DecodeEngine, prefill_rows
 from stages.bench.hf_decoder import decoder_from_hf
 from stages.bench.lora import add_lora, fused_out_sizes
 from stages.bench.options import BenchOptions, BenchTarget, special_token_ids
@@ -115,7 +115,10 @@ class TorchBackend:
             torch.cuda.empty_cache()
         linears, plans = build_kernel_linears(sources, options.linear_kernel, dtype, list(workload.batch_sizes),
                                               quick=options.kernel_tuning == "quick",
-                                              measure_bf16=options.measure_bf16_kernels, log=log)
+                                              measure_bf16=options.measure_bf16_kernels, log=log,
+                                              prefill_rows=prefill_rows(workload),
+                                              last_token_only=LAST_TOKEN_LINEARS,
+                                              batch1_weight=options.kernel_batch1_weight)
         if adapter:
             n = add_lora(linears, read_adapter(adapter), out_sizes, "model.layers", dtype, options.device)
             log(f"[bench] LoRA adapter {adapter} added to {n} fused Linears")

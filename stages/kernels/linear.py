@@ -15,6 +15,8 @@ Kernels (`KERNELS`; `bench.linear_kernel` picks a policy, see `stages.kernels.pl
 * int8pack torch.ops.aten._weight_int8pack_mm (8-bit per-channel sym)
 * triton   the dequantize-in-tile GEMM/GEMV of `stages.kernels.triton_gemm` (CUDA)
 * gemlite  gemlite's A16Wn Triton kernels (`stages.kernels.gemlite_linear`; 2/4/8-bit, 3-bit widened; CUDA)
+* scratch  the large-M route (`stages.kernels.scratch`): the kept format (named by the route's
+           config) dequantized into one buffer shared by all Linears, then torch.mm (cuBLAS)
 * module   the layer's own module (a bitsandbytes Linear and its kernels, on any device)
 """
 
@@ -32,11 +34,11 @@ from stages.kernels.gptq_unpack import unpack_qweight
 from stages.kernels.tiles import TritonWeight, concat_out
 from stages.quant.qdq import dequantize
 
-KERNELS = ("dense", "dequant", "dequant_once", "tinygemm", "int8pack", "triton", "gemlite", "module")
+KERNELS = ("dense", "dequant", "dequant_once", "tinygemm", "int8pack", "triton", "gemlite", "scratch", "module")
 # Which weight format each kernel reads ("gptq" = TritonWeight: the checkpoint's own tensors).
+# "scratch" reads whichever format its config names (`route_format`).
 FORMAT_OF = {"dense": "dense", "dequant": "gptq", "dequant_once": "dense", "triton": "gptq", "tinygemm": "tinygemm",
-             "int8pack": "int8pack", "gemlite": "gemlite",
-             "module": "module"}
+             "int8pack": "int8pack", "gemlite": "gemlite", "module": "module"}
 
 
 @dataclass
@@ -154,6 +156,10 @@ def kernel_fn(kind: str, fmt: Any, config: Optional[Any] = None) -> Callable[[to
         from stages.kernels import gemlite_linear
 
         return lambda x: gemlite_linear.matmul(x, fmt, config)
+    if kind == "scratch":
+        from stages.kernels import scratch
+
+        return lambda x: scratch.matmul(x, fmt, config)
     raise ValueError(f"unknown kernel {kind!r} (choose from {', '.join(KERNELS)})")
 
 
@@ -161,10 +167,14 @@ def kernel_fn(kind: str, fmt: Any, config: Optional[Any] = None) -> Callable[[to
 class Route:
     max_rows: int  # this route serves calls with M <= max_rows (the last one serves every M)
     kind: str
-    config: Optional[Any] = None  # TileConfig (triton) or GemliteConfig (gemlite)
+    config: Optional[Any] = None  # TileConfig (triton), GemliteConfig (gemlite) or ScratchConfig (scratch)
 
     def label(self) -> str:
         return self.kind if self.config is None else f"{self.kind}:{self.config.label()}"
+
+    def format(self) -> str:
+        """The weight format this route reads."""
+        return self.config.fmt if self.kind == "scratch" else FORMAT_OF[self.kind]
 
 
 class KernelLinear(nn.Module):
@@ -184,7 +194,12 @@ class KernelLinear(nn.Module):
         self.in_features, self.out_features = first.in_features, first.out_features
         self.formats = formats
         self.routes = sorted(routes, key=lambda r: r.max_rows)
-        self._fns = [kernel_fn(r.kind, formats[FORMAT_OF[r.kind]], r.config) for r in self.routes]
+        for r in self.routes:
+            if r.kind == "scratch":  # the shared buffer is sized before any graph is captured
+                from stages.kernels import scratch
+
+                scratch.reserve(formats[r.format()], r.config)
+        self._fns = [kernel_fn(r.kind, formats[r.format()], r.config) for r in self.routes]
         self.register_buffer("bias", bias, persistent=False)
 
     def route_for(self, rows: int) -> int:

@@ -1,17 +1,21 @@
 """Choose kernels for every Linear by measuring them (CUDA) and build `KernelLinear`s.
 
 Layers with the same signature (format, bits, group size, shape, zeros, g_idx) share one
-decision. For each row count M the benchmark will use (its batch sizes), every candidate
+decision. For each row count M the benchmark will use (see "Row counts" below), every candidate
 kernel is checked against the reference dequantization on one layer, then timed as CUDA-graph
 replays over several layers of the group (so the weights do not sit in L2). Policies
 (`bench.linear_kernel`):
 
-* auto            one weight format per group (no duplicate copies): the format whose best
-                  kernel is closest to the fastest at its worst M; then, inside that format,
-                  the fastest kernel/tile per M (batch-aware). Candidates: the Triton kernel,
-                  tinygemm (4-bit; 2/3-bit widened), int8pack (8-bit per-channel sym) and
-                  gemlite (2/4/8-bit, 3-bit widened; when installed). A group no kernel takes
-                  runs the reference dequantization, with the reason logged. CPU: dequant_once.
+* auto            one weight format per group (no duplicate copies): the format with the lowest
+                  weighted mean of log(time / fastest time) over the planned row counts
+                  (every row weighs 1, M = 1 weighs `batch1_weight`: bench.kernel_batch1_weight);
+                  then, inside that format, the fastest kernel/tile per M (batch-aware).
+                  Candidates: the Triton kernel, tinygemm (4-bit; 2/3-bit widened), int8pack
+                  (8-bit per-channel sym), gemlite (2/4/8-bit, 3-bit widened; when installed),
+                  and from SCRATCH_MIN_ROWS rows up the scratch route of each format (dequantize
+                  into one shared buffer, then cuBLAS; `stages.kernels.scratch`). A group no
+                  kernel takes runs the reference dequantization, with the reason logged.
+                  CPU: dequant_once.
 * triton          the Triton kernel, tile tuned per M.
 * tinygemm        PyTorch's int4 kernel.
 * int8pack        PyTorch's int8 kernel.
@@ -22,7 +26,13 @@ replays over several layers of the group (so the weights do not sit in L2). Poli
 
 A forced policy whose kernel cannot take a quantized group (see `stages.kernels.catalog`), or
 whose kernel fails the correctness check on this device, stops with one error naming the
-kernels that can take it.
+kernels that can take it. Every policy but dequant also times its format's scratch route at
+prefill sizes (it reads the same weight copy) and uses it where it is faster.
+
+Row counts: the decode batch sizes, plus the prefill row counts (batch x prompt length) for
+every group except the Linears that only ever see the last token (lm_head, `last_token_only`).
+Quick tuning (`bench.kernel_tuning=quick`) times fewer Triton tiles, gemlite's own kernel choice
+only, and no low-bit kernel at a row count where the scratch route runs.
 """
 
 from __future__ import annotations
@@ -30,13 +40,14 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from stages.kernels import catalog, gemlite_linear
+from stages.kernels import catalog, gemlite_linear, scratch
 from stages.kernels.linear import (DenseWeight, KernelLinear, ModuleWeight, Route, Source, dequantize_weight,
                                    kernel_fn, to_int4, to_int8)
+from stages.kernels.scratch import SCRATCH_MIN_ROWS, ScratchConfig, ScratchPool
 from stages.kernels.tiles import TileConfig, TritonWeight, values_per_block
 
 POLICIES = ("auto", "triton", "tinygemm", "int8pack", "gemlite", "tinygemm_triton", "dequant")
@@ -168,6 +179,8 @@ class _Tuner:
     def measure(self, kind: str, formats: list[Any], config: Optional[Any], m: int) -> tuple[float, str]:
         """(ms per call, '' or the reason the candidate was rejected)."""
         x = self.inputs(m)
+        if kind == "scratch":
+            scratch.reserve(formats[0], config)
         fns = [kernel_fn(kind, f, config) for f in formats]
         try:
             y = fns[0](x)
@@ -214,14 +227,20 @@ def routes_from(best: dict[int, tuple[float, Route]]) -> list[Route]:
     return [Route(m, best[m][1].kind, best[m][1].config) for m in rows]
 
 
-def pick_single_format(per_format: dict[str, dict[int, tuple[float, Route]]]) -> str:
-    """The format whose best time is closest to the overall best at its worst M (ties: first)."""
+def pick_single_format(per_format: dict[str, dict[int, tuple[float, Route]]], batch1_weight: float = 1.0) -> str:
+    """The format with the lowest weighted mean of log(time / fastest) over the rows (M = 1 weighs
+    `batch1_weight`, every other row 1; ties: first)."""
     rows = set.intersection(*(set(v) for v in per_format.values() if v)) if any(per_format.values()) else set()
     usable = {f: v for f, v in per_format.items() if v and rows <= set(v)}
     if not usable:
         raise RuntimeError("no kernel passed the correctness check for this layer group")
     fastest = {m: min(v[m][0] for v in usable.values()) for m in rows}
-    return min(usable, key=lambda f: max(usable[f][m][0] / fastest[m] for m in rows))
+    weight = {m: batch1_weight if m == 1 else 1.0 for m in rows}
+
+    def score(f: str) -> float:
+        return sum(weight[m] * math.log(usable[f][m][0] / fastest[m]) for m in rows)
+
+    return min(usable, key=score)
 
 
 def _label(sig: tuple) -> str:
@@ -252,14 +271,29 @@ def _configs_for(fmt: str, w0: TritonWeight, sms: int, quick: bool) -> Callable[
     return lambda m: [None]
 
 
+def _scratch_configs(fmt: str, w0: TritonWeight, pool: Optional[ScratchPool]) -> Callable[[int], list]:
+    """Slice widths of the scratch route from SCRATCH_MIN_ROWS rows up (none when it cannot run here)."""
+    if pool is None or (fmt != "int8pack" and catalog.triton_reason(str(w0.qweight.device))):
+        return lambda m: []
+    chunks = scratch.chunk_candidates(w0.in_features, w0.out_features)
+    return lambda m: [ScratchConfig(fmt, c, pool) for c in chunks] if m >= SCRATCH_MIN_ROWS else []
+
+
+def _merge(a: dict[int, tuple[float, Route]], b: dict[int, tuple[float, Route]]) -> dict[int, tuple[float, Route]]:
+    """Per M, the faster of two per-M winners."""
+    return {m: min((v for v in (a.get(m), b.get(m)) if v), key=lambda t: t[0]) for m in set(a) | set(b)}
+
+
 def _measure_group(srcs: list[TritonWeight], fmts: list[str], dtype: torch.dtype, rows: list[int], quick: bool,
-                   timer: Callable, measure_bf16: bool, plan: GroupPlan) -> dict[str, dict[int, tuple[float, Route]]]:
+                   timer: Callable, measure_bf16: bool, plan: GroupPlan,
+                   pool: Optional[ScratchPool] = None) -> dict[str, dict[int, tuple[float, Route]]]:
     """Per format in `fmts`: per M, the fastest kernel config that passes the correctness check."""
     per_layer = srcs[0].nbytes()
     sample = srcs[: max(1, min(len(srcs), math.ceil(ROTATE_BYTES / max(per_layer, 1))))]
     tuner = _Tuner(sample, dtype, timer)
     sms = torch.cuda.get_device_properties(sample[0].qweight.device).multi_processor_count
     per_format: dict[str, dict[int, tuple[float, Route]]] = {}
+    probe = None if pool is None else ScratchPool(dtype)  # freed after timing: the model's pool holds only the chosen slices
     for fmt in fmts:
         try:
             converted = [CONVERTERS[fmt](s, dtype) for s in sample]
@@ -267,14 +301,19 @@ def _measure_group(srcs: list[TritonWeight], fmts: list[str], dtype: torch.dtype
             plan.rejected[KIND_OF[fmt]] = f"conversion failed: {type(exc).__name__}: {str(exc)[:200]}"
             per_format[fmt] = {}
             continue
-        per_format[fmt] = _best(tuner, KIND_OF[fmt], converted, rows, _configs_for(fmt, sample[0], sms, quick), plan)
+        dense = _best(tuner, "scratch", converted, rows, _scratch_configs(fmt, sample[0], probe), plan)
+        # quick: where the scratch route runs, the low-bit kernels (2-3x slower than cuBLAS at prefill sizes) are not timed
+        low_rows = [m for m in rows if not (quick and m in dense)]
+        per_format[fmt] = _merge(
+            _best(tuner, KIND_OF[fmt], converted, low_rows, _configs_for(fmt, sample[0], sms, quick), plan), dense)
         del converted
     if measure_bf16:
         plan.bf16_ms = {m: tuner.bf16_ms(m) for m in rows}
     return per_format
 
 
-def decide(policy: str, per_format: dict[str, dict[int, tuple[float, Route]]]) -> tuple[list[str], list[Route]]:
+def decide(policy: str, per_format: dict[str, dict[int, tuple[float, Route]]],
+           batch1_weight: float = 1.0) -> tuple[list[str], list[Route]]:
     """(formats to keep, routes) from per-format, per-M measurements (see module doc)."""
     if policy == "tinygemm_triton":
         if not all(per_format.get(f) for f in ("tinygemm", "gptq")):
@@ -282,15 +321,13 @@ def decide(policy: str, per_format: dict[str, dict[int, tuple[float, Route]]]) -
         rows = sorted(set().union(*(v.keys() for v in per_format.values())))
         best = {m: min((v[m] for v in per_format.values() if m in v), key=lambda t: t[0]) for m in rows}
         routes = routes_from(best)
-        from stages.kernels.linear import FORMAT_OF
-
-        return sorted({FORMAT_OF[r.kind] for r in routes}), routes
+        return sorted({r.format() for r in routes}), routes
     if policy in catalog.POLICY_FORMATS:
         fmt = catalog.POLICY_FORMATS[policy][0]
         if not per_format.get(fmt):
             raise KernelRejected(f"{KIND_OF[fmt]} failed the correctness check (or to run) at every row count")
         return [fmt], routes_from(per_format[fmt])
-    fmt = pick_single_format(per_format)
+    fmt = pick_single_format(per_format, batch1_weight)
     return [fmt], routes_from(per_format[fmt])
 
 
@@ -315,7 +352,8 @@ def _formats_to_measure(policy: str, srcs: list[TritonWeight], dtype: torch.dtyp
 
 
 def plan_group(srcs: list[Source], names: list[str], policy: str, dtype: torch.dtype, rows: list[int], quick: bool,
-               timer: Callable, measure_bf16: bool) -> tuple[list[str], list[Route], GroupPlan]:
+               timer: Callable, measure_bf16: bool, batch1_weight: float = 1.0,
+               pool: Optional[ScratchPool] = None) -> tuple[list[str], list[Route], GroupPlan]:
     """Decide formats and routes for one group of same-signature layers."""
     sig = signature(srcs[0])
     plan = GroupPlan(_label(sig), names, [], [], srcs[0].nbytes())
@@ -328,9 +366,10 @@ def plan_group(srcs: list[Source], names: list[str], policy: str, dtype: torch.d
         formats, routes = ["dense"], [Route(top, "dequant_once")]
     else:
         fmts = _formats_to_measure(policy, srcs, dtype, plan)
-        per_format = _measure_group(srcs, fmts, dtype, rows, quick, timer, measure_bf16, plan)
+        per_format = _measure_group(srcs, fmts, dtype, rows, quick, timer, measure_bf16, plan, pool)
         try:
-            formats, routes = decide(policy, per_format)
+            formats, routes = decide(policy, per_format, batch1_weight)
+            routes = [replace(r, config=replace(r.config, pool=pool)) if r.kind == "scratch" else r for r in routes]
         except KernelRejected as exc:  # the forced kernel exists but does not work here
             why = "; ".join(f"{k}: {v}" for k, v in plan.rejected.items())[:600]
             raise catalog.policy_error(policy, plan.signature, catalog.format_reasons(
@@ -342,31 +381,45 @@ def plan_group(srcs: list[Source], names: list[str], policy: str, dtype: torch.d
     return formats, routes, plan
 
 
+def group_rows(names: list[str], rows: Sequence[int], prefill_rows: Sequence[int], last_token_only: Sequence[str]) -> list[int]:
+    """The row counts to plan one group for: decode rows, plus prefill rows unless every Linear sees only the last token."""
+    extra = () if all(n in last_token_only for n in names) else prefill_rows
+    return sorted(set(rows) | set(extra))
+
+
 def build_kernel_linears(sources: dict[str, tuple[Source, Optional[torch.Tensor]]], policy: str,
                          dtype: torch.dtype, rows: list[int], quick: bool = False,
                          timer: Callable = time_graph_ms, measure_bf16: bool = False,
-                         log: Callable[[str], None] = lambda m: None) -> tuple[dict[str, KernelLinear], list[GroupPlan]]:
+                         log: Callable[[str], None] = lambda m: None, prefill_rows: Sequence[int] = (),
+                         last_token_only: Sequence[str] = ("lm_head",),
+                         batch1_weight: float = 1.0) -> tuple[dict[str, KernelLinear], list[GroupPlan]]:
     """Turn every source weight into a `KernelLinear`, group by group (consumes `sources`).
 
     Args:
         sources: layer name -> (DenseWeight or TritonWeight on the target device, bias or None).
-        policy: one of POLICIES; rows: the row counts (batch sizes) to tune for.
+        policy: one of POLICIES; rows: the decode row counts (batch sizes) to tune for.
         quick: fewer Triton tiles per M; measure_bf16: also time a bf16 matmul of each shape.
+        prefill_rows: prefill row counts (batch x prompt length), tuned for every group except
+            those made only of `last_token_only` Linears (the engine runs lm_head on the last token).
+        batch1_weight: weight of M = 1 in auto's choice of one format per group (others weigh 1).
     Returns:
-        (name -> KernelLinear, one GroupPlan per group)
+        (name -> KernelLinear, one GroupPlan per group); the scratch routes share one buffer.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown kernel policy {policy!r} (choose from {', '.join(POLICIES)})")
     groups: dict[tuple, list[str]] = {}
     for name, (src, _) in sources.items():
         groups.setdefault(signature(src), []).append(name)
-    modules, plans = {}, []
+    modules, plans, pool = {}, [], ScratchPool(dtype)
     for sig, names in groups.items():
-        formats, routes, plan = plan_group([sources[n][0] for n in names], names, policy, dtype, sorted(set(rows)),
-                                           quick, timer, measure_bf16)
+        formats, routes, plan = plan_group([sources[n][0] for n in names], names, policy, dtype,
+                                           group_rows(names, rows, prefill_rows, last_token_only), quick, timer,
+                                           measure_bf16, batch1_weight, pool)
         log(f"[kernels] {plan.signature} x{len(names)}: {', '.join(plan.routes)}" + (f" ({plan.note})" if plan.note else ""))
         for name in names:
             src, bias = sources.pop(name)
             modules[name] = KernelLinear({f: _convert(src, f, dtype) for f in formats}, routes, bias)
         plans.append(plan)
+    if pool.nbytes():
+        log(f"[kernels] scratch buffer for the large-M route: {pool.nbytes() / 2**20:.0f} MiB")
     return modules, plans
