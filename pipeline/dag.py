@@ -36,9 +36,6 @@ class StageSpec:
     # A disabled node is skipped, and the nodes that need it run without it (their fingerprints
     # then equal those of a DAG without the node).
     enabled_when: Optional[str] = None
-    # "module:function" (stage config dict) -> the dict the fingerprint hashes, when the stage reads only
-    # part of its params depending on their values (quantize: the chosen method's fields).
-    fingerprint_view: Optional[str] = None
 
     @property
     def module(self) -> str:
@@ -67,7 +64,6 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("quantize", "stages.quantize:run", needs=("calibrate",), params=("quant", "run.seed"),
               metric_prefix="quantize", device_sensitive=True,
               identity="stages.quantize:data_parallel_identity", identity_of="run",
-              fingerprint_view="stages.quantize:fingerprint_view",
               description="RTN / GPTQ / AutoRound per block -> integer codes, scales, zeros"),
     StageSpec("recover", "stages.recover:run", needs=("quantize", "calibrate"), params=("recover", "run.seed"),
               metric_prefix="recover", device_sensitive=True, enabled_when="stages.recover:enabled",
@@ -168,10 +164,7 @@ def stage_config(spec: StageSpec, cfg: PipelineConfig) -> dict[str, Any]:
 def stage_fingerprint(spec: StageSpec, cfg: PipelineConfig, input_fps: dict[str, str], model_fp: Optional[str],
                       device: str, dtype: str) -> str:
     """Hash of stage name + version + its config + input fingerprints (+ model, device when relevant)."""
-    config = stage_config(spec, cfg)
-    if spec.fingerprint_view:
-        module, _, attr = spec.fingerprint_view.partition(":")
-        config = getattr(importlib.import_module(module), attr)(config)
+    config = stage_config(spec, cfg)  # quant: the chosen method's config, exactly its fields
     payload: dict[str, Any] = {"stage": spec.name, "version": spec.version, "config": config, "inputs": input_fps}
     if spec.identity:
         module, _, attr = spec.identity.partition(":")

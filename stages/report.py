@@ -24,12 +24,10 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from core.context import StageContext, StageResult
 from core.errors import InputError
+from core.schema import quant_config_from_record
 
 JOB_FILE = "job.json"  # written into each sweep job folder by pipeline.sweep.write_job_record
 KEY_COLUMNS = ("method", "bits", "group_size", "sym", "iters", "recover")
-# Methods whose tuning iterations are fixed whatever quant.iters says: RTN never tunes (0),
-# GPTQ and bitsandbytes have no iterations (None, shown as "-").
-FIXED_ITERS: dict[str, Optional[int]] = {"rtn": 0, "gptq": None, "bnb_nf4": None, "bnb_int8": None}
 PPL_RE = re.compile(r"(^|[._])(ppl|word_perplexity|perplexity)$")
 
 
@@ -119,10 +117,10 @@ def _cost(manifests: Mapping[str, dict], col: CostColumn) -> Optional[float]:
 
 
 def _scheme(quantize: dict, recover: Optional[dict] = None) -> dict[str, Any]:
-    quant = quantize.get("config", {}).get("quant", {})
-    scheme = {k: quant.get(k) for k in KEY_COLUMNS}
-    if scheme["method"] in FIXED_ITERS:
-        scheme["iters"] = FIXED_ITERS[scheme["method"]]
+    """The key columns of a job: its method's scheme and tuning iterations (None: not an iterative method)."""
+    quant = quant_config_from_record(quantize.get("config", {}).get("quant", {}))
+    scheme: dict[str, Any] = {"method": quant.method, "bits": quant.bits, "group_size": quant.group_size,
+                              "sym": quant.sym, "iters": quant.tuning_iters}
     scheme["recover"] = (recover or {}).get("config", {}).get("recover", {}).get("mode", "none")
     return scheme
 
