@@ -11,6 +11,7 @@ import importlib
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Callable, Optional
 
+from core.context import BASELINE, QUANTIZED
 from core.schema import PipelineConfig
 from core.store import fingerprint
 
@@ -23,7 +24,7 @@ class StageSpec:
     optional_needs: tuple[str, ...] = ()  # used when they are part of this run or already in the store
     params: tuple[str, ...] = ()  # dotted config keys that define the output
     metric_prefix: str = ""
-    variant: str = "quantized"  # "baseline" nodes score the unquantized model
+    variant: str = QUANTIZED  # BASELINE nodes score the unquantized model
     uses_model: bool = True
     device_sensitive: bool = False  # fingerprint includes the resolved device type and dtype
     version: str = "1"
@@ -72,11 +73,11 @@ STAGES: tuple[StageSpec, ...] = (
               metric_prefix="pack", version="2",
               description="write a GPTQ or auto-round checkpoint folder"),
     StageSpec("baseline_evaluate", "stages.evaluate:run", params=("eval",), metric_prefix="baseline.eval",
-              variant="baseline", device_sensitive=True, description="score the unquantized model"),
+              variant=BASELINE, device_sensitive=True, description="score the unquantized model"),
     StageSpec("evaluate", "stages.evaluate:run", needs=("pack", "baseline_evaluate"), params=("eval",),
               metric_prefix="eval", device_sensitive=True, description="score the packed checkpoint"),
     StageSpec("baseline_benchmark", "stages.benchmark:run", params=("bench",), metric_prefix="baseline.bench",
-              variant="baseline", device_sensitive=True, version="1",
+              variant=BASELINE, device_sensitive=True, version="1",
               description="throughput of the unquantized model"),
     StageSpec("benchmark", "stages.benchmark:run", needs=("pack", "baseline_benchmark"), params=("bench",),
               metric_prefix="bench", device_sensitive=True, description="throughput of the packed checkpoint"),

@@ -19,7 +19,7 @@ from typing import Any, Optional
 from tqdm.auto import tqdm
 
 from pipeline import dag
-from core.context import Artifact, StageContext, StageResult
+from core.context import SECONDS_METRIC, Artifact, StageContext, StageResult
 from core.errors import InputError
 from core.models import ModelHandle
 from pipeline.models import prepare_model
@@ -147,7 +147,7 @@ class PipelineRunner:
                     ctx = self._context(spec, work.path, work.resumed, inputs, plan.model)
                     self.log(f"[{spec.name}] running ({'resuming' if work.resumed else 'fresh'}) -> {entry.path}")
                     result: StageResult = spec.load()(ctx)
-                    metrics = {"seconds": round(time.perf_counter() - t0, 3), **result.metrics}
+                    metrics = {SECONDS_METRIC: round(time.perf_counter() - t0, 3), **result.metrics}
                     work.finish(config=dag.stage_config(spec, self.cfg),
                                 inputs={k: a.fingerprint for k, a in inputs.items()},
                                 metrics=metrics, summary=result.summary,

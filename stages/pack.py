@@ -19,7 +19,7 @@ from core.errors import ConfigError
 from core.schema import GPTQConfig, PipelineConfig, quant_config_from_record
 from core.store import fingerprint
 from stages.formats import parse_size
-from stages.formats.artifact import CHECKPOINT_DIR, REPORT_FILE, checkpoint_dir, checkpoint_dtype
+from stages.formats.artifact import CHECKPOINT_DIR, REPORT_FILE, SIZE_METRIC, checkpoint_dir, checkpoint_dtype
 
 MB = 10**6
 
@@ -35,7 +35,7 @@ def size_metrics(result: Any) -> dict[str, float]:
     """Sizes on disk and the quantized layers' bytes against their float16 size."""
     quant, fp16 = result.quantized_bytes, result.fp16_bytes
     return {
-        "size_mb": round(result.size_on_disk / MB, 3),
+        SIZE_METRIC: round(result.size_on_disk / MB, 3),
         "quantized_mb": round(quant / MB, 3),
         "quantized_fp16_mb": round(fp16 / MB, 3),
         "compression_vs_fp16": round(fp16 / quant, 4) if quant else 0.0,

@@ -43,6 +43,9 @@ class Streams:
     kwargs: list[dict[str, Any]]
 
 
+PEAK_MEMORY_METRIC = "peak_gpu_mem_gb"  # the quantize stage's peak GPU memory (GiB, CUDA only)
+
+
 @dataclass
 class QuantizeResult:
     layers: dict[str, QuantizedLayer]  # full module name -> result
@@ -201,6 +204,6 @@ def quantize_model(model: "nn.Module | BlockSource", input_ids: Optional[torch.T
         source.set_head(plan.head, layers[plan.head].dequantize())
     metrics = {"seconds_total": time.perf_counter() - t_start, "num_layers": float(len(plan.schemes))}
     if device.type == "cuda":
-        metrics["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        metrics[PEAK_MEMORY_METRIC] = torch.cuda.max_memory_allocated(device) / 2**30
     meta = {"skipped": plan.skipped, "blocks": plan.blocks_name, "num_blocks": plan.num_blocks, "method": cfg.method}
     return QuantizeResult(layers, meta, block_metrics, metrics)
