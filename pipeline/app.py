@@ -15,6 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from core.errors import ConfigError, InputError, one_of
+from pipeline.dag import DAG, Graph
 from pipeline.next_steps import format_next_steps
 from pipeline.runner import PipelineRunner
 from pipeline.runtime import setup_runtime
@@ -119,8 +120,9 @@ def open_tracker(cfg: PipelineConfig, overrides: list[str], sweep_dir: Optional[
     return tracker
 
 
-def run_job(dcfg: DictConfig) -> list:
-    """One pipeline job; returns the stage outcomes. User errors exit with status 2 and one message."""
+def run_job(dcfg: DictConfig, graph: Optional[Graph] = None) -> list:
+    """One pipeline job over `graph` (the pipeline's DAG when None); returns the stage outcomes. User errors
+    exit with status 2 and one message."""
     overrides, sweep_dir = _hydra_info()
     try:
         cfg = to_pipeline_config(dcfg)
@@ -136,7 +138,7 @@ def run_job(dcfg: DictConfig) -> list:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     try:
-        outcomes = PipelineRunner(cfg, rt, tracker).run()
+        outcomes = PipelineRunner(cfg, rt, tracker, graph or DAG).run()
     except USER_ERRORS as exc:
         tracker.end("FAILED")
         print(f"error: {exc}", file=sys.stderr)

@@ -87,37 +87,67 @@ STAGES: tuple[StageSpec, ...] = (
               description="comparison table and plots for this run"),
 )
 
-STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
-SPECS: dict[str, StageSpec] = {s.name: s for s in STAGES}
+@dataclass(frozen=True)
+class Graph:
+    """A stage graph and the questions the runner asks of it (the pipeline's is DAG below; tests pass their own)."""
 
+    stages: tuple[StageSpec, ...]
 
-def topological_order(specs: Optional[tuple[StageSpec, ...]] = None) -> list[StageSpec]:
-    """Stages in dependency order (stable: declaration order breaks ties); rejects cycles."""
-    specs = STAGES if specs is None else specs
-    by_name = {s.name: s for s in specs}
-    done: list[str] = []
-    visiting: set[str] = set()
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stages)
 
-    def visit(name: str) -> None:
-        if name in done:
-            return
-        if name in visiting:
-            raise ValueError(f"stage graph has a cycle through {name}")
-        visiting.add(name)
-        spec = by_name[name]
-        for dep in spec.needs + spec.optional_needs:
-            visit(dep)
-        visiting.discard(name)
-        done.append(name)
+    @property
+    def specs(self) -> dict[str, StageSpec]:
+        return {s.name: s for s in self.stages}
 
-    for s in specs:
-        visit(s.name)
-    return [by_name[n] for n in done]
+    def topological_order(self) -> list[StageSpec]:
+        """Stages in dependency order (stable: declaration order breaks ties); rejects cycles."""
+        by_name = self.specs
+        done: list[str] = []
+        visiting: set[str] = set()
 
+        def visit(name: str) -> None:
+            if name in done:
+                return
+            if name in visiting:
+                raise ValueError(f"stage graph has a cycle through {name}")
+            visiting.add(name)
+            spec = by_name[name]
+            for dep in spec.needs + spec.optional_needs:
+                visit(dep)
+            visiting.discard(name)
+            done.append(name)
 
-def active_names(cfg: PipelineConfig) -> set[str]:
-    """The nodes that are part of the DAG for this config (see StageSpec.enabled_when)."""
-    return {s.name for s in STAGES if s.enabled(cfg)}
+        for s in self.stages:
+            visit(s.name)
+        return [by_name[n] for n in done]
+
+    def active_names(self, cfg: PipelineConfig) -> set[str]:
+        """The nodes that are part of the DAG for this config (see StageSpec.enabled_when)."""
+        return {s.name for s in self.stages if s.enabled(cfg)}
+
+    def upstream(self, name: str, active: Optional[set[str]] = None) -> set[str]:
+        """All stages `name` depends on (required and optional), transitively, among `active` ones."""
+        specs = self.specs
+        out: set[str] = set()
+        stack = list(sum(edges(specs[name], active), ()))
+        while stack:
+            dep = stack.pop()
+            if dep not in out:
+                out.add(dep)
+                stack.extend(sum(edges(specs[dep], active), ()))
+        return out
+
+    def downstream(self, name: str, active: Optional[set[str]] = None) -> set[str]:
+        """All stages that depend on `name`, transitively, among `active` ones (all when None)."""
+        return {s.name for s in self.stages
+                if (active is None or s.name in active) and name in self.upstream(s.name, active)}
+
+    def select(self, stages: list[str]) -> list[StageSpec]:
+        """The chosen subset (all when empty), in topological order."""
+        chosen = set(stages) if stages else set(self.names)
+        return [s for s in self.topological_order() if s.name in chosen]
 
 
 def edges(spec: StageSpec, active: Optional[set[str]] = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -127,27 +157,9 @@ def edges(spec: StageSpec, active: Optional[set[str]] = None) -> tuple[tuple[str
     return tuple(d for d in spec.needs if d in active), tuple(d for d in spec.optional_needs if d in active)
 
 
-def upstream(name: str, active: Optional[set[str]] = None) -> set[str]:
-    """All stages `name` depends on (required and optional), transitively, among `active` ones."""
-    out: set[str] = set()
-    stack = list(sum(edges(SPECS[name], active), ()))
-    while stack:
-        dep = stack.pop()
-        if dep not in out:
-            out.add(dep)
-            stack.extend(sum(edges(SPECS[dep], active), ()))
-    return out
-
-
-def downstream(name: str, active: Optional[set[str]] = None) -> set[str]:
-    """All stages that depend on `name`, transitively, among `active` ones (all when None)."""
-    return {s.name for s in STAGES if (active is None or s.name in active) and name in upstream(s.name, active)}
-
-
-def select(stages: list[str]) -> list[StageSpec]:
-    """The chosen subset (all when empty), in topological order."""
-    chosen = set(stages) if stages else set(STAGE_NAMES)
-    return [s for s in topological_order() if s.name in chosen]
+DAG = Graph(STAGES)
+STAGE_NAMES: tuple[str, ...] = DAG.names
+SPECS: dict[str, StageSpec] = DAG.specs
 
 
 def config_value(cfg: PipelineConfig, dotted: str) -> Any:

@@ -48,6 +48,20 @@ def compose() -> Callable:
     return compose_config
 
 
+@pytest.fixture
+def fake_dag():
+    """A two-stage graph (first -> second, both tests/_fake_stages.py:run) to pass to the runner or run_job."""
+    from pipeline.dag import Graph, StageSpec
+    from _fake_stages import CALLS
+
+    CALLS.clear()
+    return Graph((
+        StageSpec("first", "_fake_stages:run", params=("calib",), metric_prefix="calib", uses_model=False),
+        StageSpec("second", "_fake_stages:run", needs=("first",), params=("quant",), metric_prefix="quantize",
+                  uses_model=False),
+    ))
+
+
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory) -> Path:
     """A store holding the tiny random model, materialised once per test session."""
