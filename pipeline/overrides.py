@@ -211,7 +211,8 @@ def check_cli_overrides(argv: list[str], conf_dir: Path) -> None:
         if key in groups:
             _check_option(conf_dir, key, _values(ov))
             continue
-        quant_cls = _quant_class(key, _values(ov)[0], methods)
+        shown = ov.input_line.partition("=")[2] if ov.input_line else _values(ov)[0]  # a sweep as written
+        quant_cls = _quant_class(key, shown, methods)
         ftype = _check_key(key, quant_cls)
         for value in _values(ov):
             check_field(key, value)
