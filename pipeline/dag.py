@@ -37,6 +37,10 @@ class StageSpec:
     # A disabled node is skipped, and the nodes that need it run without it (their fingerprints
     # then equal those of a DAG without the node).
     enabled_when: Optional[str] = None
+    # "module:function" (stage config dict) -> the dict the fingerprint hashes, when the stage reads only
+    # part of its params depending on their values (not quantize: its quant section is already exactly
+    # the chosen method's config, core.schema.QUANT_CONFIGS).
+    fingerprint_view: Optional[str] = None
 
     @property
     def module(self) -> str:
@@ -178,6 +182,9 @@ def stage_fingerprint(spec: StageSpec, cfg: PipelineConfig, input_fps: dict[str,
                       device: str, dtype: str) -> str:
     """Hash of stage name + version + its config + input fingerprints (+ model, device when relevant)."""
     config = stage_config(spec, cfg)  # quant: the chosen method's config, exactly its fields
+    if spec.fingerprint_view:
+        module, _, attr = spec.fingerprint_view.partition(":")
+        config = getattr(importlib.import_module(module), attr)(config)
     payload: dict[str, Any] = {"stage": spec.name, "version": spec.version, "config": config, "inputs": input_fps}
     if spec.identity:
         module, _, attr = spec.identity.partition(":")
