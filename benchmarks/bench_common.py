@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from core.schema import CalibConfig, ModelConfig, QuantConfig, RandomModelConfig
+from core.schema import CalibConfig, ModelConfig, QuantScheme, RandomModelConfig
 from stages.quant.base import LayerScheme
 from stages.quant.driver import Streams, quantize_model, run_block_step
 from stages.quant.schemes import QuantPlan
@@ -131,7 +131,7 @@ def block_inputs(shape: BlockShape, dtype: torch.dtype, device: torch.device, lo
     return x
 
 
-def timed_block_step(block: torch.nn.Module, streams: Streams, cfg: QuantConfig, quantizer: Any,
+def timed_block_step(block: torch.nn.Module, streams: Streams, cfg: QuantScheme, quantizer: Any,
                      device: torch.device, seed: int) -> tuple[Any, float, Optional[float]]:
     """One per-block step of the driver on every Linear of `block` at cfg's scheme, timed.
 
@@ -211,7 +211,7 @@ def held_out_ppl(model: Any, ids: torch.Tensor, device: torch.device, max_window
     return perplexity(model, ids, 512, 512, batch_size=8, device=device, max_windows=max_windows)["ppl"]
 
 
-def timed_quantize(base_model: Any, calib: Optional[torch.Tensor], cfg: QuantConfig, device: torch.device,
+def timed_quantize(base_model: Any, calib: Optional[torch.Tensor], cfg: QuantScheme, device: torch.device,
                    ppl_ids: torch.Tensor, max_windows: Optional[int]) -> tuple[Any, dict[str, Any]]:
     """Quantize a copy of `base_model` (timed, peak memory on CUDA) and measure its held-out perplexity.
 

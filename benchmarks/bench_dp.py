@@ -42,7 +42,7 @@ for _path in (REPO, HERE):
 
 import torch  # noqa: E402
 
-from core.schema import QuantConfig  # noqa: E402
+from core.schema import quant_config  # noqa: E402
 from scale_common import fmt, save_record  # noqa: E402
 
 TARGETS = {"dp_block_speedup": 1.8, "dp_block_best_loss_rel": 0.02, "dp_smollm2_ppl_rel": 0.01}
@@ -73,7 +73,7 @@ def block_worker(spec: dict) -> None:
                     else (LOCAL, torch.device("cuda:0" if device_type == "cuda" else "cpu")))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = SMALL_BLOCK if spec["small"] else EIGHT_B
-    cfg = QuantConfig(**spec["quant"])
+    cfg = quant_config(**spec["quant"])
     quantizer = make_quantizer(cfg, comm=comm)  # shared by both runs: the warm one reuses the compiled step
     rows = []
     for note in ("cold", "warm"):
@@ -101,7 +101,7 @@ def block_worker(spec: dict) -> None:
 
 
 def part_block(args: argparse.Namespace, record: dict, save: Any) -> None:
-    q = QuantConfig(method="autoround", bits=4, group_size=args.group, sym=True, iters=args.iters,
+    q = quant_config(method="autoround", bits=4, group_size=args.group, sym=True, iters=args.iters,
                     batch_size=args.batch)
     results = {}
     for ranks in (1, 2):
@@ -142,7 +142,7 @@ def part_smollm2(args: argparse.Namespace, record: dict, save: Any) -> None:
     calib = Path(args.work) / "calib"
     calib.mkdir(parents=True, exist_ok=True)
     save_file({"input_ids": calibration(tokenizer, nsamples, seqlen).to(torch.int32)}, str(calib / "calib.safetensors"))
-    q = QuantConfig(method="autoround", bits=2, group_size=args.group, sym=False, iters=args.iters,
+    q = quant_config(method="autoround", bits=2, group_size=args.group, sym=False, iters=args.iters,
                     batch_size=args.batch)
     ids, max_windows = heldout_ids(tokenizer), (4 if args.small else None)
     for ranks in (1, 2):

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from bench_common import (EIGHT_B, SMALL_BLOCK, BlockShape, block_inputs, calibration, environment,  # noqa: E402
                           fmt, held_out_ppl, heldout_ids, load_bench_model, make_block, pick_device,
                           timed_block_step, timed_quantize, write_json)
-from core.schema import QuantConfig  # noqa: E402
+from core.schema import QuantScheme, quant_config  # noqa: E402
 from stages.quant.driver import Streams, make_quantizer  # noqa: E402
 
 TARGETS = {"block_seconds": 5.0, "smollm2_gptq_seconds": 20.0,
@@ -55,7 +55,7 @@ GPTQ_METRICS = ("hessian_seconds", "solve_seconds", "layer_mse_gptq", "layer_mse
 
 # -- part 1: one 8B-shaped block ----------------------------------------------------------
 
-def time_block(shape: BlockShape, cfg: QuantConfig, device: torch.device, dtype: torch.dtype, seed: int
+def time_block(shape: BlockShape, cfg: QuantScheme, device: torch.device, dtype: torch.dtype, seed: int
                ) -> dict[str, Any]:
     """One per-block step (GPTQ + the quantized-output pass) as the driver runs it."""
     block, kwargs = make_block(shape, dtype, device, seed)
@@ -68,7 +68,7 @@ def time_block(shape: BlockShape, cfg: QuantConfig, device: torch.device, dtype:
 
 def bench_block(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
     shape = SMALL_BLOCK if args.small else EIGHT_B
-    base = QuantConfig(method="gptq", bits=4, group_size=128, sym=True, batch_size=args.batch, amp=True)
+    base = quant_config(method="gptq", bits=4, group_size=128, sym=True, batch_size=args.batch, amp=True)
     variants = [("W4G128 sym", base), ("W4G128 sym act_order", replace(base, act_order=True))]
     if device.type == "cuda":
         variants.append(("W4G128 sym low_gpu_mem", replace(base, low_gpu_mem=True)))
@@ -85,7 +85,7 @@ def bench_block(args: argparse.Namespace, device: torch.device, dtype: torch.dty
 
 # -- part 2: a whole model, RTN vs GPTQ (vs AutoRound), perplexity ------------------------
 
-def run_cell(base_model: Any, calib: Optional[torch.Tensor], cfg: QuantConfig, device: torch.device,
+def run_cell(base_model: Any, calib: Optional[torch.Tensor], cfg: QuantScheme, device: torch.device,
              ppl_ids: torch.Tensor, max_windows: Optional[int]) -> dict[str, Any]:
     result, row = timed_quantize(base_model, calib, cfg, device, ppl_ids, max_windows)
     sums = {k: sum(m.get(k, 0.0) for m in result.block_metrics) for k in GPTQ_METRICS if cfg.method == "gptq"}
@@ -104,15 +104,16 @@ def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         if args.cells and label not in args.cells:
             continue
         for method in args.methods:
-            cfg = QuantConfig(method=method, bits=bits, group_size=gs, sym=sym, batch_size=args.batch, amp=True,
-                              iters=args.iters if method == "autoround" else 0, act_order=args.act_order,
-                              static_groups=args.static_groups)
+            own = {"rtn": {}, "autoround": {"iters": args.iters},
+                   "gptq": {"act_order": args.act_order, "static_groups": args.static_groups}}[method]
+            shared = {"batch_size": args.batch, "amp": True} if method != "rtn" else {}
+            cfg = quant_config(method, bits=bits, group_size=gs, sym=sym, **shared, **own)
             row = run_cell(base_model, calib if method != "rtn" else None, cfg, device, ppl_ids, args.ppl_windows)
             row.update({"part": "model", "model": handle.name, "cell": label, "method": method,
                         "ppl_ratio": row["ppl"] / fp_ppl, "calib": f"{args.nsamples}x{args.seqlen}",
                         "act_order": args.act_order if method == "gptq" else None,
                         "static_groups": args.static_groups if method == "gptq" else None,
-                        "iters": cfg.iters if method == "autoround" else None})
+                        "iters": cfg.tuning_iters})
             rows.append(row)
             print(f"[model] {label} {method}: ppl {row['ppl']:.3f} ({row['ppl_ratio']:.3f}x), {row['seconds']} s, "
                   f"peak {row['peak_gib']} GiB", flush=True)

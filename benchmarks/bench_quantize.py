@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from bench_common import (EIGHT_B, SMALL_BLOCK, BlockShape, block_inputs, calibration, environment,  # noqa: E402
                           fmt, held_out_ppl, heldout_ids, load_bench_model, make_block, pick_device, pinned_copy,
                           sync, timed_block_step, timed_quantize, write_json)
-from core.schema import QuantConfig  # noqa: E402
+from core.schema import QuantScheme, quant_config  # noqa: E402
 from stages.quant.base import LayerScheme  # noqa: E402
 from stages.quant.driver import Streams, make_quantizer  # noqa: E402
 
@@ -79,7 +79,7 @@ def make_streams(shape: BlockShape, dtype: torch.dtype, device: torch.device, lo
     return Streams(q, pinned_copy(q) if low_mem and device.type == "cuda" else q.clone(), [kwargs])
 
 
-def time_block(shape: BlockShape, cfg: QuantConfig, device: torch.device, dtype: torch.dtype, quantizer: Any,
+def time_block(shape: BlockShape, cfg: QuantScheme, device: torch.device, dtype: torch.dtype, quantizer: Any,
                seed: int) -> dict[str, Any]:
     """One full per-block step (fp targets, tuning, quantized outputs) as the driver runs it."""
     block, kwargs = make_block(shape, dtype, device, seed)
@@ -95,7 +95,7 @@ def bench_block(args: argparse.Namespace, device: torch.device, dtype: torch.dty
                 save: Callable[[], None]) -> None:
     """Append the block rows to `rows`, saving the result files after each one."""
     shape = SMALL_BLOCK if args.small else EIGHT_B
-    base = QuantConfig(method="autoround", bits=4, group_size=128, sym=True, iters=args.iters, batch_size=args.batch,
+    base = quant_config(method="autoround", bits=4, group_size=128, sym=True, iters=args.iters, batch_size=args.batch,
                        amp=True)
     start = len(rows)
     for compile_ in args.compile_modes:
@@ -130,7 +130,7 @@ def profile_shape(shape: BlockShape, compile_: bool, device: torch.device, dtype
 
     from stages.quant.base import BlockInputs
 
-    cfg = QuantConfig(method="autoround", bits=2, group_size=64, sym=False, iters=iters, batch_size=batch, amp=True,
+    cfg = quant_config(method="autoround", bits=2, group_size=64, sym=False, iters=iters, batch_size=batch, amp=True,
                       compile=on_off(compile_))
     quantizer = make_quantizer(cfg)
     block, kwargs = make_block(shape, dtype, device, 0)
@@ -167,7 +167,7 @@ def profile_part(args: argparse.Namespace, device: torch.device, dtype: torch.dt
 
 # -- part 2: a whole model, RTN vs AutoRound, perplexity ------------------------------------
 
-def run_cell(base_model: Any, calib: Optional[torch.Tensor], cfg: QuantConfig, device: torch.device,
+def run_cell(base_model: Any, calib: Optional[torch.Tensor], cfg: QuantScheme, device: torch.device,
              ppl_ids: torch.Tensor, max_windows: Optional[int]) -> dict[str, Any]:
     result, row = timed_quantize(base_model, calib, cfg, device, ppl_ids, max_windows)
     return {**row, "mse_last_block": result.block_metrics[-1].get("mse")}
@@ -189,14 +189,13 @@ def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         for method, compile_ in [("rtn", False)] + [("autoround", c) for c in args.compile_modes]:
             if method == "autoround" and len(args.compile_modes) > 1 and not compile_ and bits != 2:
                 continue  # eager vs compiled speed is compared on the W2 cell only
-            iters = args.iters if method != "rtn" else 0
-            cfg = QuantConfig(method=method, bits=bits, group_size=gs, sym=sym, iters=iters, batch_size=args.batch,
-                              compile=on_off(compile_), amp=True)
+            own = {"iters": args.iters, "batch_size": args.batch, "compile": on_off(compile_), "amp": True}
+            cfg = quant_config(method, bits=bits, group_size=gs, sym=sym, **(own if method == "autoround" else {}))
             row = guarded("model", run_cell, base_model, calib if method != "rtn" else None, cfg, device, ppl_ids,
                           max_windows)
             ratio = row["ppl"] / fp_ppl if row.get("ppl") else None
             row.update({"part": "model", "model": handle.name, "cell": label, "method": method, "compile": compile_,
-                        "ppl_ratio": ratio, "iters": cfg.iters, "calib": f"{nsamples}x{seqlen}"})
+                        "ppl_ratio": ratio, "iters": cfg.tuning_iters, "calib": f"{nsamples}x{seqlen}"})
             rows.append(row)
             save()
             print(f"[model] {label} {method} compile={compile_}: ppl {fmt(row['ppl'])} ({fmt(ratio)}x), "

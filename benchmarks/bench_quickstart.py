@@ -51,10 +51,10 @@ def stage_order(overrides: list[str]) -> list[str]:
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     from pipeline.app import compose_job_config
-    from pipeline.dag import topological_order
+    from pipeline.dag import DAG
 
     cfg, _ = compose_job_config(list(overrides))
-    return [s.name for s in topological_order() if s.enabled(cfg)]
+    return [s.name for s in DAG.topological_order() if s.enabled(cfg)]
 
 
 def run_once(workdir: Path, overrides: list[str], timeout_s: float) -> dict[str, Any]:

@@ -46,7 +46,7 @@ for _path in (HERE.parent, HERE):
 
 import torch  # noqa: E402
 
-from core.schema import ModelConfig, QuantConfig, RandomModelConfig  # noqa: E402
+from core.schema import ModelConfig, QuantScheme, RandomModelConfig, quant_config  # noqa: E402
 from scale_common import GIB, current_rss, fmt, python_cmd, run_measured, save_record  # noqa: E402
 
 EIGHT_B = RandomModelConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -79,13 +79,13 @@ def child_quantize(spec: dict) -> None:
 def child_pack(spec: dict) -> None:
     from stages.formats import parse_size
     from stages.formats.source import QStateReader, SourceModel
-    from stages.formats.writer import PackOptions, Recipe
+    from stages.formats.writer import PackOptions
     from stages.registry import PACK_FORMATS, resolve
 
     qstate, source = QStateReader.open(Path(spec["qstate"])), SourceModel.open(spec["model"])
     options = PackOptions(torch.bfloat16, parse_size(spec["max_shard_size"]), "auto")
     packer = resolve(PACK_FORMATS, "pack.format", "auto")
-    result = packer(qstate, source, Path(spec["out"]), options, Recipe.from_quant_config(spec["quant"]), "bench",
+    result = packer(qstate, source, Path(spec["out"]), options, quant_config(**spec["quant"]), "bench",
                     lambda m: print(m, flush=True))
     Path(spec["result"]).write_text(json.dumps({"files": result.files, "size_on_disk": result.size_on_disk,
                                                 "verified_layers": result.extras["verified_layers"]}))
@@ -102,7 +102,7 @@ def child_reference(spec: dict) -> None:
     job = spec["job"]
     resident = AutoModelForCausalLM.from_pretrained(job["model_path"], dtype=getattr(torch, job["dtype"])).eval()
     ids = load_file(str(Path(job["calib_dir"]) / "calib.safetensors"))["input_ids"].long()
-    result = quantize_model(resident, ids, QuantConfig(**job["quant"]), job["device"], seed=0)
+    result = quantize_model(resident, ids, quant_config(**job["quant"]), job["device"], seed=0)
     save_qstate(Path(job["workdir"]), result.layers, result.meta)
     (Path(job["workdir"]) / "block_metrics.json").write_text(json.dumps(result.block_metrics))
     Path(spec["result"]).write_text(json.dumps(result.metrics))
@@ -125,7 +125,7 @@ def child_stream70b(spec: dict) -> None:
     source = StreamedBlocks(meta_skeleton(config), RandomTensors(config, dims.seed, dtype), dtype, direct=True)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, dims.vocab_size, (spec["nsamples"], spec["seqlen"]), generator=gen)
-    cfg = QuantConfig(**spec["quant"])
+    cfg = quant_config(**spec["quant"])
     t0, blocks = time.perf_counter(), []
 
     def on_block_done(index: int, result: Any, seconds: float) -> None:
@@ -175,7 +175,7 @@ def write_calib(folder: Path, nsamples: int, seqlen: int, vocab: int) -> Path:
     return folder
 
 
-def streamed_job(args: argparse.Namespace, name: str, model: Path, calib: Path, q: QuantConfig) -> dict:
+def streamed_job(args: argparse.Namespace, name: str, model: Path, calib: Path, q: QuantScheme) -> dict:
     work = Path(args.work) / name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -204,7 +204,7 @@ def compare(streamed: Path, reference: Path) -> dict[str, Any]:
             "max_rel_loss_best_diff": max(diff) if diff else None}
 
 
-def quantize_both(args: argparse.Namespace, rows: list, name: str, model: Path, calib: Path, q: QuantConfig,
+def quantize_both(args: argparse.Namespace, rows: list, name: str, model: Path, calib: Path, q: QuantScheme,
                   save: Any) -> Path:
     """The stage's streamed job and the in-memory path, each in a measured child process, then compared."""
     folders = {}
@@ -243,16 +243,16 @@ def part_rtn_gptq(args: argparse.Namespace, rows: list, save: Any) -> None:
     vocab = model_dims(args, SMALL if args.small else EIGHT_B).vocab_size
     calib = write_calib(Path(args.work) / "calib", args.nsamples, args.seqlen, vocab)
     gptq_calib = write_calib(Path(args.work) / "calib_gptq", args.gptq_samples, args.seqlen, vocab)
-    quantize_both(args, rows, "rtn", model, calib, QuantConfig(method="rtn", bits=4, group_size=args.group), save)
+    quantize_both(args, rows, "rtn", model, calib, quant_config(method="rtn", bits=4, group_size=args.group), save)
     quantize_both(args, rows, "gptq", model, gptq_calib,
-                  QuantConfig(method="gptq", bits=4, group_size=args.group, batch_size=8), save)
+                  quant_config(method="gptq", bits=4, group_size=args.group, batch_size=8), save)
 
 
 def part_autoround_pack(args: argparse.Namespace, rows: list, save: Any) -> None:
     model = prepare_model(args, rows, save)
     vocab = model_dims(args, SMALL if args.small else EIGHT_B).vocab_size
     calib = write_calib(Path(args.work) / "calib", args.nsamples, args.seqlen, vocab)
-    q = QuantConfig(method="autoround", bits=4, group_size=args.group, iters=args.iters, batch_size=args.batch)
+    q = quant_config(method="autoround", bits=4, group_size=args.group, iters=args.iters, batch_size=args.batch)
     qstate = quantize_both(args, rows, "autoround", model, calib, q, save)
     out = Path(args.work) / "packed"
     shutil.rmtree(out, ignore_errors=True)
@@ -264,7 +264,7 @@ def part_autoround_pack(args: argparse.Namespace, rows: list, save: Any) -> None
 
 def part_70b(args: argparse.Namespace, rows: list, save: Any) -> None:
     dims = model_dims(args, replace(SMALL, num_hidden_layers=6) if args.small else SEVENTY_B)
-    q = QuantConfig(method="autoround", bits=4, group_size=args.group, iters=args.iters, batch_size=args.batch)
+    q = quant_config(method="autoround", bits=4, group_size=args.group, iters=args.iters, batch_size=args.batch)
     spec = {"dims": asdict(dims), "device": str(args.device), "nsamples": args.nsamples, "seqlen": args.seqlen,
             "quant": asdict(q), "deadline": args.deadline, "result": str(Path(args.work) / "stream70b.result.json")}
     Path(args.work).mkdir(parents=True, exist_ok=True)

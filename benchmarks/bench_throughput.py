@@ -75,7 +75,8 @@ def write_packed(model, out: Path, bits: int, group_size: int, sym: bool, lm_hea
     from stages.formats.auto_round import AutoRoundLayout
     from stages.formats.gptq import GPTQLayout
     from stages.formats.source import QStateReader, TensorInfo
-    from stages.formats.writer import PackOptions, Recipe, write_checkpoint
+    from core.schema import RTNConfig
+    from stages.formats.writer import PackOptions, write_checkpoint
     from stages.quant.base import LayerScheme, QuantizedLayer
     from stages.quant.qdq import quantize_weight
 
@@ -119,7 +120,7 @@ def write_packed(model, out: Path, bits: int, group_size: int, sym: bool, lm_hea
     start = time.perf_counter()
     res = write_checkpoint(HostLayout(), MemoryQState(Path("<in-memory RTN>"), meta), MemorySource(), out,
                            PackOptions(next(iter(state.values())).dtype),
-                           Recipe("rtn", bits, group_size, sym, quantize_lm_head=lm_head),
+                           RTNConfig(bits=bits, group_size=group_size, sym=sym, quantize_lm_head=lm_head),
                            f"bench-throughput-w{bits}g{group_size}{'s' if sym else 'a'}-{out.name}")
     return {"path": str(out), "pack_s": time.perf_counter() - start, "size_on_disk_bytes": res.size_on_disk,
             "quantization_config": res.quantization_config, "bits": bits, "group_size": group_size, "sym": sym}

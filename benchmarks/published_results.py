@@ -84,12 +84,13 @@ def cell_overrides(scheme: tuple, method: str, small: bool, store: Path) -> list
           "eval=local", f"run.stages={QUALITY_STAGES}", "tracking.enabled=false", f"run.outputs_dir={store}"]
     if method == "autoround":  # the compiled tuning step is 2x faster on the GPU (bench_quantize block part)
         ov += ["quant.iters=4"] if small else ["quant.iters=200", "quant.compile=on"]
+    if method != "rtn":  # the calibrated methods' block batch (RTN's config has no batch)
+        ov += [f"quant.batch_size={4 if small else 8}"]
     if small:
         return ov + ["model=tiny_random", "quant.group_size=32", "calib.nsamples=8", "calib.seqlen=64",
-                     "quant.batch_size=4", "eval.limit=4", "eval.perplexity.max_windows=2", "run.device=cpu"]
+                     "eval.limit=4", "eval.perplexity.max_windows=2", "run.device=cpu"]
     return ov + ["model=smollm2_135m", f"quant.group_size={group}", "calib=austen", "calib.nsamples=128",
-                 "calib.seqlen=512", "quant.batch_size=8", "eval.limit=null", "eval.perplexity.max_windows=null",
-                 "eval.batch_size=32"]
+                 "calib.seqlen=512", "eval.limit=null", "eval.perplexity.max_windows=null", "eval.batch_size=32"]
 
 
 def run_quality(args: argparse.Namespace, out: Path) -> None:

@@ -10,6 +10,14 @@ from typing import Any, Callable, Optional
 from core.models import ModelHandle
 from core.schema import PipelineConfig
 
+# StageContext.variant: what a node scores (pipeline.dag.StageSpec.variant)
+QUANTIZED = "quantized"  # the packed checkpoint of this run
+BASELINE = "baseline"  # the unquantized model (baseline_evaluate, baseline_benchmark)
+# Every stage's wall time, added to its metrics by the runner
+SECONDS_METRIC = "seconds"
+# The record each sweep job leaves in its output folder: written by pipeline.sweep, read by stages.report
+JOB_FILE = "job.json"
+
 
 @dataclass(frozen=True)
 class Artifact:
@@ -38,7 +46,7 @@ class StageContext:
 
     cfg: PipelineConfig
     stage: str  # DAG node name, e.g. "evaluate" or "baseline_evaluate"
-    variant: str  # "quantized" or "baseline"
+    variant: str  # QUANTIZED or BASELINE
     workdir: Path
     resumed: bool
     inputs: dict[str, Artifact]

@@ -7,8 +7,10 @@ YAML files under `conf/` only set values. Range checks live in `pipeline.validat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, List, Mapping, Optional
+
+from core.errors import ConfigError, choices, close_matches
 
 
 SWITCHES = ("auto", "on", "off")
@@ -98,48 +100,162 @@ class LayerOverride:
 
 
 @dataclass
-class BnbConfig:
-    """bitsandbytes options (`quant.method=bnb_nf4 | bnb_int8`; see stages/quant/bnb.py)."""
+class QuantScheme:
+    """What every quantization method reads: the scheme and which layers (`quant=` group).
 
-    # NF4: quantize the per-block absmax scales again (8-bit, blocks of 256), about 0.4 fewer bits per weight
-    double_quant: bool = False
-    # LLM.int8: activation columns with a value above this stay 16-bit in the matmul (0: every column in int8)
-    int8_threshold: float = 6.0
+    Each method has its own subclass (QUANT_CONFIGS below), registered in Hydra's ConfigStore as
+    `quant/<method>_schema` and chosen by its `conf/quant/*.yaml` option, so a method's config holds
+    exactly the fields that method reads and the quantize fingerprint hashes exactly those.
+    """
 
-
-@dataclass
-class QuantConfig:
-    """Quantization method and scheme (`quant=` group)."""
-
-    # Registry key in stages.registry.QUANT_METHODS: rtn | gptq | autoround | bnb_nf4 | bnb_int8
-    # (bnb_*: bitsandbytes quantizes at load time, scheme fixed, see conf/quant/bnb_*.yaml)
-    method: str = "autoround"
+    # Registry key in stages.registry.QUANT_METHODS (set by each method's class; pick it with quant=<option>)
+    method: str = ""
     bits: int = 4
     group_size: int = 128
     sym: bool = True
-    # AutoRound tuning (semantics of the reference auto-round 0.16.1, see stages/quant/autoround.py)
-    iters: int = 200  # 0 = plain RTN
-    lr: Optional[float] = None  # None -> 1/iters (2/iters for <= 3-bit layers when iters >= 1000)
-    minmax_lr: Optional[float] = None  # None -> lr
-    batch_size: int = 8
-    grad_accum: int = 1
-    use_best_iter: bool = True  # keep the parameters of the lowest-loss iteration (else the last scored one)
-    tune_minmax: bool = True  # tune the per-group min/max clipping factors (else only the rounding offsets)
-    amp: bool = True  # bf16 autocast on CUDA; tuning parameters stay fp32
-    low_gpu_mem: bool = False  # cached block inputs in pinned CPU memory; batches move to the GPU per use
-    # torch.compile the fake-quant + block + loss step (autoround): auto = on for CUDA (about 2x faster
-    # there), off on the CPU | on | off
-    compile: str = "auto"
-    # GPTQ
-    damp_percent: float = 0.01
-    act_order: bool = False
-    static_groups: bool = False
-    true_sequential: bool = True
-    block_columns: int = 128
     # Which layers: every Linear inside the decoder blocks; lm_head only when asked (RTN, untied only)
     quantize_lm_head: bool = False
     overrides: List[LayerOverride] = field(default_factory=list)  # applied in order, later wins
-    bnb: BnbConfig = field(default_factory=BnbConfig)
+    # Scheme fields a method fixes (its class's defaults); the others carry over from conf/config.yaml
+    fixed_scheme: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def tuning_iters(self) -> Optional[int]:
+        """Tuning iterations per block for tables: 0 = plain rounding, None = not an iterative method."""
+        return None
+
+
+@dataclass
+class RTNConfig(QuantScheme):
+    """Round-to-nearest (`quant=rtn`): no calibration, no tuning."""
+
+    method: str = "rtn"
+
+    @property
+    def tuning_iters(self) -> Optional[int]:
+        return 0
+
+
+@dataclass
+class CalibratedConfig(QuantScheme):
+    """The block driver's settings, shared by the methods that run calibration data through each block."""
+
+    batch_size: int = 8
+    amp: bool = True  # bf16 autocast on CUDA; tuning parameters stay fp32
+    low_gpu_mem: bool = False  # cached block inputs in pinned CPU memory; batches move to the GPU per use
+
+
+@dataclass
+class GPTQConfig(CalibratedConfig):
+    """GPTQ (`quant=gptq`): Hessian-based error feedback per Linear (docs/gptq.md)."""
+
+    method: str = "gptq"
+    damp_percent: float = 0.01  # dampening = damp_percent * mean(diag H); retried x10 if Cholesky fails
+    act_order: bool = False  # columns by decreasing Hessian diagonal; writes g_idx (GPTQ desc_act)
+    static_groups: bool = False  # act_order with group parameters fixed in natural column order
+    true_sequential: bool = True  # each Linear family sees the already-quantized earlier ones
+    block_columns: int = 128  # lazy-batch width (speed only)
+
+
+@dataclass
+class AutoRoundConfig(CalibratedConfig):
+    """AutoRound (`quant=autoround*`), semantics of the reference auto-round 0.16.1 (stages/quant/autoround.py)."""
+
+    method: str = "autoround"
+    iters: int = 200  # 0 = plain RTN
+    lr: Optional[float] = None  # None -> 1/iters (2/iters for <= 3-bit layers when iters >= 1000)
+    minmax_lr: Optional[float] = None  # None -> lr
+    grad_accum: int = 1
+    use_best_iter: bool = True  # keep the parameters of the lowest-loss iteration (else the last scored one)
+    tune_minmax: bool = True  # tune the per-group min/max clipping factors (else only the rounding offsets)
+    # torch.compile the fake-quant + block + loss step: auto = on for CUDA (about 2x faster there),
+    # off on the CPU | on | off
+    compile: str = "auto"
+
+    @property
+    def tuning_iters(self) -> Optional[int]:
+        return self.iters
+
+
+@dataclass
+class BnbConfig(QuantScheme):
+    """bitsandbytes (`quant=bnb_*`): quantized at load time; the scheme is the subclass's defaults, fixed
+    (other values are refused, stages/quant/bnb_options.py)."""
+
+    fixed_scheme: ClassVar[tuple[str, ...]] = ("bits", "group_size", "sym")
+
+
+@dataclass
+class BnbNF4Config(BnbConfig):
+    """bitsandbytes NF4: blocks of 64 weights share one absmax scale."""
+
+    method: str = "bnb_nf4"
+    bits: int = 4
+    group_size: int = 64
+    # quantize the per-block absmax scales again (8-bit, blocks of 256), about 0.4 fewer bits per weight
+    double_quant: bool = False
+
+
+@dataclass
+class BnbInt8Config(BnbConfig):
+    """bitsandbytes LLM.int8: int8 weights, one absmax scale per output row."""
+
+    method: str = "bnb_int8"
+    bits: int = 8
+    group_size: int = -1
+    # activation columns with a value above this stay 16-bit in the matmul (0: every column in int8)
+    int8_threshold: float = 6.0
+
+
+# quant.method -> its config class (the methods of stages.registry.QUANT_METHODS; tests check both agree)
+QUANT_CONFIGS: dict[str, type] = {
+    "rtn": RTNConfig,
+    "gptq": GPTQConfig,
+    "autoround": AutoRoundConfig,
+    "bnb_nf4": BnbNF4Config,
+    "bnb_int8": BnbInt8Config,
+}
+
+
+def quant_config(method: str, **values: Any) -> QuantScheme:
+    """The config of `method` with `values` (LayerOverride mappings in `overrides` become LayerOverride)."""
+    from core.errors import ConfigError, choices, close_matches
+
+    if method not in QUANT_CONFIGS:
+        raise ConfigError("quant.method", method, choices(QUANT_CONFIGS), "pick a method with quant=<option>, "
+                          "e.g. quant=autoround")
+    cls = QUANT_CONFIGS[method]
+    check_quant_keys(method, values)
+    if "overrides" in values:
+        values["overrides"] = [o if isinstance(o, LayerOverride) else LayerOverride(**o) for o in values["overrides"]]
+    return cls(**{**values, "method": method})
+
+
+def quant_keys(method: str) -> list[str]:
+    """The `quant.*` keys the config of `method` has."""
+    return [f.name for f in fields(QUANT_CONFIGS[method])]
+
+
+def check_quant_keys(method: str, values: Mapping[str, Any]) -> None:
+    """ConfigError naming the first key `method`'s config does not have, the method and its keys."""
+    allowed = quant_keys(method)
+    for key in values:
+        if key not in allowed:
+            others = [m for m in QUANT_CONFIGS if key in quant_keys(m)]
+            fix = (f"drop quant.{key}, or pick a method that has it (quant={' | quant='.join(others)})" if others
+                   else close_matches(f"quant.{key}", [f"quant.{a}" for a in allowed]) or f"drop quant.{key}")
+            raise ConfigError(f"quant.{key}", values[key], f"the keys of quant.method={method}: {', '.join(allowed)}",
+                              fix, problem=f"is not a key of quant.method={method}")
+
+
+def quant_config_from_record(data: Mapping[str, Any]) -> QuantScheme:
+    """The typed config of a recorded `quant` section (a manifest's config); keys of other methods, which
+    manifests written before the per-method configs carried, are left out."""
+    method = data.get("method", "")
+    if method not in QUANT_CONFIGS:
+        return quant_config(method)  # raises: names the allowed methods
+    allowed = set(quant_keys(method))
+    return quant_config(method, **{k: v for k, v in data.items() if k in allowed and k != "method"})
 
 
 @dataclass
@@ -330,7 +446,7 @@ class TrackingConfig:
 class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
+    quant: QuantScheme = field(default_factory=AutoRoundConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -340,11 +456,11 @@ class PipelineConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-# Config groups selectable with `group=option` and the schema each option file fills.
+# Config groups selectable with `group=option` and the schema each option file fills (quant: QUANT_CONFIGS).
 GROUP_SCHEMAS = {
     "model": ModelConfig,
     "calib": CalibConfig,
-    "quant": QuantConfig,
+    "quant": QuantScheme,
     "recover": RecoverConfig,
     "pack": PackConfig,
     "eval": EvalConfig,

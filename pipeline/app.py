@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -13,11 +14,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from core.errors import ConfigError, InputError
+from core.errors import ConfigError, InputError, one_of
+from pipeline.dag import DAG, Graph
 from pipeline.next_steps import format_next_steps
 from pipeline.runner import PipelineRunner
 from pipeline.runtime import setup_runtime
-from core.schema import GROUP_SCHEMAS, PipelineConfig
+from core.schema import GROUP_SCHEMAS, QUANT_CONFIGS, PipelineConfig, QuantScheme, check_quant_keys
 from core.summary import format_summary
 from pipeline.validate import validate_config
 
@@ -26,18 +28,38 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 USER_ERRORS = (ConfigError, InputError)
 
 
+def method_schema(cls: type) -> DictConfig:
+    """A method's config node for `conf/quant/*.yaml` to extend: typed as the method's class, with the
+    shared scheme fields the method does not fix left missing, so that merging it keeps the scheme set
+    before it (conf/config.yaml)."""
+    node = OmegaConf.structured(cls)
+    for f in dataclasses.fields(QuantScheme):
+        if f.name != "method" and f.name not in cls.fixed_scheme:
+            node[f.name] = "???"
+    return node
+
+
 def register_configs() -> None:
-    """Register the typed schemas so YAML values are type-checked on composition."""
+    """Register the typed schemas so YAML values are type-checked on composition: the pipeline, each
+    group, and each quantization method as `quant/<method>_schema` (the defaults of conf/quant/*.yaml)."""
     cs = ConfigStore.instance()
-    cs.store(name="pipeline_schema", node=PipelineConfig)
+    cs.store(name="pipeline_schema", node=PipelineConfig(quant=QuantScheme()))
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"{group}_schema", node=schema)
+    for method, cls in QUANT_CONFIGS.items():
+        cs.store(group="quant", name=f"{method}_schema", node=method_schema(cls))
 
 
 def to_pipeline_config(dcfg: DictConfig) -> PipelineConfig:
-    """Convert the composed DictConfig (minus the hydra node) to the typed dataclass, once."""
-    merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), job_container(dcfg))
-    return OmegaConf.to_object(merged)
+    """Convert the composed DictConfig (minus the hydra node) to the typed dataclass, once; the quant
+    section becomes the chosen method's class (a key that class lacks is one ConfigError)."""
+    container = job_container(dcfg)
+    quant = container.get("quant", {})
+    method = quant.get("method", "")
+    one_of("quant.method", method, QUANT_CONFIGS, "autoround")
+    check_quant_keys(method, quant)
+    typed = OmegaConf.structured(PipelineConfig(quant=QUANT_CONFIGS[method]()))
+    return OmegaConf.to_object(OmegaConf.merge(typed, container))
 
 
 def job_container(dcfg: DictConfig) -> dict:
@@ -98,8 +120,9 @@ def open_tracker(cfg: PipelineConfig, overrides: list[str], sweep_dir: Optional[
     return tracker
 
 
-def run_job(dcfg: DictConfig) -> list:
-    """One pipeline job; returns the stage outcomes. User errors exit with status 2 and one message."""
+def run_job(dcfg: DictConfig, graph: Optional[Graph] = None) -> list:
+    """One pipeline job over `graph` (the pipeline's DAG when None); returns the stage outcomes. User errors
+    exit with status 2 and one message."""
     overrides, sweep_dir = _hydra_info()
     try:
         cfg = to_pipeline_config(dcfg)
@@ -115,7 +138,7 @@ def run_job(dcfg: DictConfig) -> list:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     try:
-        outcomes = PipelineRunner(cfg, rt, tracker).run()
+        outcomes = PipelineRunner(cfg, rt, tracker, graph or DAG).run()
     except USER_ERRORS as exc:
         tracker.end("FAILED")
         print(f"error: {exc}", file=sys.stderr)

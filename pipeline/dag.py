@@ -11,6 +11,7 @@ import importlib
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Callable, Optional
 
+from core.context import BASELINE, QUANTIZED
 from core.schema import PipelineConfig
 from core.store import fingerprint
 
@@ -23,7 +24,7 @@ class StageSpec:
     optional_needs: tuple[str, ...] = ()  # used when they are part of this run or already in the store
     params: tuple[str, ...] = ()  # dotted config keys that define the output
     metric_prefix: str = ""
-    variant: str = "quantized"  # "baseline" nodes score the unquantized model
+    variant: str = QUANTIZED  # BASELINE nodes score the unquantized model
     uses_model: bool = True
     device_sensitive: bool = False  # fingerprint includes the resolved device type and dtype
     version: str = "1"
@@ -37,7 +38,8 @@ class StageSpec:
     # then equal those of a DAG without the node).
     enabled_when: Optional[str] = None
     # "module:function" (stage config dict) -> the dict the fingerprint hashes, when the stage reads only
-    # part of its params depending on their values (quantize: the chosen method's fields).
+    # part of its params depending on their values (not quantize: its quant section is already exactly
+    # the chosen method's config, core.schema.QUANT_CONFIGS).
     fingerprint_view: Optional[str] = None
 
     @property
@@ -67,7 +69,6 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("quantize", "stages.quantize:run", needs=("calibrate",), params=("quant", "run.seed"),
               metric_prefix="quantize", device_sensitive=True,
               identity="stages.quantize:data_parallel_identity", identity_of="run",
-              fingerprint_view="stages.quantize:fingerprint_view",
               description="RTN / GPTQ / AutoRound per block -> integer codes, scales, zeros"),
     StageSpec("recover", "stages.recover:run", needs=("quantize", "calibrate"), params=("recover", "run.seed"),
               metric_prefix="recover", device_sensitive=True, enabled_when="stages.recover:enabled",
@@ -77,11 +78,11 @@ STAGES: tuple[StageSpec, ...] = (
               metric_prefix="pack", version="2",
               description="write a GPTQ or auto-round checkpoint folder"),
     StageSpec("baseline_evaluate", "stages.evaluate:run", params=("eval",), metric_prefix="baseline.eval",
-              variant="baseline", device_sensitive=True, description="score the unquantized model"),
+              variant=BASELINE, device_sensitive=True, description="score the unquantized model"),
     StageSpec("evaluate", "stages.evaluate:run", needs=("pack", "baseline_evaluate"), params=("eval",),
               metric_prefix="eval", device_sensitive=True, description="score the packed checkpoint"),
     StageSpec("baseline_benchmark", "stages.benchmark:run", params=("bench",), metric_prefix="baseline.bench",
-              variant="baseline", device_sensitive=True, version="1",
+              variant=BASELINE, device_sensitive=True, version="1",
               description="throughput of the unquantized model"),
     StageSpec("benchmark", "stages.benchmark:run", needs=("pack", "baseline_benchmark"), params=("bench",),
               metric_prefix="bench", device_sensitive=True, description="throughput of the packed checkpoint"),
@@ -91,37 +92,67 @@ STAGES: tuple[StageSpec, ...] = (
               description="comparison table and plots for this run"),
 )
 
-STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
-SPECS: dict[str, StageSpec] = {s.name: s for s in STAGES}
+@dataclass(frozen=True)
+class Graph:
+    """A stage graph and the questions the runner asks of it (the pipeline's is DAG below; tests pass their own)."""
 
+    stages: tuple[StageSpec, ...]
 
-def topological_order(specs: Optional[tuple[StageSpec, ...]] = None) -> list[StageSpec]:
-    """Stages in dependency order (stable: declaration order breaks ties); rejects cycles."""
-    specs = STAGES if specs is None else specs
-    by_name = {s.name: s for s in specs}
-    done: list[str] = []
-    visiting: set[str] = set()
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stages)
 
-    def visit(name: str) -> None:
-        if name in done:
-            return
-        if name in visiting:
-            raise ValueError(f"stage graph has a cycle through {name}")
-        visiting.add(name)
-        spec = by_name[name]
-        for dep in spec.needs + spec.optional_needs:
-            visit(dep)
-        visiting.discard(name)
-        done.append(name)
+    @property
+    def specs(self) -> dict[str, StageSpec]:
+        return {s.name: s for s in self.stages}
 
-    for s in specs:
-        visit(s.name)
-    return [by_name[n] for n in done]
+    def topological_order(self) -> list[StageSpec]:
+        """Stages in dependency order (stable: declaration order breaks ties); rejects cycles."""
+        by_name = self.specs
+        done: list[str] = []
+        visiting: set[str] = set()
 
+        def visit(name: str) -> None:
+            if name in done:
+                return
+            if name in visiting:
+                raise ValueError(f"stage graph has a cycle through {name}")
+            visiting.add(name)
+            spec = by_name[name]
+            for dep in spec.needs + spec.optional_needs:
+                visit(dep)
+            visiting.discard(name)
+            done.append(name)
 
-def active_names(cfg: PipelineConfig) -> set[str]:
-    """The nodes that are part of the DAG for this config (see StageSpec.enabled_when)."""
-    return {s.name for s in STAGES if s.enabled(cfg)}
+        for s in self.stages:
+            visit(s.name)
+        return [by_name[n] for n in done]
+
+    def active_names(self, cfg: PipelineConfig) -> set[str]:
+        """The nodes that are part of the DAG for this config (see StageSpec.enabled_when)."""
+        return {s.name for s in self.stages if s.enabled(cfg)}
+
+    def upstream(self, name: str, active: Optional[set[str]] = None) -> set[str]:
+        """All stages `name` depends on (required and optional), transitively, among `active` ones."""
+        specs = self.specs
+        out: set[str] = set()
+        stack = list(sum(edges(specs[name], active), ()))
+        while stack:
+            dep = stack.pop()
+            if dep not in out:
+                out.add(dep)
+                stack.extend(sum(edges(specs[dep], active), ()))
+        return out
+
+    def downstream(self, name: str, active: Optional[set[str]] = None) -> set[str]:
+        """All stages that depend on `name`, transitively, among `active` ones (all when None)."""
+        return {s.name for s in self.stages
+                if (active is None or s.name in active) and name in self.upstream(s.name, active)}
+
+    def select(self, stages: list[str]) -> list[StageSpec]:
+        """The chosen subset (all when empty), in topological order."""
+        chosen = set(stages) if stages else set(self.names)
+        return [s for s in self.topological_order() if s.name in chosen]
 
 
 def edges(spec: StageSpec, active: Optional[set[str]] = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -131,27 +162,9 @@ def edges(spec: StageSpec, active: Optional[set[str]] = None) -> tuple[tuple[str
     return tuple(d for d in spec.needs if d in active), tuple(d for d in spec.optional_needs if d in active)
 
 
-def upstream(name: str, active: Optional[set[str]] = None) -> set[str]:
-    """All stages `name` depends on (required and optional), transitively, among `active` ones."""
-    out: set[str] = set()
-    stack = list(sum(edges(SPECS[name], active), ()))
-    while stack:
-        dep = stack.pop()
-        if dep not in out:
-            out.add(dep)
-            stack.extend(sum(edges(SPECS[dep], active), ()))
-    return out
-
-
-def downstream(name: str, active: Optional[set[str]] = None) -> set[str]:
-    """All stages that depend on `name`, transitively, among `active` ones (all when None)."""
-    return {s.name for s in STAGES if (active is None or s.name in active) and name in upstream(s.name, active)}
-
-
-def select(stages: list[str]) -> list[StageSpec]:
-    """The chosen subset (all when empty), in topological order."""
-    chosen = set(stages) if stages else set(STAGE_NAMES)
-    return [s for s in topological_order() if s.name in chosen]
+DAG = Graph(STAGES)
+STAGE_NAMES: tuple[str, ...] = DAG.names
+SPECS: dict[str, StageSpec] = DAG.specs
 
 
 def config_value(cfg: PipelineConfig, dotted: str) -> Any:
@@ -169,7 +182,7 @@ def stage_config(spec: StageSpec, cfg: PipelineConfig) -> dict[str, Any]:
 def stage_fingerprint(spec: StageSpec, cfg: PipelineConfig, input_fps: dict[str, str], model_fp: Optional[str],
                       device: str, dtype: str) -> str:
     """Hash of stage name + version + its config + input fingerprints (+ model, device when relevant)."""
-    config = stage_config(spec, cfg)
+    config = stage_config(spec, cfg)  # quant: the chosen method's config, exactly its fields
     if spec.fingerprint_view:
         module, _, attr = spec.fingerprint_view.partition(":")
         config = getattr(importlib.import_module(module), attr)(config)

@@ -19,7 +19,7 @@ from typing import Any, Optional
 from tqdm.auto import tqdm
 
 from pipeline import dag
-from core.context import Artifact, StageContext, StageResult
+from core.context import SECONDS_METRIC, Artifact, StageContext, StageResult
 from core.errors import InputError
 from core.models import ModelHandle
 from pipeline.models import prepare_model
@@ -57,27 +57,27 @@ class Plan:
 class PipelineRunner:
     """Executes one pipeline job. Holds no global state; everything comes from the config."""
 
-    def __init__(self, cfg: PipelineConfig, runtime: Runtime, tracker: Any = None):
-        self.cfg, self.rt = cfg, runtime
+    def __init__(self, cfg: PipelineConfig, runtime: Runtime, tracker: Any = None, graph: dag.Graph = dag.DAG):
+        self.cfg, self.rt, self.graph = cfg, runtime, graph
         self.tracker = tracker or NullTracker()
         self.store = ArtifactStore(Path(cfg.run.outputs_dir) / "store")
         self.log = runtime.log
 
     # -- planning -----------------------------------------------------------------------
     def plan(self) -> Plan:
-        active = dag.active_names(self.cfg)
-        chosen = dag.select(self.cfg.run.stages)
+        active = self.graph.active_names(self.cfg)
+        chosen = self.graph.select(self.cfg.run.stages)
         selected = [s for s in chosen if s.name in active]
         selected_names = {s.name for s in selected}
         needed = set(selected_names)
         for s in selected:
-            needed |= dag.upstream(s.name, active)
+            needed |= self.graph.upstream(s.name, active)
         model = None
-        if any(dag.SPECS[n].uses_model for n in needed):
+        if any(self.graph.specs[n].uses_model for n in needed):
             model = prepare_model(self.cfg.model, self.store, self.log)
         fps: dict[str, str] = {}
         inputs: dict[str, list[str]] = {}
-        for spec in dag.topological_order():
+        for spec in self.graph.topological_order():
             if spec.name not in needed:
                 continue
             needs, optional = dag.edges(spec, active)
@@ -117,7 +117,7 @@ class PipelineRunner:
     def _forced(self, selected_names: set[str], active: set[str]) -> set[str]:
         forced = set(self.cfg.run.force)
         for name in list(forced):
-            forced |= dag.downstream(name, active) & selected_names
+            forced |= self.graph.downstream(name, active) & selected_names
         return forced
 
     # -- execution ----------------------------------------------------------------------
@@ -125,7 +125,7 @@ class PipelineRunner:
         plan = self.plan()
         self.check(plan)
         outcomes: list[StageOutcome] = []
-        order = [s for s in dag.topological_order() if s in plan.selected or s in plan.skipped]
+        order = [s for s in self.graph.topological_order() if s in plan.selected or s in plan.skipped]
         bar = tqdm(order, desc="pipeline", unit="stage", disable=not self.cfg.run.progress, leave=True)
         for spec in bar:
             bar.set_postfix_str(spec.name)
@@ -147,7 +147,7 @@ class PipelineRunner:
                     ctx = self._context(spec, work.path, work.resumed, inputs, plan.model)
                     self.log(f"[{spec.name}] running ({'resuming' if work.resumed else 'fresh'}) -> {entry.path}")
                     result: StageResult = spec.load()(ctx)
-                    metrics = {"seconds": round(time.perf_counter() - t0, 3), **result.metrics}
+                    metrics = {SECONDS_METRIC: round(time.perf_counter() - t0, 3), **result.metrics}
                     work.finish(config=dag.stage_config(spec, self.cfg),
                                 inputs={k: a.fingerprint for k, a in inputs.items()},
                                 metrics=metrics, summary=result.summary,

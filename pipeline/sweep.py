@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from core.context import JOB_FILE
 from core.schema import PipelineConfig
 
 log = logging.getLogger("pipeline")
-JOB_FILE = "job.json"
 
 
 def job_record(job_return: Any, model_name: Optional[str]) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from core.errors import ConfigError, choices, one_of
-from core.schema import SWITCHES, PipelineConfig
+from core.schema import SWITCHES, AutoRoundConfig, CalibratedConfig, PipelineConfig
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -203,7 +203,7 @@ FIELD_RULES: dict[str, Callable[[str, Any], None]] = {
     "recover.rank": _int_at_least(1, 16),
     "recover.alpha": _positive(32),
     "recover.target_modules": _module_names,
-    "quant.bnb.int8_threshold": _number_at_least(0.0, 6.0),
+    "quant.int8_threshold": _number_at_least(0.0, 6.0),
     "pack.format": _choice(_registry("PACK_FORMATS"), "auto"),
     "pack.packing_format": _choice(_registry("PACKING_FORMATS"), "auto"),
     "pack.max_shard_size": _shard_size,
@@ -248,11 +248,14 @@ def check_field(key: str, value: Any) -> None:
 
 
 def _walk(cfg: PipelineConfig) -> Iterator[tuple[str, Any]]:
+    """(key, value) of every FIELD_RULES key the config has (a quant.* key of another method it has not)."""
+    missing = object()
     for key in FIELD_RULES:
         node: Any = cfg
         for part in key.split("."):
-            node = getattr(node, part)
-        yield key, node
+            node = getattr(node, part, missing)
+        if node is not missing:
+            yield key, node
 
 
 def validate_config(cfg: PipelineConfig) -> None:
@@ -264,7 +267,7 @@ def validate_config(cfg: PipelineConfig) -> None:
 
     if q.method in QUANT_CONFIG_CHECKS:  # a method with rules of its own (bitsandbytes: fixed scheme, no tuning)
         resolve(QUANT_CONFIG_CHECKS, "quant.method", q.method)(cfg)
-    elif q.method != "rtn" and q.batch_size > c.nsamples:
+    elif isinstance(q, CalibratedConfig) and q.batch_size > c.nsamples:
         raise ConfigError("quant.batch_size", q.batch_size, f"at most calib.nsamples={c.nsamples}",
                           f"e.g. quant.batch_size={min(8, c.nsamples)} or calib.nsamples={q.batch_size}",
                           problem="exceeds the number of calibration samples")
@@ -294,9 +297,9 @@ def _check_distributed(cfg: PipelineConfig) -> None:
     if r.nnodes > 1 and not re.fullmatch(r"[^\s:]+:\d+", str(r.rdzv_endpoint or "")):
         raise ConfigError("run.rdzv_endpoint", r.rdzv_endpoint, "host:port of node 0, reachable from every node",
                           "e.g. run.rdzv_endpoint=node001:29500", problem="is required when run.nnodes > 1")
-    if world == 1 or q.method == "rtn":
+    if world == 1 or not isinstance(q, CalibratedConfig):
         return
-    if q.method == "autoround" and q.batch_size % world:
+    if isinstance(q, AutoRoundConfig) and q.batch_size % world:
         raise ConfigError("quant.batch_size", q.batch_size, f"a multiple of the {world} ranks "
                           f"(run.nproc_per_node={r.nproc_per_node} x run.nnodes={r.nnodes}): each rank tunes on an "
                           "equal share of every mini-batch",

@@ -13,13 +13,16 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Optional
 
-from core.context import StageContext, StageResult
+from core.context import BASELINE, StageContext, StageResult
 from core.errors import ConfigError
 from core.schema import BenchConfig, PipelineConfig
 from stages.bench.options import Backend, BenchOptions, BenchTarget, folder_size
 from stages.bench.workload import Workload, speedups
 
 RESULT_FILE = "throughput.json"
+# Metrics the report reads (each also per batch size as <name>.b<B>; unsuffixed = the first batch size)
+TOKENS_PER_S_METRIC = "tokens_per_s"
+SPEEDUP_METRIC = "speedup_vs_baseline"
 GPU_ONLY_SWITCHES = ("compile", "cuda_graphs")
 CPU_LABEL = "CPU path check (not a speed number)"
 
@@ -140,16 +143,16 @@ def metrics_of(record: dict[str, Any]) -> dict[str, float]:
     """Scalar metrics for MLflow (prefixed bench. / baseline.bench. by the runner); unsuffixed = first batch size."""
     m: dict[str, float] = {}
     for i, r in enumerate(record.get("results", [])):
-        for key, name in (("output_tokens_per_s", "tokens_per_s"), ("requests_per_s", "requests_per_s"),
+        for key, name in (("output_tokens_per_s", TOKENS_PER_S_METRIC), ("requests_per_s", "requests_per_s"),
                           ("ttft_ms", "ttft_ms"), ("tpot_ms", "tpot_ms"), ("decode_tokens_per_s", "decode_tokens_per_s")):
             if key in r:
                 m[f"{name}.b{r['batch_size']}"] = r[key]["median"]
                 if i == 0:
                     m[name] = r[key]["median"]
     for i, (b, s) in enumerate(record.get("speedup_vs_baseline", {}).items()):
-        m[f"speedup_vs_baseline.b{b}"] = s
+        m[f"{SPEEDUP_METRIC}.b{b}"] = s
         if i == 0:
-            m["speedup_vs_baseline"] = s
+            m[SPEEDUP_METRIC] = s
     for key in ("peak_gpu_memory_bytes", "weight_memory_bytes", "size_on_disk_bytes"):
         if record.get(key):
             m[key.replace("_bytes", "_mb")] = record[key] / 2**20
@@ -176,7 +179,7 @@ def comparable_baseline(ctx: StageContext, record: dict[str, Any], options: Benc
         return baseline
     ctx.log(f"[{ctx.stage}] the baseline ran on {baseline.get('backend')}; measuring the unquantized model on "
             f"{record['backend']} too, for a comparable speedup")
-    rerun = _measure(ctx, record["backend"], BenchTarget(ctx.model.path, "baseline", ctx.model.trust_remote_code),
+    rerun = _measure(ctx, record["backend"], BenchTarget(ctx.model.path, BASELINE, ctx.model.trust_remote_code),
                      options)
     record["baseline_same_backend"] = rerun
     return rerun
@@ -185,25 +188,17 @@ def comparable_baseline(ctx: StageContext, record: dict[str, Any], options: Benc
 def run(ctx: StageContext) -> StageResult:
     """Benchmark the baseline model or the packed checkpoint (ctx.variant) and write throughput.json."""
     cfg = ctx.cfg.bench
-    verdict, adapter = None, None
-    if ctx.variant == "baseline":
-        path = ctx.model.path
-    else:
-        from stages.formats.artifact import REPORT_FILE, checkpoint_dir
-        from stages.recovery.adapter import find_adapter
+    from stages.formats.artifact import model_under_test
 
-        path = str(checkpoint_dir(ctx.inputs["pack"].path))
-        if (ctx.inputs["pack"].path / REPORT_FILE).is_file():
-            verdict = ctx.inputs["pack"].read_json(REPORT_FILE).get("vllm")
-        found = find_adapter(ctx.inputs["pack"].path)
-        adapter = None if found is None else str(found)
-    name, why = resolve_backend(cfg.backend, ctx.device, verdict)
+    target = model_under_test(ctx)
+    name, why = resolve_backend(cfg.backend, ctx.device, (target.compat or {}).get("vllm"))
     if name != "vllm" and cfg.backend == "auto":
         ctx.log(f"[{ctx.stage}] backend: {name} ({why})")
     options = resolve_options(cfg, ctx.device, ctx.dtype)
-    record = _measure(ctx, name, BenchTarget(path, ctx.variant, ctx.model.trust_remote_code, adapter), options)
+    record = _measure(ctx, name, BenchTarget(target.path, ctx.variant, ctx.model.trust_remote_code, target.adapter),
+                      options)
     record.update(backend_requested=cfg.backend, backend_choice=why)
-    baseline = comparable_baseline(ctx, record, options) if ctx.variant != "baseline" else None
+    baseline = comparable_baseline(ctx, record, options) if target.quantized else None
     if baseline is not None:
         attach_speedups(record, baseline)
     (ctx.workdir / RESULT_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")

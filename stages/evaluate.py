@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from core.context import StageContext, StageResult
-from core.errors import ConfigError, InputError
+from core.context import BASELINE, QUANTIZED, StageContext, StageResult
+from core.errors import ConfigError
 from core.models import ModelHandle, is_offline, offline_env
 from core.schema import EvalConfig, PipelineConfig
 from stages.eval.harness import EvalTarget, check_tokenizer_files, check_vllm_available, close_lm, run_lm_eval
@@ -28,7 +28,7 @@ from stages.eval.results import (deltas_vs_baseline, flatten_lm_eval, paired_ppl
 from stages.eval.tasks import check_task_names
 from stages.eval.texts import check_text_source, load_perplexity_text
 from stages.recover import writes_adapter
-from stages.recovery.adapter import apply_adapter_with_peft, find_adapter
+from stages.recovery.adapter import apply_adapter_with_peft
 from stages.registry import EVAL_BACKENDS, EVAL_TASK_SOURCES, resolve
 
 METRICS_FILE = "metrics.json"
@@ -127,7 +127,7 @@ def preflight(cfg: PipelineConfig, model: Optional[ModelHandle], spec: Any) -> N
         check_text_source(e.perplexity, _offline(cfg))
     if e.tasks and e.backend == "vllm":
         check_vllm_available(_planned_device(cfg.run.device))
-    if getattr(spec, "variant", "quantized") == "baseline":
+    if getattr(spec, "variant", QUANTIZED) == BASELINE:
         if model is not None:
             check_tokenizer_files(model.path, "model folder")
     elif writes_adapter(cfg) and not e.dense_weights:
@@ -135,17 +135,6 @@ def preflight(cfg: PipelineConfig, model: Optional[ModelHandle], spec: Any) -> N
                           "Linear layers; "
                           "the packed layers become plain Linears with eval.dense_weights=true)",
                           "set eval.dense_weights=true")
-
-
-def packed_folder(path: Path) -> Path:
-    """The checkpoint folder inside a pack artifact (the artifact itself, or its one subfolder with config.json)."""
-    if (path / "config.json").is_file():
-        return path
-    found = sorted(p.parent for p in path.glob("*/config.json"))
-    if len(found) != 1:
-        raise InputError(f"pack artifact {path} holds {len(found)} checkpoint folders (folders with config.json); "
-                         "expected exactly one: re-run the pack stage with run.force=[pack]")
-    return found[0]
 
 
 def densify_quant_linears(model: Any, dtype: Any) -> int:
@@ -176,7 +165,10 @@ def _target(ctx: StageContext) -> EvalTarget:
     """The packed checkpoint (quantized variant) or the unquantized model (baseline)."""
     from transformers import AutoTokenizer
 
-    if ctx.variant == "baseline":
+    from stages.formats.artifact import model_under_test
+
+    under_test = model_under_test(ctx)
+    if not under_test.quantized:
         from core.models import load_model, load_tokenizer
 
         handle = ctx.model
@@ -184,14 +176,13 @@ def _target(ctx: StageContext) -> EvalTarget:
         return EvalTarget(handle.path, lambda: load_model(handle, ctx.torch_dtype(), ctx.device),
                           lambda: load_tokenizer(handle), ctx.device, ctx.dtype, quantized=False,
                           trust_remote_code=handle.trust_remote_code)
-    folder = packed_folder(ctx.inputs["pack"].path)
+    folder, adapter = under_test.path, under_test.adapter
     check_tokenizer_files(folder, "packed checkpoint")
-    adapter = find_adapter(ctx.inputs["pack"].path)
 
     def load() -> Any:
         from stages.formats.qlinear import load_quantized_model
 
-        model = load_quantized_model(str(folder), ctx.device, ctx.torch_dtype(),
+        model = load_quantized_model(folder, ctx.device, ctx.torch_dtype(),
                                      trust_remote_code=ctx.model.trust_remote_code).eval()
         swapped = densify_quant_linears(model, ctx.torch_dtype()) if ctx.cfg.eval.dense_weights else 0
         if swapped:  # none for a bitsandbytes checkpoint: its Linears run bitsandbytes' kernels as shipped
@@ -201,9 +192,8 @@ def _target(ctx: StageContext) -> EvalTarget:
             ctx.log(f"[{ctx.stage}] LoRA adapter {adapter} applied with PEFT")
         return model
 
-    return EvalTarget(str(folder), load, lambda: AutoTokenizer.from_pretrained(folder), ctx.device, ctx.dtype,
-                      quantized=True, trust_remote_code=ctx.model.trust_remote_code,
-                      adapter=None if adapter is None else str(adapter))
+    return EvalTarget(folder, load, lambda: AutoTokenizer.from_pretrained(folder), ctx.device, ctx.dtype,
+                      quantized=True, trust_remote_code=ctx.model.trust_remote_code, adapter=adapter)
 
 
 @contextlib.contextmanager
@@ -224,7 +214,7 @@ def scoped_env(values: dict[str, str]) -> Iterator[None]:
 def _baseline_record(ctx: StageContext) -> Optional[dict[str, Any]]:
     """The baseline_evaluate artifact's metrics.json ({"metrics", "perplexity", ...}), or None."""
     art = ctx.inputs.get("baseline_evaluate")
-    if ctx.variant == "baseline" or art is None:
+    if ctx.variant == BASELINE or art is None:
         return None
     if (art.path / METRICS_FILE).is_file():
         return art.read_json(METRICS_FILE)
@@ -240,7 +230,7 @@ def eval_backend(ctx: StageContext) -> tuple[str, str]:
     compat.json says vLLM refuses is scored with hf (so one sweep can mix servable and unservable rows)."""
     requested = ctx.cfg.eval.backend
     pack = ctx.inputs.get("pack")
-    if requested != "vllm" or ctx.variant == "baseline" or not ctx.cfg.eval.tasks or pack is None:
+    if requested != "vllm" or ctx.variant == BASELINE or not ctx.cfg.eval.tasks or pack is None:
         return requested, f"eval.backend={requested}"
     from stages.formats.artifact import REPORT_FILE
 
@@ -272,7 +262,7 @@ def run(ctx: StageContext) -> StageResult:
         if outcome.perplexity is not None and record.get("perplexity"):
             metrics.update(paired_ppl_ratio(outcome.perplexity, record["perplexity"]))
     table = summary_table(metrics, baseline)
-    title = f"{'baseline' if ctx.variant == 'baseline' else 'packed checkpoint'}: {target.path}"
+    title = f"{'packed checkpoint' if target.quantized else 'baseline'}: {target.path}"
     ctx.log(f"[{ctx.stage}] {title}\n{table}")
     (ctx.workdir / SUMMARY_FILE).write_text(f"# {ctx.stage}\n\n{title}\n\n{table}\n", encoding="utf-8")
     _write_json(ctx.workdir / METRICS_FILE, {"metrics": metrics, "perplexity": outcome.perplexity,

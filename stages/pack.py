@@ -16,10 +16,10 @@ from typing import Any, Optional
 
 from core.context import StageContext, StageResult
 from core.errors import ConfigError
-from core.schema import PipelineConfig
+from core.schema import GPTQConfig, PipelineConfig, quant_config_from_record
 from core.store import fingerprint
 from stages.formats import parse_size
-from stages.formats.artifact import CHECKPOINT_DIR, REPORT_FILE, checkpoint_dir, checkpoint_dtype
+from stages.formats.artifact import CHECKPOINT_DIR, REPORT_FILE, SIZE_METRIC, checkpoint_dir, checkpoint_dtype
 
 MB = 10**6
 
@@ -35,7 +35,7 @@ def size_metrics(result: Any) -> dict[str, float]:
     """Sizes on disk and the quantized layers' bytes against their float16 size."""
     quant, fp16 = result.quantized_bytes, result.fp16_bytes
     return {
-        "size_mb": round(result.size_on_disk / MB, 3),
+        SIZE_METRIC: round(result.size_on_disk / MB, 3),
         "quantized_mb": round(quant / MB, 3),
         "quantized_fp16_mb": round(fp16 / MB, 3),
         "compression_vs_fp16": round(fp16 / quant, 4) if quant else 0.0,
@@ -48,7 +48,7 @@ def run(ctx: StageContext) -> StageResult:
     """Pack ctx.inputs["quantize"] for ctx.model into checkpoint/ and write compat.json."""
     from stages.formats.compat import compatibility_report, summary_lines
     from stages.formats.source import QStateReader, SourceModel
-    from stages.formats.writer import PackOptions, Recipe
+    from stages.formats.writer import PackOptions
     from stages.recover import attach_adapter, qstate_input
     from stages.registry import PACK_FORMATS, resolve
 
@@ -62,8 +62,8 @@ def run(ctx: StageContext) -> StageResult:
     qstate_art = qstate_input(ctx.inputs)  # the recovered qstate when recover.mode=scales ran
     qstate = QStateReader.open(qstate_art.path)
     source = SourceModel.open(ctx.model.path, ctx.model.revision)
-    quant = quantize.manifest.get("config", {}).get("quant") or asdict(ctx.cfg.quant)
-    recipe = Recipe.from_quant_config(quant)
+    recorded = quantize.manifest.get("config", {}).get("quant")
+    recipe = quant_config_from_record(recorded) if recorded else ctx.cfg.quant
     options = PackOptions(checkpoint_dtype(ctx.cfg.model.dtype, source.dtype()), parse_size(cfg.max_shard_size),
                           cfg.packing_format)
     identity = fingerprint({"qstate": _qstate_digest(qstate_art.manifest) or qstate.digest(),
@@ -115,7 +115,7 @@ def preflight(cfg: PipelineConfig, model: Any, spec: Any) -> None:
         raise ConfigError("pack.packing_format", p.packing_format, f"auto with pack.format={p.format}",
                           "pack.packing_format applies to pack.format=auto_round; e.g. pack.packing_format=auto")
     # GPTQ's act_order permutes groups (g_idx) unless static_groups keeps them in natural order.
-    if p.format == "auto_round" and q.method == "gptq" and q.act_order and not q.static_groups:
+    if p.format == "auto_round" and isinstance(q, GPTQConfig) and q.act_order and not q.static_groups:
         raise ConfigError("pack.format", p.format, "gptq when quant.act_order=true (auto-round's format has no g_idx)",
                           "e.g. pack.format=gptq, quant.static_groups=true or quant.act_order=false")
     if p.packing_format == "auto_round:auto_awq":

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from core.context import StageContext, StageResult
     from core.models import ModelHandle
-    from core.schema import PipelineConfig, QuantConfig
+    from core.schema import PipelineConfig, QuantScheme
     from stages.quant.job import QuantizeJob
 
 STEP_METRICS = {"loss_init": "block_loss_init", "loss_best": "block_loss_best", "best_iter": "block_best_iter",
@@ -47,7 +47,7 @@ STEP_METRICS = {"loss_init": "block_loss_init", "loss_best": "block_loss_best", 
                 "solve_seconds": "block_solve_seconds"}
 
 
-def quantize_model(model: Any, input_ids: Optional["torch.Tensor"], cfg: "QuantConfig", device: Any, *,
+def quantize_model(model: Any, input_ids: Optional["torch.Tensor"], cfg: "QuantScheme", device: Any, *,
                    seed: int = 0, progress: bool = False, done: Optional[dict] = None,
                    on_block_done: Optional[Any] = None, log: Any = None) -> Any:
     """The stage's pure core: quantize every decoder block (see stages.quant.driver.quantize_model).
@@ -167,21 +167,6 @@ def data_parallel_identity(run: Any) -> Optional[dict]:
     return {"world_size": world} if world > 1 else None
 
 
-def fingerprint_view(config: dict[str, Any]) -> dict[str, Any]:
-    """The stage config as its fingerprint sees it: the fields the chosen method does not read
-    (stages.registry.QUANT_METHOD_FIELDS) held at their defaults, so changing them keeps the artifact,
-    and a config that leaves them alone keeps the fingerprint it had when the whole section was hashed."""
-    from dataclasses import asdict
-
-    from core.schema import QuantConfig
-    from stages.registry import quant_fields_ignored_by
-
-    quant, defaults = dict(config["quant"]), asdict(QuantConfig())
-    for name in quant_fields_ignored_by(quant["method"]):
-        quant[name] = defaults[name]
-    return {**config, "quant": quant}
-
-
 def meta_model(model: "ModelHandle"):
     """The model's architecture on the meta device (no weights read)."""
     import torch
@@ -194,14 +179,13 @@ def meta_model(model: "ModelHandle"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
 
 
-def check_quant_config(cfg: "QuantConfig", nsamples: int) -> None:
-    """Config-only checks (no model): method-specific ranges and batch/sample counts."""
-    if cfg.method == "autoround" and cfg.iters > 0 and cfg.batch_size > nsamples:
+def check_quant_config(cfg: "QuantScheme", nsamples: int) -> None:
+    """Config-only checks (no model): an AutoRound batch must fit in the calibration samples."""
+    from core.schema import AutoRoundConfig
+
+    if isinstance(cfg, AutoRoundConfig) and cfg.iters > 0 and cfg.batch_size > nsamples:
         raise ConfigError("quant.batch_size", cfg.batch_size, f"at most calib.nsamples={nsamples}",
                           f"e.g. quant.batch_size={min(8, nsamples)}", problem="exceeds the calibration samples")
-    if cfg.compile == "on" and cfg.method != "autoround":
-        raise ConfigError("quant.compile", cfg.compile, f"auto or off for quant.method={cfg.method}",
-                          "set quant.compile=auto", problem="only applies to autoround")
 
 
 def check_model_files(model: "ModelHandle", skeleton: Any) -> None:

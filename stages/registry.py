@@ -32,7 +32,8 @@ CALIB_MODES: dict[str, str] = {
     "random_window": "stages.calibrate:sample_random_window",
 }
 
-# quant.method -> quantizer over the whole model (see stages.quantize)
+# quant.method -> quantizer over the whole model (see stages.quantize); each method's config class is
+# core.schema.QUANT_CONFIGS[method] (tests check that both name the same methods)
 QUANT_METHODS: dict[str, str] = {
     "rtn": "stages.quant.rtn:RTNQuantizer",
     "gptq": "stages.quant.gptq:GPTQQuantizer",
@@ -40,20 +41,6 @@ QUANT_METHODS: dict[str, str] = {
     # bitsandbytes: quantized at load time by transformers, whole stage (stages.quant.bnb); no block driver
     "bnb_nf4": "stages.quant.bnb:BnbMethod",
     "bnb_int8": "stages.quant.bnb:BnbMethod",
-}
-
-# quant.method -> the QuantConfig fields only that method reads, beyond the scheme fields every method
-# reads (method, bits, group_size, sym, quantize_lm_head, overrides; any field declared for no method).
-# The quantize fingerprint holds the other methods' fields at their defaults, so changing them keeps
-# the artifact (stages.quantize:fingerprint_view). The block driver (calibrated methods) reads the first three.
-_DRIVER_FIELDS = ("batch_size", "amp", "low_gpu_mem")
-QUANT_METHOD_FIELDS: dict[str, tuple[str, ...]] = {
-    "rtn": (),
-    "gptq": _DRIVER_FIELDS + ("damp_percent", "act_order", "static_groups", "true_sequential", "block_columns"),
-    "autoround": _DRIVER_FIELDS + ("iters", "lr", "minmax_lr", "grad_accum", "use_best_iter", "tune_minmax",
-                                   "compile"),
-    "bnb_nf4": ("bnb",),
-    "bnb_int8": ("bnb",),
 }
 
 # quant.method -> its own config rules, (PipelineConfig) -> None raising ConfigError (torch-free; run by
@@ -144,9 +131,3 @@ def resolve(registry: Mapping[str, str], key: str, name: str) -> Any:
     module, _, attr = registry[name].partition(":")
     return getattr(importlib.import_module(module), attr)
 
-
-def quant_fields_ignored_by(method: str) -> set[str]:
-    """The method-specific QuantConfig fields that `method` does not read (other methods' fields)."""
-    one_of("quant.method", method, QUANT_METHOD_FIELDS)
-    declared = {name for fields in QUANT_METHOD_FIELDS.values() for name in fields}
-    return declared - set(QUANT_METHOD_FIELDS[method])

@@ -22,37 +22,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from core.context import StageContext, StageResult
+from core.context import BASELINE, JOB_FILE, QUANTIZED, SECONDS_METRIC, StageContext, StageResult
 from core.errors import InputError
+from core.schema import quant_config_from_record
+from stages.benchmark import SPEEDUP_METRIC, TOKENS_PER_S_METRIC
+from stages.eval.results import LM_EVAL_PERPLEXITIES, PPL
+from stages.formats.artifact import SIZE_METRIC
+from stages.quant.driver import PEAK_MEMORY_METRIC
 
-JOB_FILE = "job.json"  # written into each sweep job folder by pipeline.sweep.write_job_record
 KEY_COLUMNS = ("method", "bits", "group_size", "sym", "iters", "recover")
-# Methods whose tuning iterations are fixed whatever quant.iters says: RTN never tunes (0),
-# GPTQ and bitsandbytes have no iterations (None, shown as "-").
-FIXED_ITERS: dict[str, Optional[int]] = {"rtn": 0, "gptq": None, "bnb_nf4": None, "bnb_int8": None}
-PPL_RE = re.compile(r"(^|[._])(ppl|word_perplexity|perplexity)$")
+ADAPTER_METRIC = "adapter_mb"  # the recover stage's LoRA adapter size (stages.recover writes it)
 
 
 @dataclass(frozen=True)
 class CostColumn:
-    """A cost/speed column: the stage it comes from, a regex over that stage's metric names, units."""
+    """A cost/speed column: the stage it comes from, the metric name that stage declares, a unit factor."""
 
     name: str
     stage: str
-    pattern: str
+    metric: str
     header: str
+    scale: float = 1.0  # column value = metric * scale
 
 
 COST_COLUMNS = (
-    CostColumn("quantize_seconds", "quantize", r"^seconds$", "quant s"),
-    CostColumn("recover_seconds", "recover", r"^seconds$", "recover s"),
-    CostColumn("adapter_mb", "recover", r"^adapter_mb$", "adapter MB"),
-    CostColumn("peak_memory_mb", "quantize", r"peak.*(mem|memory)", "peak mem MB"),
-    CostColumn("size_mb", "pack", r"^size(_on_disk)?_(mb|mib|gb|bytes)$", "size MB"),
-    CostColumn("tokens_per_s", "benchmark", r"^(output_)?tokens_per_s$", "tok/s"),
+    CostColumn("quantize_seconds", "quantize", SECONDS_METRIC, "quant s"),
+    CostColumn("recover_seconds", "recover", SECONDS_METRIC, "recover s"),
+    CostColumn("adapter_mb", "recover", ADAPTER_METRIC, "adapter MB"),
+    CostColumn("peak_memory_mb", "quantize", PEAK_MEMORY_METRIC, "peak mem MB", scale=1024.0),  # GiB -> MiB
+    CostColumn("size_mb", "pack", SIZE_METRIC, "size MB"),
+    CostColumn("tokens_per_s", "benchmark", TOKENS_PER_S_METRIC, "tok/s"),
 )
-# Conversions of a metric's unit suffix to MB.
-TO_MB = {"_gb": 1024.0, "_gib": 1024.0, "_mb": 1.0, "_mib": 1.0, "_bytes": 1.0 / 2 ** 20, "_b": 1.0 / 2 ** 20}
 # What to add to run.stages to fill a column, by source stage.
 STAGE_HINT = {"evaluate": "evaluate (with baseline_evaluate)", "pack": "pack", "benchmark": "benchmark",
               "quantize": "quantize"}
@@ -70,10 +70,10 @@ class Report:
     title: str = "Quantization comparison"
 
     def quantized_rows(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows if r.get("kind") == "quantized"]
+        return [r for r in self.rows if r.get("kind") == QUANTIZED]
 
     def baseline_rows(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows if r.get("kind") == "baseline"]
+        return [r for r in self.rows if r.get("kind") == BASELINE]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,49 +94,34 @@ def quality_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: numeric[k] for k in keys if k is not None}
 
 
-def _to_mb(key: str, value: float) -> float:
-    for suffix, factor in TO_MB.items():
-        if key.endswith(suffix):
-            return value * factor
-    return value
-
-
-def pick_metric(metrics: Mapping[str, Any], pattern: str) -> Optional[tuple[str, float]]:
-    """The first metric (in sorted key order) whose name matches `pattern`, as (name, value)."""
-    numeric = _numeric(metrics)
-    for key in sorted(numeric):
-        if re.search(pattern, key):
-            return key, numeric[key]
-    return None
+def metric(manifest: Optional[Mapping[str, Any]], name: str) -> Optional[float]:
+    """A stage's numeric metric `name` from its manifest, or None when the stage did not record it."""
+    return _numeric((manifest or {}).get("metrics", {})).get(name)
 
 
 def _cost(manifests: Mapping[str, dict], col: CostColumn) -> Optional[float]:
-    found = pick_metric(manifests.get(col.stage, {}).get("metrics", {}), col.pattern)
-    if found is None:
-        return None
-    key, value = found
-    return _to_mb(key, value) if col.name.endswith("_mb") else value
+    value = metric(manifests.get(col.stage), col.metric)
+    return None if value is None else value * col.scale
 
 
 def _scheme(quantize: dict, recover: Optional[dict] = None) -> dict[str, Any]:
-    quant = quantize.get("config", {}).get("quant", {})
-    scheme = {k: quant.get(k) for k in KEY_COLUMNS}
-    if scheme["method"] in FIXED_ITERS:
-        scheme["iters"] = FIXED_ITERS[scheme["method"]]
+    """The key columns of a job: its method's scheme and tuning iterations (None: not an iterative method)."""
+    quant = quant_config_from_record(quantize.get("config", {}).get("quant", {}))
+    scheme: dict[str, Any] = {"method": quant.method, "bits": quant.bits, "group_size": quant.group_size,
+                              "sym": quant.sym, "iters": quant.tuning_iters}
     scheme["recover"] = (recover or {}).get("config", {}).get("recover", {}).get("mode", "none")
     return scheme
 
 
 def _baseline_row(manifests: Mapping[str, dict]) -> dict[str, Any]:
     ev = manifests.get("baseline_evaluate")
-    row: dict[str, Any] = {"kind": "baseline", "label": "baseline (unquantized)", "method": "none"}
+    row: dict[str, Any] = {"kind": BASELINE, "label": "baseline (unquantized)", "method": "none"}
     if ev is not None:
         row.update({f"eval.{k}": v for k, v in quality_metrics(ev.get("metrics", {})).items()})
     bench = manifests.get("baseline_benchmark")
     if bench is not None:
-        found = pick_metric(bench.get("metrics", {}), COST_COLUMNS[-1].pattern)
-        row["tokens_per_s"] = found[1] if found else None
-        row["speedup"] = 1.0 if found else None
+        row["tokens_per_s"] = metric(bench, TOKENS_PER_S_METRIC)
+        row["speedup"] = 1.0 if row["tokens_per_s"] is not None else None
     return row
 
 
@@ -154,7 +139,7 @@ def job_label(scheme: Mapping[str, Any]) -> str:
 
 def _quantized_row(name: str, manifests: Mapping[str, dict], baseline: dict[str, Any]) -> dict[str, Any]:
     scheme = _scheme(manifests["quantize"], manifests.get("recover"))
-    row: dict[str, Any] = {"kind": "quantized", "job": name, "label": job_label(scheme), **scheme}
+    row: dict[str, Any] = {"kind": QUANTIZED, "job": name, "label": job_label(scheme), **scheme}
     ev = manifests.get("evaluate")
     if ev is not None:
         for key, value in quality_metrics(ev.get("metrics", {})).items():
@@ -164,12 +149,8 @@ def _quantized_row(name: str, manifests: Mapping[str, dict], baseline: dict[str,
                 row[f"delta.{key}"] = value - base
     for col in COST_COLUMNS:
         row[col.name] = _cost(manifests, col)
-    bench = manifests.get("benchmark", {}).get("metrics", {})
-    found = pick_metric(bench, r"^speedup(_vs_baseline)?$")
-    row["speedup"] = None
-    if found is not None:
-        row["speedup"] = found[1]
-    elif row.get("tokens_per_s") and baseline.get("tokens_per_s"):
+    row["speedup"] = metric(manifests.get("benchmark"), SPEEDUP_METRIC)
+    if row["speedup"] is None and row.get("tokens_per_s") and baseline.get("tokens_per_s"):
         row["speedup"] = row["tokens_per_s"] / baseline["tokens_per_s"]
     return row
 
@@ -180,11 +161,11 @@ def _baseline_key(manifests: Mapping[str, dict]) -> tuple:
 
 
 def _ppl_key(quality: Iterable[str]) -> Optional[str]:
+    """The evaluator's perplexity (stages.eval.results.PPL), else the first lm-eval perplexity metric."""
     keys = sorted(quality)
-    for key in keys:  # prefer a plain token perplexity over word/byte variants
-        if re.search(r"(^|[._])ppl$", key):
-            return key
-    return next((k for k in keys if PPL_RE.search(k)), None)
+    if PPL in keys:
+        return PPL
+    return next((k for k in keys if k.rsplit(".", 1)[-1] in LM_EVAL_PERPLEXITIES), None)
 
 
 def _columns(rows: list[dict[str, Any]], quality: list[str], ppl_key: Optional[str]) -> list[str]:
@@ -315,7 +296,7 @@ def to_markdown(report: Report) -> str:
     heads = [header(c) for c in report.columns]
     lines = [f"# {report.title}", "", "| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
     for row in report.rows:
-        cells = [_cell(row.get(c)) if not (row.get("kind") == "baseline" and c in KEY_COLUMNS[1:]) else ""
+        cells = [_cell(row.get(c)) if not (row.get("kind") == BASELINE and c in KEY_COLUMNS[1:]) else ""
                  for c in report.columns]
         lines.append("| " + " | ".join(cells) + " |")
     if report.notes:

@@ -15,27 +15,18 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
-LOWER_IS_BETTER_RE = re.compile(r"(ppl|perplexity|bits_per_byte|nll)$")
+from stages.quant.job import BLOCK_METRICS_FILE
 
-# Per-block records written by the quantize stage, in the order they are looked for.
-BLOCK_FILES = ("block_metrics.json",)
+LOWER_IS_BETTER_RE = re.compile(r"(ppl|perplexity|bits_per_byte|nll)$")
 MAX_QUALITY_PANELS = 4
 
 
 def read_block_losses(artifact_dir: Path) -> Optional[list[dict]]:
-    """Per-block records from a quantize artifact (stages.quantize writes block_metrics.json:
-    {"block": i, "mse": ..., "loss_init": ..., "loss_best": ..., "best_iter": ..., "seconds": ...}).
-
-    Accepts a JSON list of records or an object with a "blocks" list. Returns None when the
-    artifact has no per-block file.
-    """
-    for name in BLOCK_FILES:
-        path = Path(artifact_dir) / name
-        if path.is_file():
-            data = json.loads(path.read_text())
-            records = data.get("blocks", []) if isinstance(data, dict) else data
-            return [dict(r, block=r.get("block", i)) for i, r in enumerate(records) if isinstance(r, dict)]
-    return None
+    """Per-block records from a quantize artifact (the list stages.quantize writes to BLOCK_METRICS_FILE:
+    {"block": i, "mse": ..., "loss_init": ..., "loss_best": ..., "best_iter": ..., "seconds": ...}), or None
+    when the artifact has no per-block file."""
+    path = Path(artifact_dir) / BLOCK_METRICS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _figure(n_panels: int = 1):
@@ -228,6 +219,6 @@ def draw_plots(report: Any, block_losses: dict[str, list[dict]], out_dir: Path) 
     if plot_block_losses(block_losses, out_dir / "block_losses.png") is not None:
         files.append(out_dir / "block_losses.png")
     else:
-        notes.append(f"per-block losses: no job's quantize artifact has per-block mse/loss values ({BLOCK_FILES[0]}; "
+        notes.append(f"per-block losses: no job's quantize artifact has per-block mse/loss values ({BLOCK_METRICS_FILE}; "
                      "methods that use no calibration data, such as RTN, record none)")
     return files, notes

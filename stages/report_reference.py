@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from core.errors import InputError
+from core.schema import QuantScheme, quant_config_from_record
 
 METHOD_TITLES = {"autoround": "AutoRound", "gptq": "GPTQ", "rtn": "RTN", "bnb_nf4": "bitsandbytes NF4",
                  "bnb_int8": "bitsandbytes LLM.int8"}
@@ -58,14 +59,13 @@ def _task_scores(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _scheme(quant: Mapping[str, Any]) -> str:
+def _scheme(quant: QuantScheme) -> str:
     from stages.quant.bnb_options import BNB_SCHEMES
 
-    method = quant.get("method")
-    if method in BNB_SCHEMES:
-        s = BNB_SCHEMES[method]
+    if quant.method in BNB_SCHEMES:
+        s = BNB_SCHEMES[quant.method]
         return f"W{s.bits} {s.quant_type.upper()}, " + (f"blocks of {s.group_size}" if s.group_size > 0 else "per row")
-    return f"W{quant.get('bits')}G{quant.get('group_size')} {'sym' if quant.get('sym') else 'asym'}"
+    return f"W{quant.bits}G{quant.group_size} {'sym' if quant.sym else 'asym'}"
 
 
 def _decode(manifests: Mapping[str, dict], stage: str) -> Optional[float]:
@@ -86,10 +86,10 @@ def _baseline_row(manifests: Mapping[str, dict]) -> dict[str, Any]:
 
 
 def _job_row(name: str, manifests: Mapping[str, dict]) -> dict[str, Any]:
-    quant = manifests["quantize"].get("config", {}).get("quant", {})
+    quant = quant_config_from_record(manifests["quantize"].get("config", {}).get("quant", {}))
     ev = manifests.get("evaluate", {})
     pack = _metrics(manifests, "pack")
-    return {"job": name, "method": METHOD_TITLES.get(quant.get("method"), str(quant.get("method"))),
+    return {"job": name, "method": METHOD_TITLES.get(quant.method, quant.method),
             "scheme": _scheme(quant), "quant": quant, **_task_scores(ev.get("metrics", {})),
             "ppl": ev.get("metrics", {}).get("ppl"), "bits_per_weight": pack.get("bits_per_weight"),
             "size_mb": pack.get("size_mb"), "decode_tok_s": _decode(manifests, "benchmark"),
@@ -98,8 +98,8 @@ def _job_row(name: str, manifests: Mapping[str, dict]) -> dict[str, Any]:
 
 def _group_note(rows: list[dict[str, Any]], in_features: Sequence[int]) -> Optional[str]:
     """Says so when 4-bit rows use another group size than the reference comparison's 128."""
-    groups = sorted({r["quant"]["group_size"] for r in rows if r.get("quant", {}).get("bits") == 4
-                     and r["quant"].get("method") in ("autoround", "gptq", "rtn")})
+    groups = sorted({r["quant"].group_size for r in rows if "quant" in r and r["quant"].bits == 4
+                     and r["quant"].method in ("autoround", "gptq", "rtn")})
     other = [g for g in groups if g != REFERENCE_W4_GROUP]
     if not other:
         return None

@@ -36,10 +36,11 @@ def pack_checkpoint(model_path: str, work: Path, bits: int = 4, group_size: int 
     """A GPTQ checkpoint folder of the model (RTN): v1 for sym, gptq_v2 (zeros as they are) for asym."""
     from stages.formats.gptq import pack_gptq, pack_gptq_v2
     from stages.formats.source import QStateReader, SourceModel
-    from stages.formats.writer import PackOptions, Recipe
+    from core.schema import RTNConfig
+    from stages.formats.writer import PackOptions
 
     qdir = rtn_qstate(model_path, work / "qstate", bits, group_size, sym)
-    recipe = Recipe("rtn", bits, group_size, sym)
+    recipe = RTNConfig(bits=bits, group_size=group_size, sym=sym)
     out = work / "checkpoint"
     packer = pack_gptq if sym else pack_gptq_v2
     packer(QStateReader.open(qdir), SourceModel.open(model_path), out, PackOptions(dtype), recipe,

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from stages.formats.source import QStateReader, SourceModel
-from stages.formats.writer import PackOptions, Recipe
+from core.schema import QuantScheme, quant_config
+from stages.formats.writer import PackOptions
 from stages.quant.base import LayerScheme, QuantizedLayer
 from stages.quant.qdq import quantize_weight
 from stages.quant.qstate import save_qstate
@@ -83,8 +84,8 @@ def options(dtype: torch.dtype = torch.float32, shard: int = 4 * 10**9, packing_
     return PackOptions(dtype, shard, packing_format)
 
 
-def recipe(bits: int, group_size: int, sym: bool, method: str = "rtn", **kw) -> Recipe:
-    return Recipe(method, bits, group_size, sym, **kw)
+def recipe(bits: int, group_size: int, sym: bool, method: str = "rtn", **kw) -> QuantScheme:
+    return quant_config(method, bits=bits, group_size=group_size, sym=sym, **kw)
 
 
 def pack_gptq_layout(qs: QStateReader, *args, **kwargs):

@@ -48,6 +48,20 @@ def compose() -> Callable:
     return compose_config
 
 
+@pytest.fixture
+def fake_dag():
+    """A two-stage graph (first -> second, both tests/_fake_stages.py:run) to pass to the runner or run_job."""
+    from pipeline.dag import Graph, StageSpec
+    from _fake_stages import CALLS
+
+    CALLS.clear()
+    return Graph((
+        StageSpec("first", "_fake_stages:run", params=("calib",), metric_prefix="calib", uses_model=False),
+        StageSpec("second", "_fake_stages:run", needs=("first",), params=("quant",), metric_prefix="quantize",
+                  uses_model=False),
+    ))
+
+
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory) -> Path:
     """A store holding the tiny random model, materialised once per test session."""
@@ -81,11 +95,11 @@ def tiny_outputs(tmp_path, tiny_store) -> Path:
 
 @pytest.fixture
 def tiny_overrides(tiny_outputs) -> list[str]:
-    """Overrides for a fast end-to-end job on the tiny model in a tmp outputs dir."""
+    """Overrides for a fast end-to-end job on the tiny model in a tmp outputs dir. Only keys every method has:
+    the default quant=autoround_cpu tunes 10 iterations in batches of 4; add `quant=<option>` for another method."""
     return [
         "model=tiny_random", f"run.outputs_dir={tiny_outputs}", "tracking.enabled=false", "run.progress=false",
-        "run.device=cpu", "calib.nsamples=8", "calib.seqlen=32", "quant.iters=2", "quant.batch_size=4",
-        "quant.group_size=32",
+        "run.device=cpu", "calib.nsamples=8", "calib.seqlen=32", "quant.group_size=32",
     ]
 
 

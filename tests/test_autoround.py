@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.schema import QuantConfig
+from core.schema import AutoRoundConfig, RTNConfig, quant_config
 from stages.quant.autoround import AutoRoundQuantizer, BucketParams, default_lr, signsgd_step
 from stages.quant.feed import DeviceFeeder, flat_steps, index_schedule
 from stages.quant.rtn import RTNQuantizer
@@ -22,7 +22,7 @@ def case():
 def _tune(case, seed=0, **cfg):
     block = case.fresh()
     torch.manual_seed(seed)
-    q = AutoRoundQuantizer(QuantConfig(**{"batch_size": 4, **cfg}))
+    q = AutoRoundQuantizer(AutoRoundConfig(**{"batch_size": 4, **cfg}))
     result = q.quantize_block(block, case.schemes(cfg.get("bits", 2), cfg.get("group_size", 32), cfg.get("sym", False)),
                               case.inputs, case.targets, CPU)
     return block, result
@@ -31,7 +31,7 @@ def _tune(case, seed=0, **cfg):
 @pytest.mark.parametrize("bits,sym", [(2, False), (4, True)])
 def test_autoround_lowers_block_mse_below_rtn(case, one_thread, bits, sym):
     rtn_block = case.fresh()
-    RTNQuantizer(QuantConfig()).quantize_block(rtn_block, case.schemes(bits, 32, sym), None, None, CPU)
+    RTNQuantizer(RTNConfig()).quantize_block(rtn_block, case.schemes(bits, 32, sym), None, None, CPU)
     rtn = case.mse(rtn_block)
     block, result = _tune(case, iters=60, bits=bits, sym=sym)
     tuned = case.mse(block)
@@ -44,7 +44,7 @@ def test_autoround_lowers_block_mse_below_rtn(case, one_thread, bits, sym):
 
 def test_iters_zero_is_rtn(case, one_thread):
     rtn_block = case.fresh()
-    rtn = RTNQuantizer(QuantConfig()).quantize_block(rtn_block, case.schemes(3, 16, False), None, None, CPU)
+    rtn = RTNQuantizer(RTNConfig()).quantize_block(rtn_block, case.schemes(3, 16, False), None, None, CPU)
     block, ar = _tune(case, iters=0, bits=3, group_size=16)
     for name, layer in rtn.layers.items():
         assert torch.equal(ar.layers[name].codes, layer.codes)
@@ -112,17 +112,17 @@ def test_signsgd_step_linear_decay_and_clamp():
 
 
 def test_default_lr_follows_the_reference():
-    assert default_lr(QuantConfig(iters=200), 2) == 1 / 200
-    assert default_lr(QuantConfig(iters=1000), 2) == 2 / 1000
-    assert default_lr(QuantConfig(iters=1000), 4) == 1 / 1000
-    assert default_lr(QuantConfig(iters=50, lr=0.01), 2) == 0.01
+    assert default_lr(AutoRoundConfig(iters=200), 2) == 1 / 200
+    assert default_lr(AutoRoundConfig(iters=1000), 2) == 2 / 1000
+    assert default_lr(AutoRoundConfig(iters=1000), 4) == 1 / 1000
+    assert default_lr(AutoRoundConfig(iters=50, lr=0.01), 2) == 0.01
 
 
 def test_without_minmax_tuning_only_v_moves(case, one_thread):
     _, result = _tune(case, iters=30, tune_minmax=False)
     assert result.metrics["loss_best"] < 0.8 * result.metrics["loss_init"]
     rtn_block = case.fresh()
-    rtn = RTNQuantizer(QuantConfig()).quantize_block(rtn_block, case.schemes(2, 32, False), None, None, CPU)
+    rtn = RTNQuantizer(RTNConfig()).quantize_block(rtn_block, case.schemes(2, 32, False), None, None, CPU)
     for name, layer in result.layers.items():
         assert torch.equal(layer.scale, rtn.layers[name].scale)  # clipping factors stayed at 1
     assert any(not torch.equal(l.codes, rtn.layers[n].codes) for n, l in result.layers.items())
@@ -150,7 +150,7 @@ def test_low_gpu_mem_feeder_matches_device_feeder():
         kwargs = {k: (tuple(t.to(dev) for t in v) if isinstance(v, tuple) else v.to(dev) if torch.is_tensor(v) else v)
                   for k, v in c.inputs.kwargs.items()}
         torch.manual_seed(0)
-        q = AutoRoundQuantizer(QuantConfig(iters=5, batch_size=4, grad_accum=2, amp=False))
+        q = AutoRoundQuantizer(AutoRoundConfig(iters=5, batch_size=4, grad_accum=2, amp=False))
         from stages.quant.base import BlockInputs
 
         out.append(q.quantize_block(block, c.schemes(2, 32, False), BlockInputs(hidden, kwargs), targets, dev))
@@ -185,10 +185,9 @@ def test_autoround_beats_rtn_on_smollm2_w2g64_heldout_perplexity(smollm2_handle,
 
     fp = ppl(base)
     scores = {}
-    for method, iters in (("rtn", 0), ("autoround", 8)):
+    for method, extra in (("rtn", {}), ("autoround", {"iters": 8, "batch_size": 4})):
         model = copy.deepcopy(base)
-        quantize_model(model, calib, QuantConfig(method=method, bits=2, group_size=64, sym=False, iters=iters,
-                                                 batch_size=4), "cpu", seed=0)
+        quantize_model(model, calib, quant_config(method, bits=2, group_size=64, sym=False, **extra), "cpu", seed=0)
         scores[method] = ppl(model)
     assert 20 < fp < 100
     assert scores["autoround"] < 0.1 * scores["rtn"], (fp, scores)

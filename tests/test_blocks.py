@@ -70,27 +70,30 @@ def test_gemma3_blocks_get_their_own_layer_type_kwargs():
     assert kw[0]["position_embeddings"][0] is kw[2]["position_embeddings"][0]
 
 
-def test_captured_kwargs_are_batch_independent():
+def _first_llama_block():
+    """Block 0 of a tiny Llama and its captured kwargs for sequences of 16 tokens."""
     model = _build("llama")
     _, blocks = find_blocks(model)
-    kw = capture_kwargs(model, blocks, 16, "cpu")[0]
+    return blocks[0], capture_kwargs(model, blocks, 16, "cpu")[0]
+
+
+def test_captured_kwargs_are_batch_independent():
+    block, kw = _first_llama_block()
     x = torch.randn(4, 16, 32)
     with torch.no_grad():
-        together = run_block(blocks[0], x, kw)
-        alone = torch.cat([run_block(blocks[0], x[i:i + 1], kw) for i in range(4)])
+        together = run_block(block, x, kw)
+        alone = torch.cat([run_block(block, x[i:i + 1], kw) for i in range(4)])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
 
 
 def test_block_outputs_in_place_with_mse():
-    model = _build("llama")
-    _, blocks = find_blocks(model)
-    kw = capture_kwargs(model, blocks, 16, "cpu")[0]
+    block, kw = _first_llama_block()
     x = torch.randn(5, 16, 32)
     with torch.no_grad():
-        expected = run_block(blocks[0], x, kw)
+        expected = run_block(block, x, kw)
     target = expected + 0.1
     buf = x.clone()
-    out, mse = block_outputs(blocks[0], buf, kw, "cpu", batch_size=2, out=buf, targets=target)
+    out, mse = block_outputs(block, buf, kw, "cpu", batch_size=2, out=buf, targets=target)
     assert out is buf
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     assert mse == pytest.approx(0.01, rel=1e-4)

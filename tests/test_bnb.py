@@ -16,7 +16,6 @@ import torch
 from core.errors import ConfigError
 from core.schema import LayerOverride
 from pipeline.validate import validate_config
-from stages.quant.bnb_options import ignored_keys, ignored_note
 
 from conftest import compose_config
 
@@ -52,9 +51,10 @@ def test_bnb_presets_compose_and_validate(compose, quant, bits, group):
     validate_config(cfg)
     assert dcfg.hydra.runtime.choices["quant"] == quant
     q = cfg.quant
-    assert (q.method, q.bits, q.group_size, q.sym, q.iters) == (quant, bits, group, True, 0)
-    assert (q.bnb.double_quant, q.bnb.int8_threshold) == (False, 6.0)
-    assert ignored_keys(q) == [] and ignored_note(q) == ""
+    assert (q.method, q.bits, q.group_size, q.sym) == (quant, bits, group, True)
+    own = {"bnb_nf4": ("double_quant", False), "bnb_int8": ("int8_threshold", 6.0)}[quant]
+    assert getattr(q, own[0]) == own[1]
+    assert not any(hasattr(q, name) for name in ("iters", "batch_size", "damp_percent"))
 
 
 @pytest.mark.parametrize("override,message", [
@@ -83,16 +83,9 @@ def test_layer_overrides_and_the_int8_scheme_are_refused(compose):
         validate_config(compose(["quant=bnb_int8", "quant.group_size=64"])[0])
 
 
-def test_tuning_and_gptq_options_are_named_in_a_note(compose):
-    cfg, _ = compose(["quant=bnb_nf4", "quant.iters=200", "quant.act_order=true", "quant.batch_size=4",
-                      "quant.bnb.int8_threshold=3.0", "quant.bnb.double_quant=true"])
-    validate_config(cfg)  # a note, not an error: one sweep can set quant.iters for its AutoRound rows
-    assert ignored_keys(cfg.quant) == ["quant.iters=200", "quant.batch_size=4", "quant.act_order=true",
-                                       "quant.bnb.int8_threshold=3.0"]
-    assert ignored_note(cfg.quant).startswith("quant.iters=200, quant.batch_size=4, quant.act_order=true, "
-                                              "quant.bnb.int8_threshold=3.0: not used by quant.method=bnb_nf4")
-    with pytest.raises(ConfigError, match=r"quant.bnb.int8_threshold=-1.0 is not supported \(a number >= 0.0\)"):
-        validate_config(compose(["quant=bnb_int8", "quant.bnb.int8_threshold=-1"])[0])
+def test_the_int8_threshold_is_range_checked(compose):
+    with pytest.raises(ConfigError, match=r"quant.int8_threshold=-1.0 is not supported \(a number >= 0.0\)"):
+        validate_config(compose(["quant=bnb_int8", "quant.int8_threshold=-1"])[0])
 
 
 # -- the backend check ----------------------------------------------------------------------------------

@@ -30,8 +30,6 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.C
 @pytest.mark.parametrize("override,expected", [
     ("quant.sym=maybe", "quant.sym=maybe is not supported (true or false); e.g. quant.sym=true"),
     ("run.progress=sometimes", "run.progress=sometimes is not supported (true or false); e.g. run.progress=true"),
-    ("quant.damp_percent=lots", "quant.damp_percent=lots is not supported (a number in (0, 1]); "
-                                "e.g. quant.damp_percent=0.01"),
     ("quant.lr=fast", "quant.lr=fast is not supported (a number > 0, or null for the default); e.g. quant.lr=0.005"),
     ("calib.add_bos=often", "calib.add_bos=often is not supported (true or false); e.g. calib.add_bos=false"),
     ("run.stages=calibrate", "run.stages=calibrate is not supported (a list such as [calibrate,quantize]); "
@@ -49,6 +47,12 @@ def test_override_type_and_syntax_errors_name_key_value_allowed_and_fix(override
     with pytest.raises(ConfigError) as err:
         check_cli_overrides([override], CONF_DIR)
     assert str(err.value).startswith(expected)
+
+
+def test_a_method_option_is_type_checked_against_the_chosen_methods_config():
+    with pytest.raises(ConfigError) as err:
+        check_cli_overrides(["quant=gptq", "quant.damp_percent=lots"], CONF_DIR)
+    assert str(err.value) == "quant.damp_percent=lots is not supported (a number in (0, 1]); e.g. quant.damp_percent=0.01"
 
 
 def test_values_hydra_accepts_pass_the_type_check():

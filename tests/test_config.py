@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from core.errors import ConfigError
 from pipeline.overrides import check_cli_overrides, config_groups, group_options
-from core.schema import GROUP_SCHEMAS, PipelineConfig
+from core.schema import GROUP_SCHEMAS, QUANT_CONFIGS, PipelineConfig
 from pipeline.validate import validate_config
 
 from conftest import CONF_DIR, REPO
@@ -36,6 +37,28 @@ def test_group_option_composes_to_typed_config(compose, group, option):
 def test_experiment_composes(compose, experiment):
     cfg, _ = compose([f"+experiment={experiment}"])
     assert isinstance(cfg, PipelineConfig)
+
+
+def _sweep_cells() -> list[tuple[str, str]]:
+    """(experiment, group=option) for every option an experiment's sweeper lists for a config group."""
+    import yaml
+
+    cells = []
+    for experiment in EXPERIMENTS:
+        data = yaml.safe_load((CONF_DIR / "experiment" / f"{experiment}.yaml").read_text())
+        params = ((data.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+        for group, values in params.items():
+            if "." not in group:
+                cells += [(experiment, f"{group}={v.strip()}") for v in str(values).split(",")]
+    return cells
+
+
+@pytest.mark.parametrize("experiment,choice", _sweep_cells())
+def test_every_sweep_cell_of_an_experiment_composes(compose, experiment, choice):
+    cfg, dcfg = compose([f"+experiment={experiment}", choice])
+    group, _, option = choice.partition("=")
+    assert dcfg.hydra.runtime.choices[group] == option
+    assert type(cfg.quant) is QUANT_CONFIGS[cfg.quant.method]  # every key the cell sets is one its method has
 
 
 def test_default_is_the_quickstart_recipe(compose):
@@ -67,7 +90,7 @@ def test_quant_recipes_set_reference_values(compose):
     assert compose(["quant=autoround_light"])[0].quant.iters == 50
     best, _ = compose(["quant=autoround_best"])
     assert (best.quant.iters, best.calib.nsamples) == (1000, 512)
-    assert compose(["quant=rtn"])[0].quant.iters == 0
+    assert compose(["quant=rtn"])[0].quant.tuning_iters == 0
 
 
 def test_group_choice_keeps_command_line_scheme(compose):
@@ -81,7 +104,6 @@ def test_group_choice_keeps_command_line_scheme(compose):
     ("quant.iters=-1", "quant.iters=-1 is not supported (an integer >= 0)"),
     ("calib.nsamples=0", "calib.nsamples=0 is not supported (an integer >= 1)"),
     ("calib.seqlen=4", "calib.seqlen=4 is not supported (an integer >= 8)"),
-    ("quant.method=awq", "quant.method=awq is not supported (choose from rtn, gptq, autoround, bnb_nf4, bnb_int8)"),
     ("run.stages=[calibrat]", "did you mean calibrate"),
     ("run.device=tpu", "run.device=tpu is not supported (auto, cpu, cuda or cuda:N)"),
 ])
@@ -96,11 +118,21 @@ def test_bad_values_name_key_value_allowed_and_fix(compose, override, expected):
     assert expected in str(err2.value)
 
 
+def test_unknown_method_fails_before_and_after_composition(compose):
+    expected = "quant.method=awq is not supported (choose from rtn, gptq, autoround, bnb_nf4, bnb_int8)"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        check_cli_overrides(["quant.method=awq"], CONF_DIR)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        compose(["quant.method=awq"])  # typing the composed config needs the method's class
+
+
 def test_unknown_key_lists_keys_and_closest_match():
     with pytest.raises(ConfigError) as err:
         check_cli_overrides(["quant.bitz=3"], CONF_DIR)
     msg = str(err.value)
-    assert "quant.bitz=... is not a known key" in msg and "group_size" in msg and "did you mean quant.bits" in msg
+    assert msg.startswith("quant.bitz=3 is not a key of quant.method=autoround (the keys of quant.method=autoround: "
+                          "method, bits, group_size, sym, ")
+    assert "did you mean quant.bits" in msg
 
 
 def test_unknown_group_option_lists_options():

@@ -13,7 +13,7 @@ from pipeline.runtime import Runtime
 
 
 def test_topological_order_respects_dependencies():
-    order = [s.name for s in dag.topological_order()]
+    order = [s.name for s in dag.DAG.topological_order()]
     assert order == ["calibrate", "quantize", "recover", "pack", "baseline_evaluate", "evaluate", "baseline_benchmark",
                      "benchmark", "report"]
     for spec in dag.STAGES:
@@ -25,20 +25,20 @@ def test_cycle_is_rejected():
     a = StageSpec("a", "x:run", needs=("b",))
     b = StageSpec("b", "x:run", needs=("a",))
     with pytest.raises(ValueError, match="cycle"):
-        dag.topological_order((a, b))
+        dag.Graph((a, b)).topological_order()
 
 
 def test_select_subset_keeps_order():
-    assert [s.name for s in dag.select(["pack", "calibrate"])] == ["calibrate", "pack"]
-    assert [s.name for s in dag.select([])] == list(dag.STAGE_NAMES)
+    assert [s.name for s in dag.DAG.select(["pack", "calibrate"])] == ["calibrate", "pack"]
+    assert [s.name for s in dag.DAG.select([])] == list(dag.STAGE_NAMES)
 
 
 def test_upstream_and_downstream():
-    assert dag.upstream("evaluate") == {"pack", "recover", "quantize", "calibrate", "baseline_evaluate"}
-    assert dag.downstream("quantize") == {"recover", "pack", "evaluate", "benchmark", "report"}
+    assert dag.DAG.upstream("evaluate") == {"pack", "recover", "quantize", "calibrate", "baseline_evaluate"}
+    assert dag.DAG.downstream("quantize") == {"recover", "pack", "evaluate", "benchmark", "report"}
     active = set(dag.STAGE_NAMES) - {"recover"}  # recover.mode=none switches the node off
-    assert dag.upstream("evaluate", active) == {"pack", "quantize", "calibrate", "baseline_evaluate"}
-    assert dag.downstream("quantize", active) == {"pack", "evaluate", "benchmark", "report"}
+    assert dag.DAG.upstream("evaluate", active) == {"pack", "quantize", "calibrate", "baseline_evaluate"}
+    assert dag.DAG.downstream("quantize", active) == {"pack", "evaluate", "benchmark", "report"}
 
 
 def test_fingerprint_depends_only_on_declared_params(compose):
@@ -57,54 +57,40 @@ def test_fingerprint_depends_only_on_declared_params(compose):
         dag.stage_fingerprint(ev, bits, {}, "m", "cpu", "float32")
 
 
-# -- runner behaviour with fake stage specs (the real stages have their own tests) ----------
-import _fake_stages  # noqa: E402
+# -- runner behaviour with the fake two-stage graph (conftest.fake_dag; the real stages have their own tests) --
 from _fake_stages import CALLS  # noqa: E402
 
-FAKE = (
-    StageSpec("first", "_fake_stages:run", params=("calib",), uses_model=False),
-    StageSpec("second", "_fake_stages:run", needs=("first",), params=("quant",), uses_model=False),
-)
 
-
-@pytest.fixture
-def fake_dag(monkeypatch):
-    monkeypatch.setattr(dag, "STAGES", FAKE)
-    monkeypatch.setattr(dag, "SPECS", {s.name: s for s in FAKE})
-    monkeypatch.setattr(dag, "STAGE_NAMES", tuple(s.name for s in FAKE))
-    CALLS.clear()
-
-
-def _runner(compose, tmp_path, *overrides):
+def _runner(compose, tmp_path, graph, *overrides):
     cfg, _ = compose([f"run.outputs_dir={tmp_path}", "run.progress=false", *overrides])
-    return PipelineRunner(cfg, Runtime("cpu", "float32", log=lambda m: None))
+    return PipelineRunner(cfg, Runtime("cpu", "float32", log=lambda m: None), graph=graph)
 
 
 def test_second_run_is_cached_and_force_recomputes_downstream(compose, tmp_path, fake_dag):
-    first = _runner(compose, tmp_path).run()
+    first = _runner(compose, tmp_path, fake_dag).run()
     assert [(o.name, o.status) for o in first] == [("first", "ran"), ("second", "ran")]
     assert (first[1].path / "out.txt").read_text() == "second:first"
-    again = _runner(compose, tmp_path).run()
+    again = _runner(compose, tmp_path, fake_dag).run()
     assert [o.status for o in again] == ["cached", "cached"] and CALLS == ["first", "second"]
-    forced = _runner(compose, tmp_path, "run.force=[first]").run()
+    forced = _runner(compose, tmp_path, fake_dag, "run.force=[first]").run()
     assert [o.status for o in forced] == ["ran", "ran"]
 
 
 def test_crash_resumes_from_last_complete_stage(compose, tmp_path, fake_dag):
     with pytest.raises(RuntimeError, match="crash in second"):
-        _runner(compose, tmp_path, "quant.iters=13").run()
+        _runner(compose, tmp_path, fake_dag, "quant.iters=13").run()
     assert CALLS == ["first", "second"]
     CALLS.clear()
     with pytest.raises(RuntimeError):
-        _runner(compose, tmp_path, "quant.iters=13").run()
+        _runner(compose, tmp_path, fake_dag, "quant.iters=13").run()
     assert CALLS == ["second"]  # first is cached, second had no manifest
 
 
 def test_subset_needs_upstream_in_store(compose, tmp_path, fake_dag):
     with pytest.raises(InputError, match=r"stage 'second' needs 'first'.*run.stages=\[first,second"):
-        _runner(compose, tmp_path, "run.stages=[second]").run()
-    _runner(compose, tmp_path, "run.stages=[first]").run()
-    outcomes = _runner(compose, tmp_path, "run.stages=[second]").run()
+        _runner(compose, tmp_path, fake_dag, "run.stages=[second]").run()
+    _runner(compose, tmp_path, fake_dag, "run.stages=[first]").run()
+    outcomes = _runner(compose, tmp_path, fake_dag, "run.stages=[second]").run()
     assert [(o.name, o.status) for o in outcomes] == [("second", "ran")]
 
 

@@ -152,19 +152,23 @@ def test_two_nodes_on_one_machine_equal_two_ranks_on_one_node(runs, tiny_store):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("extra, key, message", [
-    (["run.nproc_per_node=3", "quant.batch_size=4"], "quant.batch_size",
+GPTQ_BASE = [o for o in BASE if o not in ("quant=autoround", "quant.iters=40")] + ["quant=gptq"]
+
+
+@pytest.mark.parametrize("overrides, key, message", [
+    ([*BASE, "run.nproc_per_node=3", "quant.batch_size=4"], "quant.batch_size",
      "quant.batch_size=4 does not divide across the ranks (a multiple of the 3 ranks"),
-    (["run.nnodes=2", "run.node_rank=2", "run.rdzv_endpoint=h:1"], "run.node_rank", "run.node_rank=2 is not supported"),
-    (["run.nnodes=2"], "run.rdzv_endpoint", "run.rdzv_endpoint=None is required when run.nnodes > 1"),
-    (["run.nproc_per_node=4", "calib.nsamples=2", "quant.batch_size=1", "quant=gptq"], "calib.nsamples",
+    ([*BASE, "run.nnodes=2", "run.node_rank=2", "run.rdzv_endpoint=h:1"], "run.node_rank",
+     "run.node_rank=2 is not supported"),
+    ([*BASE, "run.nnodes=2"], "run.rdzv_endpoint", "run.rdzv_endpoint=None is required when run.nnodes > 1"),
+    ([*GPTQ_BASE, "run.nproc_per_node=4", "calib.nsamples=2", "quant.batch_size=1"], "calib.nsamples",
      "calib.nsamples=2 is smaller than the number of ranks"),
-    (["run.nproc_per_node=0"], "run.nproc_per_node", "run.nproc_per_node=0 is not supported (an integer >= 1)"),
+    ([*BASE, "run.nproc_per_node=0"], "run.nproc_per_node", "run.nproc_per_node=0 is not supported (an integer >= 1)"),
 ])
-def test_bad_rank_settings_fail_before_any_work(compose, tmp_path, extra, key, message):
+def test_bad_rank_settings_fail_before_any_work(compose, tmp_path, overrides, key, message):
     from pipeline.validate import validate_config
 
-    cfg, _ = compose([*BASE, f"run.outputs_dir={tmp_path}", *extra])
+    cfg, _ = compose([*overrides, f"run.outputs_dir={tmp_path}"])
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
     assert err.value.key == key and message in str(err.value)

@@ -343,14 +343,15 @@ def test_packed_checkpoint_is_scored_with_deltas(tiny_overrides, compose):
     """calibrate -> quantize (RTN) -> pack -> evaluate scores the checkpoint loaded back from disk."""
     from transformers import AutoTokenizer
 
-    from stages.evaluate import densify_quant_linears, packed_folder
+    from stages.evaluate import densify_quant_linears
+    from stages.formats.artifact import checkpoint_dir
     from stages.formats.qlinear import iter_quant_linears, load_quantized_model
 
     overrides = tiny_overrides + STAGE_EVAL + ["quant=rtn", "eval.tasks=[persuasion_lastword]",
                                                "run.stages=[calibrate,quantize,pack,baseline_evaluate,evaluate]"]
     out = {o.name: o for o in _runner(overrides, compose).run()}
     ev, base = out["evaluate"].metrics, out["baseline_evaluate"].metrics
-    folder = packed_folder(out["pack"].path)
+    folder = checkpoint_dir(out["pack"].path)
     model = load_quantized_model(folder, "cpu", torch.float32)
     ids = tokenize_text(AutoTokenizer.from_pretrained(folder), taskdata.read_heldout_text())
     # the stage scores dense dequantized weights (eval.dense_weights): the same numbers as the packed modules

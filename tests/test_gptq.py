@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError
-from core.schema import QuantConfig
+from core.schema import GPTQConfig, quant_config
 from stages.quant import gptq
 from stages.quant.base import BlockInputs, LayerScheme
 from stages.quant.blocks import block_linears
-from stages.quant.gptq import (GPTQOptions, GPTQQuantizer, Hessian, batch_bounds, collect_hessians, gptq_quantize,
+from stages.quant.gptq import (GPTQQuantizer, Hessian, batch_bounds, collect_hessians, gptq_quantize,
                                probe_families)
 from stages.quant.qdq import compute_qparams, group_index
 from stages.quant.rtn import RTNQuantizer, rtn_layer
@@ -58,7 +58,7 @@ def output_mse(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
 @pytest.mark.parametrize("act_order,static", [(False, False), (True, False), (True, True)])
 def test_gptq_output_error_is_lower_than_rtn(scheme, act_order, static):
     w, x = linear_case()
-    out = gptq_quantize(w, hessian_of(x), scheme, GPTQOptions(act_order=act_order, static_groups=static))
+    out = gptq_quantize(w, hessian_of(x), scheme, GPTQConfig(act_order=act_order, static_groups=static))
     err = output_mse(x, w, out.layer.dequantize())
     err_rtn = output_mse(x, w, rtn_layer(w, scheme).dequantize())
     assert err < 0.85 * err_rtn, (err, err_rtn)
@@ -91,7 +91,7 @@ def reference_gptq(w: torch.Tensor, h: torch.Tensor, scheme: LayerScheme, damp: 
 def test_lazy_batches_match_a_plain_reference(scheme):
     w, x = linear_case(rows=32, cols=128)
     h = hessian_of(x)
-    mine = gptq_quantize(w, h.clone(), scheme, GPTQOptions(block_columns=48)).layer.dequantize()
+    mine = gptq_quantize(w, h.clone(), scheme, GPTQConfig(block_columns=48)).layer.dequantize()
     ref = reference_gptq(w, h, scheme)
     same = (mine == ref).float().mean()
     assert same > 0.99, same  # only float rounding near ties may differ
@@ -102,7 +102,7 @@ def test_lazy_batches_match_a_plain_reference(scheme):
 @pytest.mark.parametrize("act_order", [False, True])
 def test_identity_hessian_is_exactly_rtn(scheme, act_order):
     w, _ = linear_case(rows=16, cols=128)
-    out = gptq_quantize(w, torch.eye(128), scheme, GPTQOptions(act_order=act_order))
+    out = gptq_quantize(w, torch.eye(128), scheme, GPTQConfig(act_order=act_order))
     rtn = rtn_layer(w, scheme)
     assert torch.equal(out.layer.codes, rtn.codes) and torch.equal(out.layer.scale, rtn.scale)
     assert torch.equal(out.layer.zero, rtn.zero) and out.layer.g_idx is None
@@ -122,7 +122,7 @@ def test_exported_layer_dequantizes_to_the_values_the_error_feedback_used(monkey
 
     monkeypatch.setattr(gptq, "_export", spy)
     w, x = linear_case()
-    out = gptq_quantize(w, hessian_of(x), LayerScheme(3, 32, False), GPTQOptions(act_order=act_order,
+    out = gptq_quantize(w, hessian_of(x), LayerScheme(3, 32, False), GPTQConfig(act_order=act_order,
                                                                                  static_groups=static))
     assert torch.equal(out.layer.dequantize(), swept["w"])
 
@@ -130,7 +130,7 @@ def test_exported_layer_dequantizes_to_the_values_the_error_feedback_used(monkey
 def test_act_order_g_idx_names_the_group_of_each_original_column():
     w, x = linear_case(cols=128)
     h = hessian_of(x)
-    out = gptq_quantize(w, h.clone(), LayerScheme(4, 32, True), GPTQOptions(act_order=True))
+    out = gptq_quantize(w, h.clone(), LayerScheme(4, 32, True), GPTQConfig(act_order=True))
     perm = torch.argsort(h.diagonal(), descending=True, stable=True)
     g_idx = out.layer.g_idx
     assert g_idx is not None and g_idx.dtype == torch.int32
@@ -141,7 +141,7 @@ def test_act_order_g_idx_names_the_group_of_each_original_column():
 
 def test_static_groups_use_the_original_weights_and_natural_groups():
     w, x = linear_case(cols=128)
-    out = gptq_quantize(w, hessian_of(x), LayerScheme(4, 32, False), GPTQOptions(act_order=True, static_groups=True))
+    out = gptq_quantize(w, hessian_of(x), LayerScheme(4, 32, False), GPTQConfig(act_order=True, static_groups=True))
     qp = compute_qparams(w, 4, 32, False)
     assert out.layer.g_idx is None
     assert torch.equal(out.layer.scale, qp.scale) and torch.equal(out.layer.zero, qp.zero)
@@ -152,7 +152,7 @@ def test_act_order_layer_round_trips_through_gptq_packing(bits, sym):
     from stages.formats import gptq as fmt
 
     w, x = linear_case(rows=64, cols=128)
-    layer = gptq_quantize(w, hessian_of(x), LayerScheme(bits, 32, sym), GPTQOptions(act_order=True)).layer
+    layer = gptq_quantize(w, hessian_of(x), LayerScheme(bits, 32, sym), GPTQConfig(act_order=True)).layer
     assert layer.g_idx is not None
     tensors = fmt.pack_layer_tensors("m", layer)
     assert torch.equal(tensors["m.g_idx"], layer.g_idx)
@@ -167,7 +167,7 @@ def test_act_order_layer_round_trips_through_gptq_packing(bits, sym):
 
 def test_same_inputs_same_result():
     w, x = linear_case()
-    runs = [gptq_quantize(w, hessian_of(x), LayerScheme(3, 32, False), GPTQOptions(act_order=True)).layer
+    runs = [gptq_quantize(w, hessian_of(x), LayerScheme(3, 32, False), GPTQConfig(act_order=True)).layer
             for _ in range(2)]
     for name in ("codes", "scale", "zero", "g_idx"):
         assert torch.equal(getattr(runs[0], name), getattr(runs[1], name))
@@ -200,7 +200,7 @@ def test_dead_inputs_zero_their_weight_columns():
     w, x = linear_case()
     dead = torch.tensor([3, 40, 41, 127])
     x[:, dead] = 0.0
-    out = gptq_quantize(w, hessian_of(x), LayerScheme(4, 32, False), GPTQOptions(act_order=True))
+    out = gptq_quantize(w, hessian_of(x), LayerScheme(4, 32, False), GPTQConfig(act_order=True))
     w_hat = out.layer.dequantize()
     assert out.dead == 4 and not out.fallback
     assert torch.equal(w_hat[:, dead], torch.zeros(w.shape[0], 4))
@@ -211,7 +211,7 @@ def test_non_finite_activations_are_quantized_without_feedback_never_crash():
     w, x = linear_case()
     x[5, 7] = float("nan")
     x[9, 50] = float("inf")
-    out = gptq_quantize(w, hessian_of(x), LayerScheme(4, 32, True), GPTQOptions())
+    out = gptq_quantize(w, hessian_of(x), LayerScheme(4, 32, True), GPTQConfig())
     assert out.nonfinite == 2 and out.dead == 0 and not out.fallback
     assert torch.isfinite(out.layer.dequantize()).all()
     clean = torch.ones(128, dtype=torch.bool)
@@ -224,21 +224,21 @@ def test_non_finite_activations_are_quantized_without_feedback_never_crash():
 
 def test_all_zero_inputs_give_zero_weights_as_the_reference():
     w, _ = linear_case(rows=8, cols=64)
-    out = gptq_quantize(w, torch.zeros(64, 64), LayerScheme(4, 32, False), GPTQOptions())
+    out = gptq_quantize(w, torch.zeros(64, 64), LayerScheme(4, 32, False), GPTQConfig())
     assert out.dead == 64 and torch.equal(out.layer.dequantize(), torch.zeros(8, 64))
 
 
 def test_failed_cholesky_retries_with_more_damping(caplog):
     h = torch.kron(torch.eye(32), torch.tensor([[1.0, 1.5], [1.5, 1.0]]))  # eigenvalues 2.5 and -0.5
     w, _ = linear_case(rows=8, cols=64)
-    out = gptq_quantize(w, h, LayerScheme(4, 32, True), GPTQOptions(damp_percent=0.01))
+    out = gptq_quantize(w, h, LayerScheme(4, 32, True), GPTQConfig(damp_percent=0.01))
     assert (out.retries, out.damp_percent, out.fallback) == (2, 1.0, False)  # 0.01, 0.1 fail; 1.0 works
 
 
 def test_hessian_that_never_factors_falls_back_to_rtn():
     h = torch.kron(torch.eye(32), torch.tensor([[1.0, 3.0], [3.0, 1.0]]))  # -2 + 1.0 damping < 0
     w, _ = linear_case(rows=8, cols=64)
-    out = gptq_quantize(w, h, LayerScheme(4, 32, True), GPTQOptions())
+    out = gptq_quantize(w, h, LayerScheme(4, 32, True), GPTQConfig())
     assert out.fallback and out.retries == 2
     assert torch.equal(out.layer.codes, rtn_layer(w, out.layer.scheme).codes)
 
@@ -294,9 +294,9 @@ def test_gptq_block_mse_is_below_rtn(one_thread, bits, group_size, sym):
     case = block_case(n=16, seqlen=32)
     schemes = case.schemes(bits, group_size, sym)
     mse = {}
-    for name, quantizer in [("rtn", RTNQuantizer(QuantConfig(method="rtn"))),
-                            ("gptq", GPTQQuantizer(QuantConfig(method="gptq", batch_size=4))),
-                            ("gptq_parallel", GPTQQuantizer(QuantConfig(method="gptq", batch_size=4,
+    for name, quantizer in [("rtn", RTNQuantizer(quant_config(method="rtn"))),
+                            ("gptq", GPTQQuantizer(quant_config(method="gptq", batch_size=4))),
+                            ("gptq_parallel", GPTQQuantizer(quant_config(method="gptq", batch_size=4,
                                                                         true_sequential=False)))]:
         block = case.fresh()
         result = quantizer.quantize_block(block, schemes, case.inputs, None, CPU)
@@ -310,7 +310,7 @@ def test_gptq_block_mse_is_below_rtn(one_thread, bits, group_size, sym):
 
 def test_block_quantizer_is_deterministic(one_thread):
     case = block_case(n=8, seqlen=16)
-    cfg = QuantConfig(method="gptq", bits=3, group_size=32, sym=False, act_order=True, batch_size=4)
+    cfg = quant_config(method="gptq", bits=3, group_size=32, sym=False, act_order=True, batch_size=4)
     results = [GPTQQuantizer(cfg).quantize_block(case.fresh(), case.schemes(3, 32, False), case.inputs, None, CPU)
                for _ in range(2)]
     for name, layer in results[0].layers.items():
@@ -325,8 +325,8 @@ def test_family_stacking_equals_quantizing_each_layer_alone(one_thread):
     fams, _ = probe_families(block, ["a", "b", "c", "unused"], inputs, CPU, None)
     assert [f.names for f in fams] == [["a", "b"], ["c"], ["unused"]]
     hess = collect_hessians(block, [fams[0]], inputs, CPU, 5, None, stop_early=True)["a"]
-    stacked = gptq_quantize(torch.cat([block.a.weight, block.b.weight]), hess.matrix(), scheme, GPTQOptions())
-    alone = gptq_quantize(block.b.weight, hess.matrix(), scheme, GPTQOptions())
+    stacked = gptq_quantize(torch.cat([block.a.weight, block.b.weight]), hess.matrix(), scheme, GPTQConfig())
+    alone = gptq_quantize(block.b.weight, hess.matrix(), scheme, GPTQConfig())
     assert (stacked.layer.codes[64:] == alone.layer.codes).float().mean() > 0.999
     torch.testing.assert_close(stacked.layer.scale[64:], alone.layer.scale, rtol=0, atol=1e-3)
 
@@ -336,7 +336,7 @@ def test_unused_layer_falls_back_to_rtn_and_mixed_schemes_share_a_hessian(one_th
     schemes = {"a": LayerScheme(3, 32, False), "b": LayerScheme(4, 32, True), "c": LayerScheme(3, 32, False),
                "unused": LayerScheme(4, 32, True)}
     before = block.unused.weight.detach().clone()
-    result = GPTQQuantizer(QuantConfig(method="gptq", batch_size=4)).quantize_block(block, schemes, inputs, None, CPU)
+    result = GPTQQuantizer(quant_config(method="gptq", batch_size=4)).quantize_block(block, schemes, inputs, None, CPU)
     assert result.metrics["rtn_fallbacks"] == 1 and "no calibration tokens" in caplog.text
     assert torch.equal(result.layers["unused"].codes, rtn_layer(before, schemes["unused"]).codes)
     assert result.layers["b"].scheme == schemes["b"] and int(result.layers["b"].codes.max()) > 7
@@ -353,7 +353,7 @@ def test_gptq_recipe_composes_and_bad_values_fail(compose):
     q = cfg.quant
     assert (q.method, q.damp_percent, q.act_order, q.static_groups, q.true_sequential, q.block_columns) == \
         ("gptq", 0.01, False, False, True, 128)
-    assert GPTQOptions.from_config(q) == GPTQOptions(0.01, False, False, 128)
+    assert isinstance(q, GPTQConfig) and not hasattr(q, "iters")
     for override, key in [("quant.damp_percent=0", "quant.damp_percent"),
                           ("quant.damp_percent=1.5", "quant.damp_percent"),
                           ("quant.block_columns=0", "quant.block_columns")]:
@@ -441,8 +441,8 @@ def test_cuda_bf16_matches_cpu_fp32():
     ref = hessian_of(x.to(torch.bfloat16).float())
     torch.testing.assert_close(acc.matrix().cpu(), ref, rtol=1e-4, atol=1e-4)
     scheme = LayerScheme(4, 64, True)
-    cpu = gptq_quantize(w, ref.clone(), scheme, GPTQOptions(act_order=True))
-    gpu = gptq_quantize(w.cuda(), acc.matrix(), scheme, GPTQOptions(act_order=True))
+    cpu = gptq_quantize(w, ref.clone(), scheme, GPTQConfig(act_order=True))
+    gpu = gptq_quantize(w.cuda(), acc.matrix(), scheme, GPTQConfig(act_order=True))
     assert float(gpu.row_err.mean()) == pytest.approx(float(cpu.row_err.mean()), rel=0.02)
     assert (gpu.layer.codes.cpu() == cpu.layer.codes).float().mean() > 0.98
 
@@ -454,7 +454,7 @@ def test_block_quantizer_on_cuda_bf16_with_host_inputs():
     case = block_case(n=16, seqlen=32)
     dev = torch.device("cuda")
     schemes = case.schemes(3, 32, False)
-    cfg = QuantConfig(method="gptq", bits=3, group_size=32, sym=False, batch_size=4, act_order=True)
+    cfg = quant_config(method="gptq", bits=3, group_size=32, sym=False, batch_size=4, act_order=True)
     kwargs = {k: (tuple(t.to(dev, torch.bfloat16) for t in v) if isinstance(v, tuple) else
                   v.to(dev) if torch.is_tensor(v) else v) for k, v in case.inputs.kwargs.items()}
     hidden = case.inputs.hidden.to(torch.bfloat16).pin_memory()
@@ -488,8 +488,8 @@ def test_gptq_beats_rtn_on_smollm2_heldout_perplexity(smollm2_handle, one_thread
     for bits, sym in ((3, False), (4, True)):
         for method in ("rtn", "gptq"):
             model = copy.deepcopy(base)
-            quantize_model(model, calib, QuantConfig(method=method, bits=bits, group_size=64, sym=sym, batch_size=4),
-                           "cpu", seed=0)
+            extra = {"batch_size": 4} if method == "gptq" else {}
+            quantize_model(model, calib, quant_config(method, bits=bits, group_size=64, sym=sym, **extra), "cpu", seed=0)
             with torch.no_grad():
                 scores[(bits, method)] = perplexity(model, ids, 512, 512, batch_size=2, max_windows=6)["ppl"]
     assert scores[(3, "gptq")] < scores[(3, "rtn")], scores

@@ -66,7 +66,7 @@ def test_doc_prefix_that_the_corpus_cannot_fill_names_random_window(compose, tin
         _calibrate(compose, "llama3_w2_g64", tiny_outputs, ["calib=austen"])
 
 
-@pytest.mark.parametrize("quant,compile_", [("autoround", "auto"), ("autoround_best", "auto"), ("rtn", "auto")])
+@pytest.mark.parametrize("quant,compile_", [("autoround", "auto"), ("autoround_best", "auto"), ("autoround_cpu", "auto")])
 def test_compile_defaults_to_auto(compose, quant, compile_):
     from core.schema import switch_enabled
 

@@ -11,13 +11,18 @@ import pytest
 from conftest import REPO
 
 
+def published_results(*args: str, timeout: int) -> None:
+    """Run benchmarks/published_results.py with `args`; it must succeed."""
+    proc = subprocess.run([sys.executable, "benchmarks/published_results.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_small_quality_grid_runs_through_the_pipeline_and_renders_results(tiny_outputs, tmp_path):
     results, md = tmp_path / "results", tmp_path / "RESULTS.md"
-    cmd = [sys.executable, "benchmarks/published_results.py", "--small", "--parts", "quality", "--cells", "W4G64 sym",
-           "--results", str(results), "--outputs", str(tiny_outputs)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    published_results("--small", "--parts", "quality", "--cells", "W4G64 sym", "--results", str(results), "--outputs",
+                      str(tiny_outputs), timeout=600)
     record = json.loads((results / "quality.json").read_text())
     assert [c["method"] for c in record["cells"]] == ["rtn", "gptq", "autoround"]
     for cell in record["cells"]:
@@ -29,9 +34,7 @@ def test_small_quality_grid_runs_through_the_pipeline_and_renders_results(tiny_o
     # one baseline evaluation shared by all cells (the store caches it)
     assert len({c["manifests"]["baseline_evaluate"]["fingerprint"] for c in record["cells"]}) == 1
 
-    proc = subprocess.run([sys.executable, "benchmarks/published_results.py", "--parts", "results", "--results",
-                           str(results), "--markdown", str(md)], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    published_results("--parts", "results", "--results", str(results), "--markdown", str(md), timeout=120)
     text = md.read_text()
     base_ppl = record["cells"][0]["manifests"]["baseline_evaluate"]["metrics"]["ppl"]
     assert "| unquantized | bf16/fp32 |" in text and f"{base_ppl:.3g}" in text
@@ -45,10 +48,8 @@ def test_small_quality_grid_runs_through_the_pipeline_and_renders_results(tiny_o
 @pytest.mark.slow
 def test_small_recover_part_runs_every_cell_with_and_without_recovery_and_the_cost_script(tiny_outputs, tmp_path):
     results, md = tmp_path / "results", tmp_path / "RESULTS.md"
-    cmd = [sys.executable, "benchmarks/published_results.py", "--small", "--parts", "recover", "--cells", "W3G64 asym",
-           "--results", str(results), "--outputs", str(tiny_outputs)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    published_results("--small", "--parts", "recover", "--cells", "W3G64 asym", "--results", str(results), "--outputs",
+                      str(tiny_outputs), timeout=1200)
     record = json.loads((results / "recover.json").read_text())
     assert [(c["method"], c["recover"]) for c in record["cells"]] == [("autoround", "none"), ("autoround", "scales")]
     plain, recovered = (c["manifests"] for c in record["cells"])
@@ -60,9 +61,7 @@ def test_small_recover_part_runs_every_cell_with_and_without_recovery_and_the_co
     assert [r["row"] for r in cost["rows"]] == ["scales", "lora"]
     assert all(r["seconds_per_1m_tokens"] > 0 and r["trainable_params"] > 0 for r in cost["rows"])
 
-    proc = subprocess.run([sys.executable, "benchmarks/published_results.py", "--parts", "results", "--results",
-                           str(results), "--markdown", str(md)], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    published_results("--parts", "results", "--results", str(results), "--markdown", str(md), timeout=120)
     text = md.read_text()
     assert "## 7. Recovery after quantization: SmolLM2-135M" in text
     assert "| autoround | W3G64 asym | none |" in text and "| autoround | W3G64 asym | scales |" in text

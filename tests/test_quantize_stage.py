@@ -15,6 +15,8 @@ from pipeline.runtime import Runtime
 from stages.quant.autoround import AutoRoundQuantizer
 from stages.quant.qstate import load_qstate
 from _quant_helpers import RecordingTracker, one_thread  # noqa: F401
+from conftest import CONF_DIR
+from pipeline.overrides import check_cli_overrides
 
 
 
@@ -136,12 +138,11 @@ def test_preflight_override_group_size_error_names_the_override_key(compose, tmp
         preflight(cfg, _smollm2_like_handle(tmp_path))
 
 
-def test_preflight_rejects_compile_for_other_methods_and_oversized_batches(compose):
+def test_compile_is_autorounds_key_and_oversized_batches_are_rejected(compose):
     from stages.quantize import check_quant_config
 
-    cfg, _ = compose(["quant=rtn", "quant.compile=on"])
-    with pytest.raises(ConfigError, match="quant.compile=on only applies to autoround"):
-        check_quant_config(cfg.quant, 128)
+    with pytest.raises(ConfigError, match=r"quant.compile=on is not a key of quant.method=rtn .*\(quant=autoround\)"):
+        check_cli_overrides(["quant=rtn", "quant.compile=on"], CONF_DIR)
     cfg, _ = compose(["quant.batch_size=16"])
     with pytest.raises(ConfigError, match="quant.batch_size=16 exceeds the calibration samples"):
         check_quant_config(cfg.quant, 8)
@@ -168,7 +169,7 @@ def test_rtn_stage_needs_no_calibration_stage(compose, tiny_overrides, tmp_path)
 @pytest.mark.parametrize("compile_", ["off", "on"])
 def test_cuda_low_gpu_mem_matches_device_resident_tuning(compile_):
     """On CUDA (bf16, amp): pinned-CPU caches + side-stream batches tune like device-resident caches."""
-    from core.schema import QuantConfig
+    from core.schema import quant_config
     from stages.quant.driver import quantize_model
     from _quant_helpers import calib_ids, tiny_llama
 
@@ -177,7 +178,7 @@ def test_cuda_low_gpu_mem_matches_device_resident_tuning(compile_):
         model = tiny_llama().to(torch.bfloat16)
         if not low_mem:
             model = model.cuda()
-        cfg = QuantConfig(method="autoround", bits=2, group_size=32, sym=False, iters=30, batch_size=4,
+        cfg = quant_config(method="autoround", bits=2, group_size=32, sym=False, iters=30, batch_size=4,
                           grad_accum=2, low_gpu_mem=low_mem, compile=compile_)
         torch.cuda.reset_peak_memory_stats()
         results.append(quantize_model(model, calib_ids(), cfg, "cuda", seed=0))
@@ -223,44 +224,70 @@ def test_benchmark_small_model_part_runs_on_cpu(tmp_path, one_thread):
     assert all(r["ppl"] > 1 for r in rows)
 
 
-def test_another_methods_field_keeps_the_quantize_artifact_and_its_own_reruns_it(compose, tiny_overrides, one_thread):
-    base = ["quant=autoround", *tiny_overrides]
+def test_quantize_reruns_for_its_methods_field_and_stays_cached_otherwise(compose, tiny_overrides, one_thread):
+    base = ["quant=autoround", "quant.iters=2", "quant.batch_size=4", *tiny_overrides]
     first = {o.name: o for o in _run(compose, base)}
     assert first["quantize"].status == "ran"
-    gptq_only = {o.name: o for o in _run(compose, base + ["quant.damp_percent=0.05", "quant.act_order=true",
-                                                            "quant.block_columns=64"])}
-    assert gptq_only["quantize"].status == "cached"
-    assert gptq_only["quantize"].fingerprint == first["quantize"].fingerprint
+    again = {o.name: o for o in _run(compose, base + ["eval.limit=4"])}
+    assert again["quantize"].status == "cached"
+    assert again["quantize"].fingerprint == first["quantize"].fingerprint
     own = {o.name: o for o in _run(compose, base + ["quant.iters=3"])}
     assert own["calibrate"].status == "cached" and own["quantize"].status == "ran"
     assert own["quantize"].fingerprint != first["quantize"].fingerprint
 
 
-@pytest.mark.parametrize("method, ignored, read", [
-    ("rtn", ["quant.iters=7", "quant.lr=0.5", "quant.batch_size=2", "quant.damp_percent=0.05"], "quant.bits=2"),
-    ("gptq", ["quant.iters=7", "quant.lr=0.5", "quant.grad_accum=2", "quant.compile=off"], "quant.damp_percent=0.05"),
-    ("gptq", ["quant.bnb.double_quant=true"], "quant.batch_size=2"),
-    ("autoround", ["quant.static_groups=true", "quant.true_sequential=false"], "quant.lr=0.5"),
+@pytest.mark.parametrize("method, option, own", [
+    ("rtn", "rtn", "quant.bits=2"),
+    ("gptq", "gptq", "quant.damp_percent=0.05"),
+    ("autoround", "autoround", "quant.lr=0.5"),
+    ("bnb_nf4", "bnb_nf4", "quant.double_quant=true"),
+    ("bnb_int8", "bnb_int8", "quant.int8_threshold=3.0"),
 ])
-def test_quantize_fingerprint_covers_only_the_chosen_methods_fields(compose, method, ignored, read):
+def test_quantize_fingerprint_hashes_exactly_the_methods_config(compose, method, option, own):
+    from dataclasses import fields
+
+    from core.schema import QUANT_CONFIGS
     from pipeline import dag
 
     def fp(overrides):
-        cfg, _ = compose([f"quant={method}", *overrides])
+        cfg, _ = compose([f"quant={option}", *overrides])
         return dag.stage_fingerprint(dag.SPECS["quantize"], cfg, {"calibrate": "c"}, "m", "cpu", "float32")
 
-    assert fp(ignored) == fp([])
-    assert fp([read]) != fp([])
+    cfg, _ = compose([f"quant={option}"])
+    hashed = dag.stage_config(dag.SPECS["quantize"], cfg)["quant"]
+    assert type(cfg.quant) is QUANT_CONFIGS[method]
+    assert list(hashed) == [f.name for f in fields(QUANT_CONFIGS[method])]
+    assert fp([own]) != fp([])
 
 
-def test_every_quant_method_declares_its_fields_and_they_exist():
-    from dataclasses import fields
+@pytest.mark.parametrize("overrides, key, method", [
+    (["quant=autoround", "quant.damp_percent=0.05"], "quant.damp_percent", "autoround"),
+    (["quant=gptq", "quant.iters=7"], "quant.iters", "gptq"),
+    (["quant=rtn", "quant.batch_size=2"], "quant.batch_size", "rtn"),
+    (["quant=bnb_nf4", "quant.int8_threshold=3"], "quant.int8_threshold", "bnb_nf4"),
+    (["+experiment=compare_methods", "quant.iters=50"], "quant.iters", "gptq"),
+])
+def test_a_key_the_method_lacks_is_one_error_naming_its_keys(overrides, key, method):
+    from core.schema import quant_keys
+    from pipeline.overrides import check_cli_overrides
 
-    from core.schema import QuantConfig
-    from stages.registry import QUANT_METHOD_FIELDS, QUANT_METHODS
+    with pytest.raises(ConfigError) as err:
+        check_cli_overrides(overrides, CONF_DIR)
+    assert str(err.value).startswith(f"{key}=")
+    assert f"is not a key of quant.method={method} (the keys of quant.method={method}: " \
+           f"{', '.join(quant_keys(method))})" in str(err.value)
 
-    assert set(QUANT_METHOD_FIELDS) == set(QUANT_METHODS)
-    names = {f.name for f in fields(QuantConfig)}
-    declared = {name for method_fields in QUANT_METHOD_FIELDS.values() for name in method_fields}
-    assert declared <= names
-    assert names - declared == {"method", "bits", "group_size", "sym", "quantize_lm_head", "overrides"}
+
+def test_a_method_switched_by_key_keeps_no_other_methods_fields(compose):
+    with pytest.raises(ConfigError, match=r"quant.iters=200 is not a key of quant.method=gptq \(the keys of "
+                                          r"quant.method=gptq: method, bits, .*damp_percent"):
+        compose(["quant=autoround", "quant.method=gptq"])
+
+
+def test_every_quant_method_has_its_config_class():
+    from core.schema import QUANT_CONFIGS, QuantScheme
+    from stages.registry import QUANT_METHODS
+
+    assert list(QUANT_CONFIGS) == list(QUANT_METHODS)
+    for method, cls in QUANT_CONFIGS.items():
+        assert issubclass(cls, QuantScheme) and cls().method == method

@@ -28,13 +28,13 @@ def baseline_manifests(ppl: float = 20.0, tps: float = 100.0) -> dict:
 
 def job_manifests(i: int, method: str, bits: int, full: bool = True) -> dict:
     quant = {"method": method, "bits": bits, "group_size": 64, "sym": False, "iters": 2, "lr": None}
-    out = {"quantize": manifest("quantize", f"q{i}", {"seconds": 1.0 + i, "peak_memory_gb": 0.25}, {"quant": quant})}
+    out = {"quantize": manifest("quantize", f"q{i}", {"seconds": 1.0 + i, "peak_gpu_mem_gb": 0.25}, {"quant": quant})}
     if full:
         out["evaluate"] = manifest("evaluate", f"e{i}", {"ppl": 20.0 + 10.0 / bits + i,
                                                          "lastword.acc": 0.5 - 0.1 / bits,
                                                          "lastword.acc_stderr": 0.01, "ppl.nll": 3.0,
                                                          "lastword.delta_vs_baseline": -0.1, "seconds": 2.0})
-        out["pack"] = manifest("pack", f"p{i}", {"size_bytes": bits * 2 ** 20})
+        out["pack"] = manifest("pack", f"p{i}", {"size_mb": float(bits)})
         out["benchmark"] = manifest("benchmark", f"b{i}", {"tokens_per_s": 110.0 + i, "decode_tokens_per_s": 1.0,
                                                            "tokens_per_s.b4": 2.0, "speedup_vs_baseline.b4": 9.0})
         out.update(baseline_manifests())
@@ -62,7 +62,7 @@ def test_table_values_deltas_and_speedup_are_exact():
     assert gptq3["delta.lastword.acc"] == pytest.approx(-0.1 / 3)
     assert gptq3["speedup"] == pytest.approx(114.0 / 100.0)  # computed from the baseline benchmark
     assert gptq3["peak_memory_mb"] == pytest.approx(256.0)  # GB -> MB
-    assert gptq3["size_mb"] == pytest.approx(3.0)  # bytes -> MB
+    assert gptq3["size_mb"] == pytest.approx(3.0)
     assert gptq3["iters"] is None  # GPTQ has no iterations
     assert rows["rtn W2G64 asym"]["iters"] == 0 and rows["autoround W2G64 asym i2"]["iters"] == 2
     # only each task's primary metric is a score column (no stderr, nll, or the stage's own delta)
@@ -184,13 +184,12 @@ def test_plots_degrade_with_notes(tmp_path):
     assert "score vs bits: no evaluate metrics" in md and "per-block losses: no job's quantize artifact has per-block mse/loss" in md
 
 
-def test_read_block_losses_formats(tmp_path):
+def test_read_block_losses_reads_what_the_quantize_stage_writes(tmp_path):
+    from stages.quant.job import BLOCK_METRICS_FILE
+
     (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "block_metrics.json").write_text(json.dumps([{"mse": 1.0}, {"mse": 2.0}]))
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "block_metrics.json").write_text(json.dumps({"blocks": [{"block": 3, "mse": 1.0}]}))
-    assert read_block_losses(tmp_path / "a") == [{"mse": 1.0, "block": 0}, {"mse": 2.0, "block": 1}]
-    assert read_block_losses(tmp_path / "b") == [{"block": 3, "mse": 1.0}]
+    (tmp_path / "a" / BLOCK_METRICS_FILE).write_text(json.dumps([{"block": 0, "mse": 1.0}, {"block": 1, "mse": 2.0}]))
+    assert read_block_losses(tmp_path / "a") == [{"block": 0, "mse": 1.0}, {"block": 1, "mse": 2.0}]
     assert read_block_losses(tmp_path) is None
 
 

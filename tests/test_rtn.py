@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from core.errors import ConfigError
-from core.schema import QuantConfig
+from core.schema import RTNConfig, quant_config
 from stages.quant.driver import quantize_model
 from stages.quant.qdq import quantize_weight
 from stages.quant.rtn import RTNQuantizer, rtn_layer
@@ -25,7 +25,7 @@ def test_rtn_layer_is_quantize_weight():
 def test_rtn_model_quantizes_every_block_linear_without_calibration():
     model = tiny_llama()
     original = {n: p.clone() for n, p in model.named_parameters()}
-    result = quantize_model(model, None, QuantConfig(method="rtn", bits=4, group_size=32, sym=True), "cpu")
+    result = quantize_model(model, None, quant_config(method="rtn", bits=4, group_size=32, sym=True), "cpu")
     names = sorted(result.layers)
     assert len(names) == 2 * 7 and names[0] == "model.layers.0.mlp.down_proj"
     assert result.meta == {"skipped": ["lm_head"], "blocks": "model.layers", "num_blocks": 2, "method": "rtn"}
@@ -41,11 +41,11 @@ def test_rtn_model_quantizes_every_block_linear_without_calibration():
 
 def test_quantize_lm_head_when_untied_and_refused_when_tied():
     model = tiny_llama()
-    result = quantize_model(model, None, QuantConfig(method="rtn", bits=8, group_size=64, quantize_lm_head=True), "cpu")
+    result = quantize_model(model, None, quant_config(method="rtn", bits=8, group_size=64, quantize_lm_head=True), "cpu")
     assert "lm_head" in result.layers and result.meta["skipped"] == []
     tied = tiny_llama(tie=True)
     with pytest.raises(ConfigError, match="quant.quantize_lm_head=True cannot be used: lm_head shares its weight"):
-        quantize_model(tied, None, QuantConfig(method="rtn", quantize_lm_head=True, group_size=32), "cpu")
+        quantize_model(tied, None, quant_config(method="rtn", quantize_lm_head=True, group_size=32), "cpu")
 
 
 def test_rtn_quantizer_ignores_layers_not_in_schemes():
@@ -54,7 +54,7 @@ def test_rtn_quantizer_ignores_layers_not_in_schemes():
     model = tiny_llama()
     block = model.model.layers[0]
     before = block.mlp.up_proj.weight.clone()
-    res = RTNQuantizer(QuantConfig()).quantize_block(block, {"self_attn.q_proj": LayerScheme(2, 32, False)}, None, None,
+    res = RTNQuantizer(RTNConfig()).quantize_block(block, {"self_attn.q_proj": LayerScheme(2, 32, False)}, None, None,
                                                      torch.device("cpu"))
     assert list(res.layers) == ["self_attn.q_proj"]
     assert torch.equal(block.mlp.up_proj.weight, before)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.errors import InputError
-from core.schema import ModelConfig, QuantConfig, RandomModelConfig
+from core.schema import ModelConfig, QuantScheme, RandomModelConfig, quant_config
 from stages.quant.job import QuantizeJob, run_job
 from stages.quant.qstate import load_qstate
 from _quant_helpers import one_thread  # noqa: F401
@@ -41,18 +41,18 @@ def write_calib(folder: Path, n: int = 8, seqlen: int = 32, vocab: int = 256) ->
     return folder
 
 
-def make_job(work: Path, model: Path, calib: Path, q: QuantConfig, dtype: str = "float32") -> QuantizeJob:
+def make_job(work: Path, model: Path, calib: Path, q: QuantScheme, dtype: str = "float32") -> QuantizeJob:
     work.mkdir(parents=True, exist_ok=True)
     return QuantizeJob(str(work), str(model), None, False, str(calib), "cpu", dtype, asdict(q), 0, False, False)
 
 
 CASES = {
-    "rtn_head": (QuantConfig(method="rtn", bits=3, group_size=32, sym=False, quantize_lm_head=True), "float32"),
-    "gptq_act_order": (QuantConfig(method="gptq", bits=3, group_size=32, sym=False, act_order=True, batch_size=4),
+    "rtn_head": (quant_config(method="rtn", bits=3, group_size=32, sym=False, quantize_lm_head=True), "float32"),
+    "gptq_act_order": (quant_config(method="gptq", bits=3, group_size=32, sym=False, act_order=True, batch_size=4),
                        "float32"),
-    "autoround": (QuantConfig(method="autoround", bits=2, group_size=32, sym=False, iters=6, batch_size=4),
+    "autoround": (quant_config(method="autoround", bits=2, group_size=32, sym=False, iters=6, batch_size=4),
                   "float32"),
-    "autoround_bf16": (QuantConfig(method="autoround", bits=4, group_size=32, iters=4, batch_size=4), "bfloat16"),
+    "autoround_bf16": (quant_config(method="autoround", bits=4, group_size=32, iters=4, batch_size=4), "bfloat16"),
 }
 
 
@@ -170,8 +170,8 @@ def test_peak_host_memory_is_one_blocks_worth_for_a_model_several_times_larger(t
     calib = write_calib(tmp_path / "calib", n=4, seqlen=64)
     models = {n: write_model(tmp_path / f"m{n}", replace(THIN, num_hidden_layers=n), torch.bfloat16, 64 * 2**20)
               for n in (2, 12, 256)}
-    rtn = QuantConfig(method="rtn", bits=4, group_size=128)
-    ar = QuantConfig(method="autoround", bits=4, group_size=128, iters=2, batch_size=4)
+    rtn = quant_config(method="rtn", bits=4, group_size=128)
+    ar = quant_config(method="autoround", bits=4, group_size=128, iters=2, batch_size=4)
     jobs = [make_job(tmp_path / f"w{i}", models[n], calib, q)
             for i, (n, q) in enumerate([(2, rtn), (256, rtn), (2, ar), (12, ar)])]
     out = subprocess.run([sys.executable, str(REPO / "tests" / "_rss_probe.py"), json.dumps([asdict(j) for j in jobs])],

@@ -188,7 +188,8 @@ def test_a_writer_killed_mid_artifact_leaves_nothing_complete_and_the_next_resum
 def test_sweep_over_an_unknown_key_fails_before_any_job(tmp_path):
     proc = run_pipeline(["-m", "quant.bitz=2,3", f"run.outputs_dir={tmp_path}"], cwd=tmp_path)
     assert proc.returncode == 2
-    assert "error: quant.bitz=... is not a known key" in proc.stderr
+    assert proc.stderr.startswith("error: quant.bitz=2,3 is not a key of quant.method=autoround (the keys of "
+                                  "quant.method=autoround: method, bits, ")
     assert "did you mean quant.bits" in proc.stderr
     assert not (tmp_path / "sweeps").exists()
 
@@ -199,7 +200,8 @@ def test_sweep_params_in_a_config_are_checked_like_command_line_ones():
     good = OmegaConf.create({"hydra": {"sweeper": {"params": {"quant": "rtn,gptq", "quant.bits": "2,4"}}}})
     check_sweep_params(good)  # no error
     bad_key = OmegaConf.create({"hydra": {"sweeper": {"params": {"quant.bitz": "2,3"}}}})
-    with pytest.raises(ConfigError, match=r"quant.bitz=\.\.\. is not a known key.*did you mean quant.bits"):
+    with pytest.raises(ConfigError, match=r"quant.bitz=2,3 is not a key of quant.method=autoround .*did you mean "
+                                          r"quant.bits"):
         check_sweep_params(bad_key)
     bad_value = OmegaConf.create({"hydra": {"sweeper": {"params": {"quant.bits": "2,5"}}}})
     with pytest.raises(ConfigError, match=r"quant.bits=5 is not supported \(choose from 2, 3, 4, 8\)"):

@@ -5,22 +5,8 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from pipeline import dag, tracking
+from pipeline import tracking
 from pipeline.app import run_job
-from pipeline.dag import StageSpec
-
-FAKE = (
-    StageSpec("first", "_fake_stages:run", params=("calib",), metric_prefix="calib", uses_model=False),
-    StageSpec("second", "_fake_stages:run", needs=("first",), params=("quant",), metric_prefix="quantize",
-              uses_model=False),
-)
-
-
-@pytest.fixture
-def fake_dag(monkeypatch):
-    monkeypatch.setattr(dag, "STAGES", FAKE)
-    monkeypatch.setattr(dag, "SPECS", {s.name: s for s in FAKE})
-    monkeypatch.setattr(dag, "STAGE_NAMES", tuple(s.name for s in FAKE))
 
 
 def test_flatten_uses_dotted_names():
@@ -33,8 +19,8 @@ def test_job_is_logged_with_params_metrics_tags_and_artifacts(compose, tmp_path,
     overrides = [f"run.outputs_dir={tmp_path}", "run.progress=false", f"tracking.uri={uri}",
                  f"tracking.artifact_location={tmp_path}/art", "tracking.experiment=test-exp", "quant.bits=3"]
     _, dcfg = compose(overrides)
-    run_job(dcfg)
-    run_job(dcfg)  # second job: stages cached, metrics still logged to its own run
+    run_job(dcfg, fake_dag)
+    run_job(dcfg, fake_dag)  # second job: stages cached, metrics still logged to its own run
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["test-exp"], order_by=["start_time ASC"])
     assert len(runs) == 2
@@ -73,6 +59,6 @@ def test_step_metrics_and_parent_run(tmp_path, compose):
 
 def test_tracking_disabled_writes_no_database(compose, tmp_path, fake_dag):
     _, dcfg = compose([f"run.outputs_dir={tmp_path}", "run.progress=false", "tracking.enabled=false"])
-    run_job(dcfg)
+    run_job(dcfg, fake_dag)
     assert not (tmp_path / "mlflow.db").exists()
     assert (tmp_path / "store" / "second").is_dir()

@@ -27,7 +27,6 @@ from pipeline.tracking_db import inspect_db
 from _mlflow_db_helpers import EXPERIMENT, STALE_REVISION, half_migrated_db
 from _mlflow_server import MlflowServer, api
 from conftest import REPO
-from test_tracking import fake_dag  # noqa: F401  (the two-stage fake DAG fixture)
 
 HEAD = tracking._schema_ops().head
 CALIB_ONLY = ["model=tiny_random", "run.stages=[calibrate]", "calib.nsamples=4", "calib.seqlen=16", "run.device=cpu",
@@ -163,7 +162,7 @@ def test_a_job_on_an_unusable_database_runs_untracked_or_fails_when_tracking_is_
     original = sha(db)
     _, dcfg = compose([f"run.outputs_dir={tmp_path}", "run.progress=false"])
     with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
-        outcomes = run_job(dcfg)
+        outcomes = run_job(dcfg, fake_dag)
     assert [o.status for o in outcomes] == ["ran", "ran"] and sha(db) == original
     assert len(skipped_lines(caplog)) == 1 and skipped_lines(caplog)[0].endswith(
         f"meanwhile record new runs in another file, e.g. tracking.uri=sqlite:///{tmp_path}/mlflow-new.db. "
@@ -171,7 +170,7 @@ def test_a_job_on_an_unusable_database_runs_untracked_or_fails_when_tracking_is_
     _, dcfg = compose([f"run.outputs_dir={tmp_path}", "run.progress=false", "tracking.required=true"])
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
-        run_job(dcfg)
+        run_job(dcfg, fake_dag)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and sha(db) == original
     assert err.startswith(f"error: tracking.uri=sqlite:///{db} is an MLflow database this version cannot use")
@@ -197,7 +196,7 @@ def test_runs_go_to_the_server_in_mlflow_tracking_uri_and_are_skipped_when_it_is
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     _, dcfg = compose([f"run.outputs_dir={tmp_path}", "run.progress=false"])
     with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
-        assert [o.status for o in run_job(dcfg)] == ["ran", "ran"]
+        assert [o.status for o in run_job(dcfg, fake_dag)] == ["ran", "ran"]
     assert skipped_lines(caplog) == [] and not (tmp_path / "mlflow.db").exists()  # not the default sqlite file
     exp = api(port, "experiments/get-by-name?experiment_name=autoround-pipeline")["experiment"]
     found = api(port, "runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
@@ -210,14 +209,14 @@ def test_runs_go_to_the_server_in_mlflow_tracking_uri_and_are_skipped_when_it_is
               "start the server or fix tracking.uri (or MLFLOW_TRACKING_URI)")
     t0 = time.time()
     with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
-        assert [o.status for o in run_job(dcfg)] == ["cached", "cached"]
+        assert [o.status for o in run_job(dcfg, fake_dag)] == ["cached", "cached"]
     assert time.time() - t0 < 30
     assert skipped_lines(caplog) == [f"tracking skipped: {reason}. The stages run without MLflow "
                                      "(tracking.required=true makes this an error)"]
     _, dcfg = compose([f"run.outputs_dir={tmp_path}", "run.progress=false", "tracking.required=true"])
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
-        run_job(dcfg)
+        run_job(dcfg, fake_dag)
     assert exc.value.code == 2 and capsys.readouterr().err == f"error: {reason}\n"
 
 

@@ -14,10 +14,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 @dataclass(frozen=True)
 class BenchTarget:
-    """A model folder to benchmark: the packed checkpoint ("quantized") or the unquantized model ("baseline")."""
+    """A model folder to benchmark: the packed checkpoint (QUANTIZED) or the unquantized model (BASELINE)."""
 
     path: str
-    variant: str
+    variant: str  # core.context.QUANTIZED | BASELINE
     trust_remote_code: bool = False
     adapter: Optional[str] = None  # a PEFT LoRA adapter folder to apply (recover.mode=lora)
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from core.context import BASELINE
 from stages.bench.engine import LAST_TOKEN_LINEARS, DecodeEngine, prefill_rows
 from stages.bench.hf_decoder import decoder_from_hf
 from stages.bench.lora import add_lora, fused_out_sizes
@@ -28,7 +29,7 @@ from stages.recovery.adapter import read_adapter
 
 def load_target(target: BenchTarget, device: str, dtype: torch.dtype) -> torch.nn.Module:
     """The packed checkpoint through the project's loader, or the baseline through transformers."""
-    if target.variant == "baseline":
+    if target.variant == BASELINE:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(target.path, dtype=dtype,

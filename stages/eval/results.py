@@ -10,6 +10,8 @@ from core.summary import format_table
 # The metric a task is judged by (for delta_vs_baseline and the summary), first match wins.
 PRIMARY_METRICS = ("acc", "bits_per_byte", "word_perplexity", "perplexity", "exact_match")
 PPL = "ppl"  # metrics of the rolling-window perplexity evaluator: ppl, ppl.nll, ppl.tokens, ...
+# lm-eval's perplexity metrics (e.g. wikitext.word_perplexity), lower is better like PPL
+LM_EVAL_PERPLEXITIES = ("word_perplexity", "perplexity")
 
 
 def _number(value: Any) -> Optional[float]:

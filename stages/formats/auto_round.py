@@ -31,7 +31,8 @@ from stages.formats.gptq import (
     unpack_layer_tensors,
 )
 from stages.formats.source import QStateReader, SourceModel, check_layer_values, check_qstate_matches_model
-from stages.formats.writer import LayerRecord, PackOptions, PackResult, Recipe, tensor_nbytes, write_checkpoint
+from core.schema import AutoRoundConfig, QuantScheme
+from stages.formats.writer import LayerRecord, PackOptions, PackResult, tensor_nbytes, write_checkpoint
 from stages.quant.base import LayerScheme, QuantizedLayer
 from stages.registry import PACKING_FORMATS
 
@@ -123,7 +124,7 @@ def extra_config(qstate: QStateReader, base: LayerScheme) -> dict[str, dict[str,
     return out
 
 
-def auto_round_quantization_config(qstate: QStateReader, recipe: Optional[Recipe], packing_format: str) -> dict[str, Any]:
+def auto_round_quantization_config(qstate: QStateReader, recipe: Optional[QuantScheme], packing_format: str) -> dict[str, Any]:
     """quantization_config in the keys auto-round writes, from the run's recipe."""
     base = base_scheme(qstate, recipe)
     cfg: dict[str, Any] = {
@@ -132,7 +133,7 @@ def auto_round_quantization_config(qstate: QStateReader, recipe: Optional[Recipe
     }
     if qstate.blocks:
         cfg["block_name_to_quantize"] = qstate.blocks
-    if recipe is not None and recipe.method == "autoround":
+    if isinstance(recipe, AutoRoundConfig):
         cfg["iters"] = recipe.iters
     extra = extra_config(qstate, base)
     if extra:
@@ -176,12 +177,12 @@ class AutoRoundLayout:
     def unpack_layer(self, tensors: dict[str, torch.Tensor], scheme: LayerScheme) -> QuantizedLayer:
         return unpack_auto_round_layer(tensors, scheme, self.packing_format)
 
-    def quantization_config(self, qstate: QStateReader, recipe: Optional[Recipe]) -> dict[str, Any]:
+    def quantization_config(self, qstate: QStateReader, recipe: Optional[QuantScheme]) -> dict[str, Any]:
         return auto_round_quantization_config(qstate, recipe, self._resolve(qstate))
 
 
 def pack_auto_round(qstate: QStateReader, source: SourceModel, out: Path, options: PackOptions,
-                    recipe: Optional[Recipe], identity: str,
+                    recipe: Optional[QuantScheme], identity: str,
                     progress: Optional[Callable[[str], None]] = None) -> PackResult:
     """Write an auto-round native checkpoint folder at `out`, atomically (same contract as pack_gptq).
 

@@ -167,7 +167,7 @@ def write_bnb_checkpoint(saved: Path, out: Path, quantized_keys: set[str], dtype
 def pack_bnb(ctx: StageContext) -> StageResult:
     """The pack stage for a bitsandbytes quantize artifact (see module doc)."""
     from stages.formats import parse_size
-    from stages.formats.artifact import REPORT_FILE, checkpoint_dir, checkpoint_dtype
+    from stages.formats.artifact import REPORT_FILE, SIZE_METRIC, checkpoint_dir, checkpoint_dtype
 
     art = ctx.inputs["quantize"].path
     state = json.loads((art / BNB_STATE_FILE).read_text())
@@ -182,7 +182,7 @@ def pack_bnb(ctx: StageContext) -> StageResult:
     verified = verify_reloaded(art / BNB_DIR, out, layers)
     report = compatibility_report(state["method"], source.config.get("model_type"), verified, len(layers))
     sizes = size_metrics(layers)
-    metrics = {"size_mb": _folder_mb(out), **sizes,
+    metrics = {SIZE_METRIC: _folder_mb(out), **sizes,
                "compression_vs_fp16": round(sizes["quantized_fp16_mb"] / sizes["quantized_mb"], 4),
                "vllm_loads": 1.0, "verified_layers": float(verified)}
     qc = json.loads((out / "config.json").read_text())["quantization_config"]

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from stages.formats.source import QStateReader, SourceModel
-from stages.formats.writer import PackOptions, PackResult, Recipe
+from core.schema import QuantScheme
+from stages.formats.writer import PackOptions, PackResult
 
 
 def exact_format(sym_flags: Iterable[bool], act_order: bool) -> str:
@@ -27,7 +28,7 @@ def qstate_format(qstate: QStateReader) -> str:
     return exact_format((qstate.scheme(n).sym for n in qstate.names), any(qstate.act_order(n) for n in qstate.names))
 
 
-def pack_auto(qstate: QStateReader, source: SourceModel, out: Path, options: PackOptions, recipe: Optional[Recipe],
+def pack_auto(qstate: QStateReader, source: SourceModel, out: Path, options: PackOptions, recipe: Optional[QuantScheme],
               identity: str, progress: Optional[Callable[[str], None]] = None) -> PackResult:
     """Pack with the format `qstate_format` picks (same contract as pack_gptq / pack_auto_round)."""
     from stages.registry import PACK_FORMATS, resolve

@@ -29,7 +29,8 @@ import torch
 
 from core.errors import InputError
 from stages.formats.source import QStateReader, SourceModel, check_layer_values, check_qstate_matches_model
-from stages.formats.writer import LayerRecord, PackOptions, PackResult, Recipe, tensor_nbytes, write_checkpoint
+from core.schema import GPTQConfig, QuantScheme
+from stages.formats.writer import LayerRecord, PackOptions, PackResult, tensor_nbytes, write_checkpoint
 from stages.quant.base import LayerScheme, QuantizedLayer
 from stages.quant.qdq import group_index
 
@@ -194,11 +195,12 @@ def is_lm_head(name: str) -> bool:
     return name == "lm_head" or name.endswith(".lm_head")
 
 
-def base_scheme(qstate: QStateReader, recipe: Optional[Recipe]) -> LayerScheme:
+def base_scheme(qstate: QStateReader, recipe: Optional[QuantScheme]) -> LayerScheme:
     """The checkpoint's default scheme: the run's when some layer uses it, else the most common one."""
     counts = Counter(qstate.scheme(n) for n in qstate.names)
-    if recipe is not None and recipe.scheme in counts:
-        return recipe.scheme
+    chosen = LayerScheme(recipe.bits, recipe.group_size, recipe.sym) if recipe is not None else None
+    if chosen in counts:
+        return chosen
     return counts.most_common(1)[0][0]
 
 
@@ -270,20 +272,19 @@ def dynamic_rules(qstate: QStateReader, base: LayerScheme, desc_act: bool) -> di
     return rules
 
 
-def gptq_quantization_config(qstate: QStateReader, recipe: Optional[Recipe]) -> dict[str, Any]:
+def gptq_quantization_config(qstate: QStateReader, recipe: Optional[QuantScheme]) -> dict[str, Any]:
     """quantization_config / quantize_config.json for a GPTQ v1 checkpoint, written from the run's recipe."""
     base = base_scheme(qstate, recipe)
-    method = recipe.method if recipe else qstate.meta.get("method", "unknown")
     desc_act = any(qstate.act_order(n) for n in qstate.names)
     cfg: dict[str, Any] = {
         "quant_method": "gptq", "checkpoint_format": "gptq", "bits": base.bits, "group_size": base.group_size,
         "sym": base.sym, "desc_act": desc_act,
-        "true_sequential": bool(recipe.true_sequential) if recipe else True,
+        "true_sequential": recipe.true_sequential if isinstance(recipe, GPTQConfig) else True,
         "lm_head": any(is_lm_head(n) for n in qstate.names),
     }
-    if method == "gptq" and recipe is not None:
+    if isinstance(recipe, GPTQConfig):
         cfg["damp_percent"] = recipe.damp_percent
-        cfg["static_groups"] = bool(recipe.static_groups)
+        cfg["static_groups"] = recipe.static_groups
     dynamic = dynamic_rules(qstate, base, desc_act)
     if dynamic:
         cfg["dynamic"] = dynamic
@@ -317,21 +318,21 @@ class GPTQLayout:
     def unpack_layer(self, tensors: dict[str, torch.Tensor], scheme: LayerScheme) -> QuantizedLayer:
         return unpack_layer_tensors(tensors, scheme, self.zero_offset)
 
-    def quantization_config(self, qstate: QStateReader, recipe: Recipe) -> dict[str, Any]:
+    def quantization_config(self, qstate: QStateReader, recipe: QuantScheme) -> dict[str, Any]:
         cfg = gptq_quantization_config(qstate, recipe)
         cfg["checkpoint_format"] = self.name
         return cfg
 
 
 def pack_gptq_v2(qstate: QStateReader, source: SourceModel, out: Path, options: PackOptions,
-                 recipe: Optional[Recipe], identity: str, progress: Optional[Callable[[str], None]] = None) -> PackResult:
+                 recipe: Optional[QuantScheme], identity: str, progress: Optional[Callable[[str], None]] = None) -> PackResult:
     """Write a GPTQ checkpoint with `checkpoint_format: gptq_v2` (zeros as they are: asym is exact);
     otherwise the same contract as `pack_gptq`."""
     return write_checkpoint(GPTQLayout("gptq_v2"), qstate, source, out, options, recipe, identity, progress)
 
 
 def pack_gptq(qstate: QStateReader, source: SourceModel, out: Path, options: PackOptions,
-              recipe: Optional[Recipe], identity: str, progress: Optional[Callable[[str], None]] = None) -> PackResult:
+              recipe: Optional[QuantScheme], identity: str, progress: Optional[Callable[[str], None]] = None) -> PackResult:
     """Write a GPTQ v1 checkpoint folder (sharded safetensors, config.json with quantization_config,
     quantize_config.json, tokenizer and generation files) at `out`, atomically.
 

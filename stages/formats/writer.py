@@ -19,13 +19,15 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from core.errors import InputError
+from core.schema import PackConfig, QuantScheme
+from stages.formats import parse_size
 
 from stages.formats.source import (
     SAFETENSORS_INDEX, SAFETENSORS_SINGLE, QStateReader, SourceModel, read_safetensors_headers,
@@ -38,38 +40,11 @@ PACKER_VERSION = "1"
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """The run's quantization settings that go into quantization_config (from the quant config)."""
-
-    method: str
-    bits: int
-    group_size: int
-    sym: bool
-    act_order: bool = False
-    true_sequential: bool = True
-    damp_percent: float = 0.01
-    static_groups: bool = False
-    iters: int = 0
-    quantize_lm_head: bool = False
-
-    @property
-    def scheme(self) -> LayerScheme:
-        return LayerScheme(self.bits, self.group_size, self.sym)
-
-    @classmethod
-    def from_quant_config(cls, quant: Mapping[str, Any]) -> "Recipe":
-        """From the `quant` section of a run config (a dict, e.g. the quantize manifest's config)."""
-        keys = ("method", "bits", "group_size", "sym", "act_order", "true_sequential", "damp_percent", "static_groups",
-                "iters", "quantize_lm_head")
-        return cls(**{k: quant[k] for k in keys if k in quant})
-
-
-@dataclass(frozen=True)
 class PackOptions:
     """How to write: dtype of the unquantized tensors, shard size, and the format's packing choice."""
 
     dtype: torch.dtype
-    max_shard_bytes: int = 4 * 10**9
+    max_shard_bytes: int = field(default_factory=lambda: parse_size(PackConfig().max_shard_size))
     packing_format: str = "auto"  # auto_round format only (see stages.formats.auto_round)
 
 
@@ -117,7 +92,7 @@ class Layout(Protocol):
         """Inverse of pack_layer; `tensors` keys without the layer prefix (qweight, qzeros, scales, g_idx)."""
         ...
 
-    def quantization_config(self, qstate: QStateReader, recipe: Recipe) -> dict[str, Any]: ...
+    def quantization_config(self, qstate: QStateReader, recipe: QuantScheme) -> dict[str, Any]: ...
 
 
 def tensor_nbytes(t: torch.Tensor) -> int:
@@ -303,7 +278,7 @@ def _commit(tmp: Path, out: Path) -> None:
 
 
 def write_checkpoint(layout: Layout, qstate: QStateReader, source: SourceModel, out: Path, options: PackOptions,
-                     recipe: Recipe, identity: str, progress: Optional[Callable[[str], None]] = None) -> PackResult:
+                     recipe: QuantScheme, identity: str, progress: Optional[Callable[[str], None]] = None) -> PackResult:
     """Write a complete checkpoint folder at `out` (atomically); see the module docstring.
 
     Args:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from core.schema import QuantConfig, switch_enabled
+from core.schema import AutoRoundConfig, switch_enabled
 from stages.quant.base import BlockInputs, BlockResult, LayerScheme, QuantizedLayer
 from stages.quant.blocks import run_block
 from stages.quant.distributed import LOCAL, Comm
@@ -57,14 +57,14 @@ class BucketParams:
         return [t for t in (self.v, self.min_factor, self.max_factor) if t is not None]
 
 
-def default_lr(cfg: QuantConfig, bits: int) -> float:
+def default_lr(cfg: AutoRoundConfig, bits: int) -> float:
     """lr for a layer: quant.lr, else 1/iters (2/iters for <= 3 bits at >= 1000 iters, as the reference)."""
     if cfg.lr is not None:
         return float(cfg.lr)
     return (2.0 if cfg.iters >= 1000 and bits <= 3 else 1.0) / max(cfg.iters, 1)
 
 
-def init_params(buckets: list[Bucket], cfg: QuantConfig) -> list[BucketParams]:
+def init_params(buckets: list[Bucket], cfg: AutoRoundConfig) -> list[BucketParams]:
     out = []
     for b in buckets:
         lr = default_lr(cfg, b.bits)
@@ -141,7 +141,7 @@ class AutoRoundQuantizer:
     uses_calibration = True
     needs_fp_targets = True
 
-    def __init__(self, cfg: QuantConfig, progress: bool = False, comm: Comm = LOCAL):
+    def __init__(self, cfg: AutoRoundConfig, progress: bool = False, comm: Comm = LOCAL):
         self.cfg, self.progress, self.comm = cfg, progress, comm
         self._compiled: Optional[Callable[..., torch.Tensor]] = None
 

@@ -5,7 +5,7 @@ Core (no files, MLflow or Hydra):
   bitsandbytes package is missing or has no kernel for the scheme on the device (it runs a
   64x64 layer of the scheme there);
 * `quantize_at_load(path, method, options, device, dtype)`: `from_pretrained` with a
-  `BitsAndBytesConfig` built from the method (stages.quant.bnb_options) and quant.bnb.*;
+  `BitsAndBytesConfig` built from the method's config (stages.quant.bnb_options);
 * `layer_records` / `size_metrics`: what bitsandbytes stores per Linear (the packed weight and its
   quantization state, exactly the tensors `save_pretrained` writes) and the bits per weight;
 * `cast_unquantized(model, dtype)`: every tensor except bitsandbytes' own in `dtype` (and the NF4
@@ -20,17 +20,19 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from core.errors import ConfigError
-from stages.quant.bnb_options import BNB_SCHEMES, ignored_keys, ignored_note
+from core.schema import BnbConfig
+from stages.quant.bnb_options import BNB_SCHEMES
 
 if TYPE_CHECKING:
     from core.context import StageContext, StageResult
-    from core.schema import BnbConfig, PipelineConfig
+    from core.schema import PipelineConfig
 
 BNB_DIR = "bnb"  # the quantize artifact's save_pretrained folder
 BNB_STATE_FILE = "bnb_layers.json"  # the quantize artifact's record (what pack reads first)
@@ -84,7 +86,7 @@ def check_backend(method: str, device: str, dtype: torch.dtype) -> str:
 
 
 def quantization_config(method: str, options: "BnbConfig", compute_dtype: torch.dtype) -> Any:
-    """transformers' BitsAndBytesConfig for a bitsandbytes method and quant.bnb.* options."""
+    """transformers' BitsAndBytesConfig for a bitsandbytes method and its option (quant.double_quant | int8_threshold)."""
     from transformers import BitsAndBytesConfig
 
     if BNB_SCHEMES[method].quant_type == "int8":
@@ -172,12 +174,9 @@ class BnbMethod:
         from core.context import StageResult
 
         q = ctx.cfg.quant
-        note = ignored_note(q)
-        if note:
-            ctx.log(f"[quantize] note: {note}")
         version = check_backend(q.method, ctx.device, ctx.torch_dtype())
         t0 = time.perf_counter()
-        model = quantize_at_load(ctx.model.path, q.method, q.bnb, ctx.device, ctx.torch_dtype(), ctx.model.revision,
+        model = quantize_at_load(ctx.model.path, q.method, q, ctx.device, ctx.torch_dtype(), ctx.model.revision,
                                  ctx.model.trust_remote_code)
         seconds = time.perf_counter() - t0
         records = layer_records(model)
@@ -187,8 +186,8 @@ class BnbMethod:
         scheme = BNB_SCHEMES[q.method]
         state = {"method": q.method, "quant_type": scheme.quant_type, "bits": scheme.bits,
                  "group_size": scheme.group_size, "bitsandbytes": version, "dtype": ctx.dtype,
-                 "options": {"double_quant": q.bnb.double_quant, "int8_threshold": q.bnb.int8_threshold},
-                 "quantization_config": model.config.quantization_config.to_dict(), "ignored": ignored_keys(q),
+                 "options": {k: v for k, v in asdict(q).items() if k not in asdict(BnbConfig())},
+                 "quantization_config": model.config.quantization_config.to_dict(),
                  "skipped": skipped_linears(model), "layers": records}
         (ctx.workdir / BNB_STATE_FILE).write_text(json.dumps(state, indent=2, default=str) + "\n")
         ctx.log(f"[quantize] {scheme.title}: {len(records)} Linears, {metrics['bits_per_weight']} bits per weight "

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from core.errors import InputError
-from core.schema import QuantConfig
+from core.schema import CalibratedConfig, QuantScheme
 from stages.quant.base import BlockInputs, BlockResult, QuantizedLayer
 from stages.quant.blocks import block_outputs, capture_first_inputs, capture_kwargs, kwargs_to
 from stages.quant.distributed import LOCAL, Comm
@@ -43,6 +43,9 @@ class Streams:
     kwargs: list[dict[str, Any]]
 
 
+PEAK_MEMORY_METRIC = "peak_gpu_mem_gb"  # the quantize stage's peak GPU memory (GiB, CUDA only)
+
+
 @dataclass
 class QuantizeResult:
     layers: dict[str, QuantizedLayer]  # full module name -> result
@@ -51,17 +54,17 @@ class QuantizeResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def quantizer_class(cfg: QuantConfig) -> type:
+def quantizer_class(cfg: QuantScheme) -> type:
     """The BlockQuantizer class registered for quant.method (constructed as cls(cfg, progress))."""
     return resolve(QUANT_METHODS, "quant.method", cfg.method)
 
 
-def make_quantizer(cfg: QuantConfig, progress: bool = False, comm: Comm = LOCAL):
+def make_quantizer(cfg: QuantScheme, progress: bool = False, comm: Comm = LOCAL):
     return quantizer_class(cfg)(cfg, progress, comm=comm)
 
 
 def capture_streams(model: "nn.Module | BlockSource", input_ids: torch.Tensor, device: torch.device,
-                    cfg: QuantConfig, needs_fp: bool) -> Streams:
+                    cfg: CalibratedConfig, needs_fp: bool) -> Streams:
     """Block-0 inputs for every sample (+ a copy for the fp stream) and every block's kwargs.
 
     Args:
@@ -105,7 +108,7 @@ def _shared_mse(mse: Optional[float], samples: int, comm: Comm) -> Optional[floa
 
 
 def run_block_step(quantizer: Any, block: nn.Module, index: int, plan: QuantPlan, streams: Optional[Streams],
-                   device: torch.device, cfg: QuantConfig, seed: int,
+                   device: torch.device, cfg: QuantScheme, seed: int,
                    done: Optional[dict[str, QuantizedLayer]], comm: Comm = LOCAL) -> tuple[BlockResult, bool]:
     """Quantize (or replay, when `done` is given) one block on `device`; advances the streams.
 
@@ -134,11 +137,11 @@ def run_block_step(quantizer: Any, block: nn.Module, index: int, plan: QuantPlan
     return result, done is None
 
 
-def _amp(cfg: QuantConfig, device: torch.device) -> Optional[torch.dtype]:
+def _amp(cfg: CalibratedConfig, device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if cfg.amp and device.type == "cuda" else None
 
 
-def quantize_model(model: "nn.Module | BlockSource", input_ids: Optional[torch.Tensor], cfg: QuantConfig,
+def quantize_model(model: "nn.Module | BlockSource", input_ids: Optional[torch.Tensor], cfg: QuantScheme,
                    device: torch.device | str, *, seed: int = 0, progress: bool = False,
                    done: Optional[Mapping[int, dict[str, QuantizedLayer]]] = None,
                    on_block_done: Optional[Callable[[int, BlockResult, float], None]] = None,
@@ -201,6 +204,6 @@ def quantize_model(model: "nn.Module | BlockSource", input_ids: Optional[torch.T
         source.set_head(plan.head, layers[plan.head].dequantize())
     metrics = {"seconds_total": time.perf_counter() - t_start, "num_layers": float(len(plan.schemes))}
     if device.type == "cuda":
-        metrics["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        metrics[PEAK_MEMORY_METRIC] = torch.cuda.max_memory_allocated(device) / 2**30
     meta = {"skipped": plan.skipped, "blocks": plan.blocks_name, "num_blocks": plan.num_blocks, "method": cfg.method}
     return QuantizeResult(layers, meta, block_metrics, metrics)

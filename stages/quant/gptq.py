@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from core.errors import InputError
-from core.schema import QuantConfig
+from core.schema import GPTQConfig
 from stages.quant.base import BlockInputs, BlockResult, LayerScheme, QuantizedLayer
 from stages.quant.blocks import batches, run_block
 from stages.quant.distributed import LOCAL, Comm
@@ -43,20 +43,6 @@ log = logging.getLogger(__name__)
 DAMP_GROWTH = 10.0  # a failed Cholesky is retried with this many times the dampening ...
 MAX_DAMP = 1.0  # ... up to mean(diag H); past that the layer falls back to RTN
 _HALF = (torch.bfloat16, torch.float16)
-
-
-@dataclass(frozen=True)
-class GPTQOptions:
-    """The GPTQ settings of QuantConfig."""
-
-    damp_percent: float = 0.01
-    act_order: bool = False
-    static_groups: bool = False
-    block_columns: int = 128
-
-    @classmethod
-    def from_config(cls, cfg: QuantConfig) -> "GPTQOptions":
-        return cls(cfg.damp_percent, cfg.act_order, cfg.static_groups, cfg.block_columns)
 
 
 @dataclass
@@ -221,7 +207,7 @@ class _GroupParams:
 
 
 def _solve(w: torch.Tensor, upper: torch.Tensor, perm: Optional[torch.Tensor], scheme: LayerScheme,
-           opts: GPTQOptions) -> Optional[QuantizedLayer]:
+           opts: GPTQConfig) -> Optional[QuantizedLayer]:
     """The lazy-batch GPTQ sweep over W (dead columns zeroed) given U; None if it went non-finite."""
     rows, cols = w.shape
     gs = cols if scheme.group_size == -1 else scheme.group_size
@@ -275,7 +261,7 @@ def _row_errors(w0: torch.Tensor, hats: list[torch.Tensor], h: torch.Tensor, per
     return list(err.split(w0.shape[0]))
 
 
-def gptq_quantize(weight: torch.Tensor, h: torch.Tensor, scheme: LayerScheme, opts: GPTQOptions) -> GPTQOutcome:
+def gptq_quantize(weight: torch.Tensor, h: torch.Tensor, scheme: LayerScheme, opts: GPTQConfig) -> GPTQOutcome:
     """GPTQ for one weight [rows, cols] given its inputs' Hessian h = 2/N·XᵀX [cols, cols].
 
     Args:
@@ -465,9 +451,9 @@ class GPTQQuantizer:
     uses_calibration = True
     needs_fp_targets = False
 
-    def __init__(self, cfg: QuantConfig, progress: bool = False, comm: Comm = LOCAL):
+    def __init__(self, cfg: GPTQConfig, progress: bool = False, comm: Comm = LOCAL):
         self.cfg, self.progress, self.comm = cfg, progress, comm
-        self.options = GPTQOptions.from_config(cfg)
+        self.options = cfg
 
     def quantize_block(self, block: nn.Module, schemes: dict[str, LayerScheme], inputs: Optional[BlockInputs],
                        fp_targets: Optional[torch.Tensor], device: torch.device,

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from core.schema import LayerOverride, QuantConfig
+from core.schema import QuantScheme, quant_config
 
 BLOCK_METRICS_FILE = "block_metrics.json"
 
@@ -37,10 +37,8 @@ class QuantizeJob:
     progress: bool
     resumed: bool
 
-    def quant_config(self) -> QuantConfig:
-        data = dict(self.quant)
-        data["overrides"] = [LayerOverride(**o) for o in data.get("overrides", [])]
-        return QuantConfig(**data)
+    def quant_config(self) -> QuantScheme:
+        return quant_config(**self.quant)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

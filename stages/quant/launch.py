@@ -20,13 +20,13 @@ from stages.quant.job import QuantizeJob
 
 DIST_DIR = "dist"
 WORKER_MODULE = "stages.quant.worker"
-JOB_FILE = "job.json"
+QUANTIZE_JOB_FILE = "job.json"  # the data-parallel attempt's QuantizeJob, read by every rank
 RESULT_FILE = "result.json"
 
 
 def job_file(workdir: Path) -> Path:
     """Where a launch's job lives (node 0 writes it; every rank, on every node, reads it)."""
-    return Path(workdir) / DIST_DIR / JOB_FILE
+    return Path(workdir) / DIST_DIR / QUANTIZE_JOB_FILE
 
 
 def error_file(job: Path, rank: int) -> Path:

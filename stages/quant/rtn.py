@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from core.schema import QuantConfig
+from core.schema import RTNConfig
 from stages.quant.base import BlockInputs, BlockResult, LayerScheme, QuantizedLayer
 from stages.quant.distributed import LOCAL, Comm
 from stages.quant.qdq import quantize_weight
@@ -25,7 +25,7 @@ class RTNQuantizer:
     uses_calibration = False
     needs_fp_targets = False
 
-    def __init__(self, cfg: QuantConfig, progress: bool = False, comm: Comm = LOCAL):
+    def __init__(self, cfg: RTNConfig, progress: bool = False, comm: Comm = LOCAL):
         self.cfg, self.progress = cfg, progress  # no calibration: every rank computes the same codes
 
     def quantize_block(self, block: nn.Module, schemes: dict[str, LayerScheme], inputs: Optional[BlockInputs],

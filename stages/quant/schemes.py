@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from core.errors import ConfigError
-from core.schema import QuantConfig
+from core.schema import QuantScheme
 from stages.quant.base import LayerScheme
 from stages.quant.blocks import block_linears, find_blocks
 
@@ -48,7 +48,7 @@ def _output_head(model: nn.Module) -> tuple[str | None, bool]:
     return name, emb is not None and emb.weight is head.weight
 
 
-def _candidates(model: nn.Module, cfg: QuantConfig) -> tuple[str, int, dict[str, nn.Linear], str | None, list[str]]:
+def _candidates(model: nn.Module, cfg: QuantScheme) -> tuple[str, int, dict[str, nn.Linear], str | None, list[str]]:
     blocks_name, blocks = find_blocks(model)
     layers = {f"{blocks_name}.{i}.{rel}": lin for i, b in enumerate(blocks) for rel, lin in block_linears(b).items()}
     head, tied = _output_head(model)
@@ -66,7 +66,7 @@ def _matches(pattern: str, name: str) -> bool:
     return name == pattern or re.fullmatch(pattern, name) is not None
 
 
-def _apply_overrides(cfg: QuantConfig, layers: dict[str, nn.Linear], outside: list[str]
+def _apply_overrides(cfg: QuantScheme, layers: dict[str, nn.Linear], outside: list[str]
                      ) -> tuple[dict[str, LayerScheme], list[str], dict[str, str]]:
     base = LayerScheme(cfg.bits, cfg.group_size, cfg.sym)
     schemes = {n: base for n in layers}
@@ -108,7 +108,7 @@ def _check_group_sizes(schemes: dict[str, LayerScheme], layers: dict[str, nn.Lin
                           problem=f"does not divide the input dimension {in_f} of layer {name}")
 
 
-def plan_quantization(model: nn.Module, cfg: QuantConfig) -> QuantPlan:
+def plan_quantization(model: nn.Module, cfg: QuantScheme) -> QuantPlan:
     """Resolve every quantized Linear's scheme; raises ConfigError for a bad override or group size.
 
     Args:
