@@ -70,6 +70,7 @@ def test_summary_and_markdown_over_runs(bq):
     assert "upper bound" not in text  # a quiet machine is not flagged
 
 
+@pytest.mark.slow  # multi-process / real-run check: -m slow keeps the default suite under 10 minutes
 def test_one_real_run_is_timed_with_its_memory_and_printout(bq, tmp_path, tiny_outputs):
     overrides = ["model=tiny_random", f"run.outputs_dir={tiny_outputs}", "run.stages=[calibrate]",
                  "calib.nsamples=4", "calib.seqlen=16", "tracking.enabled=false", "run.progress=false"]

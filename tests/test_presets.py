@@ -18,6 +18,13 @@ EXPERIMENTS = group_options(CONF_DIR, "experiment")
 HUB_CALIBRATED = {"llama3_w2_g64": (512, 512), "llama3_w4_g128": (128, 512),
                   "compare_reference_table_llama3": (128, 512)}
 OFFLINE_CALIB = ["calib=austen", "calib.mode=random_window"]
+# Calibrating a preset takes seconds; the default suite calibrates one of each kind (every preset's sweep
+# cells compose in test_config), the rest run with -m slow.
+DEFAULT_CALIBRATED = {"quickstart", "smollm2_w2_g64", "llama3_w2_g64"}
+
+
+def _param(experiment: str):
+    return pytest.param(experiment, marks=() if experiment in DEFAULT_CALIBRATED else pytest.mark.slow)
 
 
 def _calibrate(compose, experiment: str, tiny_outputs, extra=()):
@@ -36,7 +43,7 @@ def test_the_presets_are_all_checked():
     assert {"quickstart", "llama3_w2_g64", "llama3_w4_g128"} <= set(EXPERIMENTS)
 
 
-@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in HUB_CALIBRATED])
+@pytest.mark.parametrize("experiment", [_param(e) for e in EXPERIMENTS if e not in HUB_CALIBRATED])
 def test_offline_preset_calibrates_as_written(compose, tiny_outputs, experiment):
     cfg, outcomes = _calibrate(compose, experiment, tiny_outputs)
     [calib] = outcomes
@@ -44,7 +51,7 @@ def test_offline_preset_calibrates_as_written(compose, tiny_outputs, experiment)
     assert (calib.metrics["nsamples"], calib.metrics["seqlen"]) == (cfg.calib.nsamples, cfg.calib.seqlen)
 
 
-@pytest.mark.parametrize("experiment", sorted(HUB_CALIBRATED))
+@pytest.mark.parametrize("experiment", [_param(e) for e in sorted(HUB_CALIBRATED)])
 def test_hub_calibrated_preset_names_the_offline_override_and_then_calibrates(compose, tiny_outputs, experiment):
     cfg, _ = compose([f"+experiment={experiment}"])
     assert (cfg.calib.source, cfg.calib.dataset, cfg.run.offline) == ("hub", "NeelNanda/pile-10k", False)

@@ -81,6 +81,7 @@ def test_basic_launcher_sweep_nests_runs_under_one_parent(tiny_outputs, migrated
     assert parent["status"] == "FINISHED"
 
 
+@pytest.mark.slow  # multi-process / real-run check: -m slow keeps the default suite under 10 minutes
 def test_joblib_launcher_runs_jobs_in_worker_processes(tiny_outputs, migrated_db):
     import shutil
 
@@ -100,6 +101,7 @@ def test_joblib_launcher_runs_jobs_in_worker_processes(tiny_outputs, migrated_db
     assert sorted(children["params.calib.nsamples"]) == ["4", "8"] and set(children["status"]) == {"FINISHED"}
 
 
+@pytest.mark.slow  # multi-process / real-run check: -m slow keeps the default suite under 10 minutes
 def test_submitit_local_launcher_two_job_sweep(tiny_outputs):
     args = calib_sweep_args(tiny_outputs) + ["hydra/launcher=submitit_local_cpu", "hydra.launcher.timeout_min=5"]
     proc = run_pipeline(args, cwd=tiny_outputs.parent)

@@ -66,6 +66,7 @@ INIT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # multi-process / real-run check: -m slow keeps the default suite under 10 minutes
 def test_three_processes_creating_a_fresh_database_at_the_same_moment_all_succeed(tmp_path):
     script, go, db = tmp_path / "init.py", tmp_path / "go", tmp_path / "mlflow.db"
     script.write_text(INIT)
@@ -189,6 +190,7 @@ def mlflow_server(tmp_path):
     server.stop()
 
 
+@pytest.mark.slow  # multi-process / real-run check: -m slow keeps the default suite under 10 minutes
 def test_runs_go_to_the_server_in_mlflow_tracking_uri_and_are_skipped_when_it_is_down(
         tmp_path, compose, fake_dag, mlflow_server, monkeypatch, caplog, capsys):
     port = mlflow_server.start()
