@@ -229,6 +229,7 @@ def test_limit_conversion():
 
 
 # -- bad input ----------------------------------------------------------------------------------
+@pytest.mark.slow  # builds lm-eval's whole task index (about 20 s): -m slow keeps the default suite under 10 minutes
 def test_unknown_task_lists_close_matches():
     with pytest.raises(ConfigError, match=r"eval.tasks=persuasion_nextsentence is not a known task.*"
                                           r"did you mean persuasion_nextsent"):
