@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from stages.kernels.tiles import TritonWeight, values_per_block
-from stages.kernels.triton_gemm import _extract
+from stages.kernels.triton_gemm import _extract, _scale_zero_of_rows
 
 BLOCK_N = 128
 
@@ -60,15 +60,8 @@ def _dequant_gptq_kernel(qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, K, N, stride_qw, 
             else:
                 z = zero_const
         else:
-            if HAS_GIDX:
-                g = tl.load(g_ptr + k, mask=mask_b, other=0)
-            else:
-                g = k // group_size
-            s = tl.load(s_ptr + g[:, None] * stride_s + offs_n[None, :], mask=mask, other=0).to(tl.float32)
-            if HAS_ZEROS:
-                z = tl.load(z_ptr + g[:, None] * stride_z + offs_n[None, :], mask=mask, other=0).to(tl.float32)
-            else:
-                z = zero_const
+            s, z = _scale_zero_of_rows(k, s_ptr, z_ptr, g_ptr, stride_s, stride_z, offs_n, mask, mask_b,
+                                       group_size, zero_const, HAS_ZEROS, HAS_GIDX)
         q = _extract(P0, P1, P2, v, BITS).to(tl.float32)
         w = ((q - z) * s).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + k[:, None] * stride_o + offs_n[None, :], w, mask=mask)

@@ -56,6 +56,22 @@ def _extract(P0, P1, P2, V: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _scale_zero_of_rows(k, s_ptr, z_ptr, g_ptr, stride_s, stride_z, offs_n, mask, mask_k, group_size, zero_const,
+                        HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr):
+    """Scale and zero of input rows `k` (act-order through g_idx, else k // group_size) for columns `offs_n`."""
+    if HAS_GIDX:
+        g = tl.load(g_ptr + k, mask=mask_k, other=0)
+    else:
+        g = k // group_size
+    s = tl.load(s_ptr + g[:, None] * stride_s + offs_n[None, :], mask=mask, other=0).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + g[:, None] * stride_z + offs_n[None, :], mask=mask, other=0).to(tl.float32)
+    else:
+        z = zero_const
+    return s, z
+
+
+@triton.jit
 def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
                       M, N, K, stride_xm, stride_qw, stride_s, stride_z, stride_om, stride_os,
                       group_size, zero_const, tiles_per_split,
@@ -110,15 +126,8 @@ def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
                 else:
                     z = zero_const
             else:
-                if HAS_GIDX:
-                    g = tl.load(g_ptr + k, mask=mask_b, other=0)
-                else:
-                    g = k // group_size
-                s = tl.load(s_ptr + g[:, None] * stride_s + offs_n[None, :], mask=wmask, other=0).to(tl.float32)
-                if HAS_ZEROS:
-                    z = tl.load(z_ptr + g[:, None] * stride_z + offs_n[None, :], mask=wmask, other=0).to(tl.float32)
-                else:
-                    z = zero_const
+                s, z = _scale_zero_of_rows(k, s_ptr, z_ptr, g_ptr, stride_s, stride_z, offs_n, wmask, mask_b,
+                                           group_size, zero_const, HAS_ZEROS, HAS_GIDX)
             w = ((q - z) * s).to(x_ptr.dtype.element_ty)
             if USE_DOT:
                 xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
