@@ -50,6 +50,8 @@ SMALL_MODEL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, 
                    num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512, rope_theta=500000.0,
                    rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 CHECKS = {"w2g128_sym": (2, 128, True), "w3g128_sym": (3, 128, True), "w4g128_asym": (4, 128, False)}
+# vLLM part, 4B model: name -> (bits, group, sym) of the packed variants (asym 4-bit is written in AWQ layout)
+VLLM_VARIANTS = {"w4g128_sym": (4, 128, True), "w4g128_asym": (4, 128, False)}
 T0 = time.perf_counter()
 
 
@@ -279,18 +281,25 @@ def vllm_part(args) -> dict:
     model = random_llama(VLLM_MODEL, "cuda", torch.bfloat16, seed=1)
     params = sum(p.numel() for p in model.parameters())
     bf16_dir = work / "bf16"
-    model.save_pretrained(bf16_dir)  # safetensors (transformers 5 always writes them)
-    w4 = write_packed(model, work / "w4g128_sym", 4, 128, True)
-    log(f"vLLM model: {params / 1e9:.2f}B parameters; bf16 and W4G128 folders written")
+    targets = []
+    if "baseline" in args.vllm_variants:
+        model.save_pretrained(bf16_dir)  # safetensors (transformers 5 always writes them)
+        targets.append(("baseline", bf16_dir, "baseline"))
+    for name in args.vllm_variants:
+        if name in VLLM_VARIANTS:
+            targets.append((name, Path(write_packed(model, work / name, *VLLM_VARIANTS[name])["path"]), "quantized"))
+    log(f"vLLM model: {params / 1e9:.2f}B parameters; folders written: {', '.join(t[0] for t in targets)}")
     del model
-    small = random_llama(CHECK_MODEL, "cuda", torch.bfloat16, seed=2)
-    checks = {name: write_packed(small, work / name, *spec) for name, spec in CHECKS.items()}
-    del small
+    checks = {}
+    if args.vllm_checks:
+        small = random_llama(CHECK_MODEL, "cuda", torch.bfloat16, seed=2)
+        checks = {name: write_packed(small, work / name, *CHECKS[name]) for name in args.vllm_checks}
+        del small
     free_cuda()
     wl = Workload(2, 8, 128, (1, 16, 128), warmup=1, repeats=3)
     opts = BenchOptions("cuda:0", "bfloat16", gpu_memory_utilization=args.gpu_memory_utilization)
     records = {}
-    for name, path, variant in (("baseline", bf16_dir, "baseline"), ("w4g128_sym", Path(w4["path"]), "quantized")):
+    for name, path, variant in targets:
         start = time.perf_counter()
         try:
             rec = VLLMBackend().run(BenchTarget(str(path), variant), wl, opts, log, log_dir=out / "vllm_logs" / name)
@@ -304,8 +313,9 @@ def vllm_part(args) -> dict:
         save_partial(args, "vllm", {"part": "vllm", "model": VLLM_MODEL, "workload": wl.to_dict(), "records": records,
                                     "partial": True})
         log(f"vLLM {name}: {rec.get('linear_kernels')} {rec.get('error', '')[:300]} ({rec['wall_s']:.0f} s)")
-    if "results" in records["baseline"] and "results" in records["w4g128_sym"]:
-        attach_speedups(records["w4g128_sym"], records["baseline"])
+    for name in VLLM_VARIANTS:
+        if "results" in records.get("baseline", {}) and "results" in records.get(name, {}):
+            attach_speedups(records[name], records["baseline"])
     check_wl = Workload(1, 8, 8, (1,), warmup=0, repeats=1)
     check_opts = replace(opts, vllm_enforce_eager=True, gpu_memory_utilization=0.3)
     check_results = {}
@@ -333,6 +343,18 @@ def _short_check(res: dict) -> dict:
 
 
 # -- driver -------------------------------------------------------------------------------------------------------
+def _names(allowed: tuple, allow_empty: bool = False):
+    """An argparse type: a comma list whose every name is in `allowed` ('none' = empty if allowed)."""
+    def parse(text: str) -> tuple:
+        names = () if allow_empty and text.strip() == "none" else tuple(n for n in text.split(",") if n)
+        bad = [n for n in names if n not in allowed]
+        if bad or not (names or allow_empty):
+            raise argparse.ArgumentTypeError(f"{','.join(bad) or '(empty)'} is not one of {', '.join(allowed)}"
+                                             + (" or none" if allow_empty else ""))
+        return names
+    return parse
+
+
 def save_partial(args, part: str, data: dict) -> None:
     """Results so far, so that a run cut short still leaves numbers behind."""
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -365,6 +387,10 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default="4,8,3,2", help="bit widths of the torch part (G128 sym)")
     ap.add_argument("--linear-kernel", default="auto", help="bench.linear_kernel policy for the torch part")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.8)
+    ap.add_argument("--vllm-variants", type=_names(("baseline", *VLLM_VARIANTS)),
+                    default=("baseline", *VLLM_VARIANTS), help="comma list of the vllm part's 4B-model variants")
+    ap.add_argument("--vllm-checks", type=_names(tuple(CHECKS), allow_empty=True), default=tuple(CHECKS),
+                    help="comma list of the vllm part's 2-layer load checks ('none' for none)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints in --work")
     ap.add_argument("--no-lm-head", dest="lm_head", action="store_false",
                     help="skip the extra W4 checkpoint whose lm_head is quantized too (quant.quantize_lm_head=true)")
@@ -386,7 +412,9 @@ def main(argv=None) -> int:
         for part in ("torch", "vllm"):
             cmd = [sys.executable, __file__, "--part", part, "--out", str(out / part), "--work", args.work,
                    "--bits", ",".join(map(str, args.bits)), "--linear-kernel", args.linear_kernel,
-                   "--gpu-memory-utilization", str(args.gpu_memory_utilization)] + ([] if args.dual else ["--no-dual"]) \
+                   "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+                   "--vllm-variants", ",".join(args.vllm_variants),
+                   "--vllm-checks", ",".join(args.vllm_checks) or "none"] + ([] if args.dual else ["--no-dual"]) \
                 + ([] if args.lm_head else ["--no-lm-head"])
             subprocess.run(cmd, check=False)
         write_outputs(out, load_parts([str(out / "torch"), str(out / "vllm")]))

@@ -171,7 +171,9 @@ def render_markdown(parts: dict[str, Any]) -> str:
     elif v:
         lines += [f"## vLLM backend ({v.get('device_name')}; {v.get('parameters', 0) / 1e9:.2f}B parameters)", "",
                   f"Workload: {v['workload']}; output tokens/s (medians).", ""]
-        lines += _vllm_rows(v) + ["", "### Other checkpoints (2-layer model, enforce_eager)", ""] + _check_rows(v) + [""]
+        lines += _vllm_rows(v) + [""]
+        if v.get("checks"):
+            lines += ["### Other checkpoints (2-layer model, enforce_eager)", ""] + _check_rows(v) + [""]
     return "\n".join(lines) + "\n"
 
 

@@ -34,6 +34,8 @@ sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 
 import torch  # noqa: E402
 
+from bench_throughput_report import one_line  # noqa: E402
+
 CHECKPOINTS = {"w2g64_asym": (2, 64, False), "w3g64_asym": (3, 64, False), "w2g64_sym": (2, 64, True),
                "w3g64_sym": (3, 64, True)}
 
@@ -63,11 +65,13 @@ def probe(args) -> dict:
     import importlib.util
 
     record = {"vllm": md.version("vllm"), "gemlite": md.version("gemlite") if importlib.util.find_spec("gemlite") else None,
-              "card": torch.cuda.get_device_name(0), "routes": {}}
+              "card": torch.cuda.get_device_name(0), "routes": {},
+              "command": "python benchmarks/probe_vllm_lowbit.py " + " ".join(sys.argv[1:])}
     model = random_llama(CHECK_MODEL, "cuda", torch.bfloat16, seed=3)
     wl = Workload(1, 8, 64, (1,), warmup=0, repeats=1)
     opts = BenchOptions("cuda:0", "bfloat16", gpu_memory_utilization=0.3, vllm_enforce_eager=True)
-    for name, (bits, gs, sym) in CHECKPOINTS.items():
+    for name in args.checkpoints:
+        bits, gs, sym = CHECKPOINTS[name]
         path = Path(write_packed(model, work / name, bits, gs, sym)["path"])
         routes = {"as_written": (path, None), "gptq_v2": (None, None),
                   "gemlite_plugin": (path, {"VLLM_GEMLITE_ENABLE": "1"})}
@@ -100,11 +104,16 @@ def render(record: dict) -> str:
     if "skipped" in record:
         return "\n".join(lines + [f"(not run: {record['skipped']})", ""])
     lines += [f"vLLM {record['vllm']}, gemlite {record['gemlite']}, {record['card']}; 2-layer Llama-3-shaped models.", "",
+              f"Command: `{record.get('command', 'benchmarks/probe_vllm_lowbit.py')}`", "",
               "| checkpoint / route | loads | quantization | kernel | vLLM's message |", "|---|---|---|---|---|"]
     for key, r in record["routes"].items():
-        msg = r.get("not_tried") or str(r.get("error") or "")
+        msg = one_line(r.get("not_tried") or str(r.get("error") or ""))
         lines.append(f"| {key} | {'yes' if r.get('ok') else 'no'} | {r.get('quantization') or '–'} | "
                      f"{r.get('linear_kernels') or '–'} | {msg[:300].replace('|', '/')} |")
+    loaded = [k for k, r in record["routes"].items() if r.get("ok")]
+    lines += ["", f"Routes that load: {', '.join(loaded)}." if loaded else
+              f"No route loads: vLLM {record['vllm']} serves none of these checkpoints, so `bench=auto` runs them "
+              "on the torch backend (the pack stage records vLLM's refusal in compat.json)."]
     return "\n".join(lines) + "\n"
 
 
@@ -113,8 +122,15 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results/vllm_lowbit")
     ap.add_argument("--work", default="/tmp/vllm_lowbit_work")
     ap.add_argument("--timeout", type=int, default=400)
+    ap.add_argument("--report", metavar="JSON", help="only render an earlier vllm_lowbit.json into vllm_lowbit.md")
+    ap.add_argument("--checkpoints", default=",".join(CHECKPOINTS),
+                    help=f"comma list of {', '.join(CHECKPOINTS)} (default: all)")
     args = ap.parse_args()
-    record = probe(args)
+    args.checkpoints = [n for n in args.checkpoints.split(",") if n]
+    unknown = [n for n in args.checkpoints if n not in CHECKPOINTS]
+    if unknown or not args.checkpoints:
+        ap.error(f"--checkpoints {','.join(unknown) or '(empty)'}: choose from {', '.join(CHECKPOINTS)}")
+    record = json.loads(Path(args.report).read_text()) if args.report else probe(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "vllm_lowbit.json").write_text(json.dumps(record, indent=1, default=str))
     (Path(args.out) / "vllm_lowbit.md").write_text(render(record))

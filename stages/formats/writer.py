@@ -172,6 +172,7 @@ def _write_tensors(layout: Layout, qstate: QStateReader, source: SourceModel, ou
 
 def layer_difference(expected: QuantizedLayer, found: QuantizedLayer) -> Optional[str]:
     """What differs between two layers bit for bit (codes, fp16 scales, zero points, group order), or None."""
+    found = found.to(expected.codes.device)
     if not torch.equal(expected.codes.to(torch.uint8), found.codes.to(torch.uint8)):
         n = int((expected.codes.to(torch.int16) != found.codes.to(torch.int16)).sum())
         return f"{n} codes differ"
