@@ -140,6 +140,27 @@ def recover_target_lines(numbers: dict[tuple[str, str, str], dict]) -> list[str]
     return out
 
 
+def search_numbers(results: Path) -> dict[tuple[str, str, str], dict]:
+    """The recipe search's rows (benchmarks/recover_search.py: AutoRound W2G64 asym) for the target checks,
+    keyed like recover_rows' numbers with the recovery named `search <recipe>`."""
+    path = results / "recover_search" / "recover_search.json"
+    if not path.is_file():
+        return {}
+    cells = json.loads(path.read_text())["cells"]
+    base = next((c["manifests"]["baseline_evaluate"] for c in cells if "baseline_evaluate" in c.get("manifests", {})), None)
+    base_ppl, numbers = _metric(base, "ppl"), {}
+    q_s = next((_metric(c["manifests"].get("quantize"), "seconds") for c in cells
+                if "quantize" in c.get("manifests", {})), None)
+    for c in cells:
+        m = c.get("manifests", {})
+        ppl, r_s = _metric(m.get("evaluate"), "ppl"), _metric(m.get("recover"), "seconds")
+        if c.get("skipped") or ppl is None or not base_ppl:
+            continue
+        both = q_s + r_s if q_s is not None and r_s is not None else None
+        numbers[("autoround", "W2G64 asym", f"search {c['name']}")] = {"ratio": ppl / base_ppl, "seconds": both}
+    return numbers
+
+
 def recover_section(results: Path) -> list[str]:
     path = results / "recover.json"
     title = "## 7. Recovery after quantization: SmolLM2-135M"
@@ -147,10 +168,14 @@ def recover_section(results: Path) -> list[str]:
         return [title, "", "(not run)", ""]
     record = json.loads(path.read_text())
     rows, numbers = recover_rows(record)
+    numbers.update(search_numbers(results))
     heads = ["method", "scheme", "recovery", "ppl (Persuasion)", "ppl / unquantized", "train KL init -> final",
              "quantize s", "recover s", "quantize + recover s", "packed MB", "adapter MB"]
     return [title, "", f"Run: {_machine_line(record['machine'])}", "", calibration_line(record), "",
-            table(heads, rows), "", *recover_target_lines(numbers), ""] + \
+            table(heads, rows), "", "Targets, over this table and the recipe search below:", "",
+            *recover_target_lines(numbers), ""] + \
+        _section_from_md("7. Recovery recipes at 2 bits (benchmarks/recover_search.py)", results / "recover_search") + \
+        _section_from_md("7. Recovery and vLLM: W4G64 sym after recover=scales", results / "recover_vllm") + \
         _section_from_md("7. Recovery cost: Llama-3-8B-shaped model", results / "recover_cost")
 
 

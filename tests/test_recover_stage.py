@@ -264,3 +264,23 @@ def test_recovery_after_a_bitsandbytes_method_is_refused(compose, tiny_overrides
         validate_config(cfg)
         runner.check(runner.plan())
     assert not (Path(cfg.run.outputs_dir) / "store" / "calibrate").exists()
+
+
+def test_scales_mode_changes_only_scale_and_norm_values_of_the_served_checkpoint(compose, tiny_overrides):
+    """What a server sees after recover=scales: the same tensors (names, shapes, dtypes), the same quantization
+    config and the same packed codes as without recovery; only the scales and the norm weights differ. So a
+    server that loads the untuned W4 sym checkpoint (vLLM: Marlin/Machete) loads the tuned one the same way."""
+    base = tiny_overrides + ["quant=rtn", "quant.bits=4", "quant.sym=true", "quant.group_size=32", "pack=auto",
+                             "recover.steps=4", "recover.batch_size=4", "recover.topk=16", "recover.lr=0.01", STAGES]
+    _, plain = _run(compose, base + ["recover=none"])
+    _, tuned = _run(compose, base + ["recover=scales"])
+    assert plain["recover"].status == "skipped" and tuned["recover"].status == "ran"
+    folder_a, folder_b = plain["pack"].path / "checkpoint", tuned["pack"].path / "checkpoint"
+    config = [json.loads((f / "config.json").read_text())["quantization_config"] for f in (folder_a, folder_b)]
+    assert config[0] == config[1] and config[0]["bits"] == 4 and config[0]["sym"] is True
+    a, b = load_file(str(folder_a / "model.safetensors")), load_file(str(folder_b / "model.safetensors"))
+    assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
+    differ = sorted(k for k in a if not torch.equal(a[k], b[k]))
+    assert differ and all(k.endswith(".scales") or k.endswith("norm.weight") for k in differ), differ
+    assert any(k.endswith(".scales") for k in differ)
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith((".qweight", ".qzeros", ".g_idx")))
