@@ -46,6 +46,7 @@ import torch  # noqa: E402
 
 import decode_candidates as dc  # noqa: E402
 import kernel_candidates as kc  # noqa: E402
+import kernels_report as kr  # noqa: E402
 from kernels_report import render  # noqa: E402
 
 FIRST_VARIANT_GUESS_S = 45.0  # a decode variant's wall time before one has been measured (8B-shaped, H200)
@@ -182,18 +183,21 @@ def main(argv=None) -> int:
     ap.add_argument("--full-tiles", action="store_true", help="every Triton tile and gemlite kernel (slower)")
     ap.add_argument("--decode-policy", default="auto", help="bench.linear_kernel policy of the decode part")
     ap.add_argument("--batch1-weight", type=float, default=1.0, help="bench.kernel_batch1_weight of the decode part")
-    ap.add_argument("--report", nargs="+", metavar="DIR", help="only render earlier JSON into kernels.md")
+    ap.add_argument("--report", nargs="+", metavar="DIR",
+                    help="only render earlier JSON into kernels.md (kernel matrices of several runs merge per shape)")
     args = ap.parse_args(argv)
     out, parts = Path(args.out), args.parts.split(",")
     both = "kernels" in parts and "decode" in parts
     args.kernel_budget = (args.budget_s * (args.kernel_share if both else 1.0)) - (time.perf_counter() - T0)
     data: dict = {}
-    if args.report:
+    if args.report:  # kernel matrices merge per (scheme, shape); the last decode record wins
+        matrices = [json.loads((Path(d) / "kernels.json").read_text()) for d in args.report
+                    if (Path(d) / "kernels.json").is_file()]
+        if matrices:
+            data["kernels"] = kr.merge_kernels(matrices)
         for d in args.report:
-            for name in ("kernels", "decode"):
-                f = Path(d) / f"{name}.json"
-                if f.is_file():
-                    data[name] = json.loads(f.read_text())
+            if (Path(d) / "decode.json").is_file():
+                data["decode"] = json.loads((Path(d) / "decode.json").read_text())
     else:
         if "kernels" in parts:
             kernels_part(args, out, data)

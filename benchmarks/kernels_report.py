@@ -33,6 +33,11 @@ def kernel_tables(rec: dict) -> list[str]:
              "scratch route only (dequantize into one shared buffer, then cuBLAS); lm_head has no prefill rows."
              + (f" gemlite tuned-config file: {rec['gemlite_config_file']}." if rec.get("gemlite_config_file") else ""),
              ""]
+    for src in rec.get("merged_from", []):
+        lines += [f"- from `{src['command']}` ({src['card']}, {src['date']}): {len(src['entries'])} scheme/shape "
+                  f"entries ({', '.join(src['entries'])})"]
+    if rec.get("merged_from"):
+        lines += [""]
     for scheme, per_shape in rec["results"].items():
         names = sorted({c for cell in per_shape.values() for c in cell["candidates"]}, key=lambda n: (n != "bf16", n))
         rows = []
@@ -97,6 +102,34 @@ def decode_tables(rec: dict) -> list[str]:
                      f"prefill {prefill_len} TTFT ms (x bf16)",
                      "weight mem GiB (x bf16)", "decoder Linears x bf16", "scratch MiB", "kernels chosen"], rows)
     return lines + [""] + checks + [""]
+
+
+def _measured(cell: dict) -> int:
+    """How many (candidate, config, rows) timings a per-shape entry holds."""
+    return sum(1 for cand in cell.get("candidates", {}).values() if isinstance(cand, dict)
+               for cfg in cand.values() if isinstance(cfg, dict)
+               for t in cfg.values() if isinstance(t, dict) and "us" in t)
+
+
+def merge_kernels(records: list[dict]) -> dict:
+    """Several runs' per-shape matrices as one: each (scheme, shape) entry comes from the run that measured the
+    most timings for it (a later run of the missing schemes/shapes fills what an earlier one's time budget left
+    out). The result names every run it took an entry from in `merged_from`."""
+    out = {**records[0], "results": {}}
+    used: dict[int, set] = {}
+    for i, rec in enumerate(records):
+        for scheme, shapes in rec["results"].items():
+            dest = out["results"].setdefault(scheme, {})
+            for shape, cell in shapes.items():
+                if shape not in dest or _measured(cell) > _measured(dest[shape][1]):
+                    dest[shape] = (i, cell)
+    for scheme, shapes in out["results"].items():
+        for shape, (i, cell) in shapes.items():
+            used.setdefault(i, set()).add(f"{scheme} {shape}")
+            shapes[shape] = cell
+    if len(records) > 1:
+        out["merged_from"] = [{**records[i]["machine"], "entries": sorted(names)} for i, names in sorted(used.items())]
+    return out
 
 
 def render(data: dict) -> str:

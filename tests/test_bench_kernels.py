@@ -75,3 +75,31 @@ def test_decode_variants_run_w2_before_the_lm_head_variant_and_w8_last():
     assert [v[0] for v in variants] == ["bf16", "w4g128_sym", "w4g128_asym", "w3g64_asym", "w2g64_asym",
                                         "w4g128_sym_lmhead", "w4g128_sym_b1w4", "w8_sym"]
     assert [v[3] for v in variants] == [1.0] * 6 + [4.0, 1.0]
+
+
+def test_report_merges_partial_matrices_per_shape():
+    """A later run of the shapes an earlier run's budget skipped fills them; measured entries are not lost."""
+    from kernels_report import merge_kernels
+
+    def timing(us):
+        return {"us": us, "rel_err": 1e-3, "roofline_pct": 50.0}
+
+    def measured(us):
+        return {"n": 64, "k": 32, "rows": [1], "candidates": {"bf16": {"bytes": 4096, "-": {"1": timing(2 * us)}},
+                                                             "triton": {"bytes": 1024, "cfg": {"1": timing(us)}}}}
+
+    skipped = {"n": 64, "k": 32, "rows": [1], "candidates": {}, "skipped": "time budget spent"}
+    machine = {"card": "GPU", "torch": "2.x", "date": "day {}", "command": "bench_kernels.py run{}"}
+    first = {"machine": {k: v.format(1) for k, v in machine.items()}, "rows": [1], "timing": "t",
+             "results": {"w4": {"qkv": measured(3.0), "down": skipped}, "w2": {"qkv": skipped}}}
+    second = {"machine": {k: v.format(2) for k, v in machine.items()}, "rows": [1], "timing": "t",
+              "results": {"w4": {"down": measured(5.0)}, "w2": {"qkv": measured(7.0)}}}
+    merged = merge_kernels([first, second])
+    assert merged["results"]["w4"]["qkv"]["candidates"]["triton"]["cfg"]["1"]["us"] == 3.0
+    assert merged["results"]["w4"]["down"]["candidates"]["triton"]["cfg"]["1"]["us"] == 5.0
+    assert merged["results"]["w2"]["qkv"]["candidates"]["triton"]["cfg"]["1"]["us"] == 7.0
+    assert [m["entries"] for m in merged["merged_from"]] == [["w4 qkv"], ["w2 qkv", "w4 down"]]
+    assert merge_kernels([second, first])["results"]["w4"]["down"]["candidates"]  # order does not lose data
+    md = render({"kernels": merged})
+    assert "from `bench_kernels.py run1`" in md and "from `bench_kernels.py run2`" in md
+    assert "time budget spent" not in md
