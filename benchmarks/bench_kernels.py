@@ -46,8 +46,7 @@ import torch  # noqa: E402
 
 import decode_candidates as dc  # noqa: E402
 import kernel_candidates as kc  # noqa: E402
-import kernels_report as kr  # noqa: E402
-from kernels_report import render  # noqa: E402
+from kernels_report import merge_kernels, render  # noqa: E402
 
 FIRST_VARIANT_GUESS_S = 45.0  # a decode variant's wall time before one has been measured (8B-shaped, H200)
 BATCH1_WEIGHT_VARIANT = 4.0  # the extra decode variant's bench.kernel_batch1_weight
@@ -194,7 +193,7 @@ def main(argv=None) -> int:
         matrices = [json.loads((Path(d) / "kernels.json").read_text()) for d in args.report
                     if (Path(d) / "kernels.json").is_file()]
         if matrices:
-            data["kernels"] = kr.merge_kernels(matrices)
+            data["kernels"] = merge_kernels(matrices)
         for d in args.report:
             if (Path(d) / "decode.json").is_file():
                 data["decode"] = json.loads((Path(d) / "decode.json").read_text())

@@ -343,7 +343,7 @@ def _short_check(res: dict) -> dict:
 
 
 # -- driver -------------------------------------------------------------------------------------------------------
-def _names(allowed: tuple, allow_empty: bool = False):
+def name_list(allowed: tuple, allow_empty: bool = False):
     """An argparse type: a comma list whose every name is in `allowed` ('none' = empty if allowed)."""
     def parse(text: str) -> tuple:
         names = () if allow_empty and text.strip() == "none" else tuple(n for n in text.split(",") if n)
@@ -387,9 +387,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default="4,8,3,2", help="bit widths of the torch part (G128 sym)")
     ap.add_argument("--linear-kernel", default="auto", help="bench.linear_kernel policy for the torch part")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.8)
-    ap.add_argument("--vllm-variants", type=_names(("baseline", *VLLM_VARIANTS)),
+    ap.add_argument("--vllm-variants", type=name_list(("baseline", *VLLM_VARIANTS)),
                     default=("baseline", *VLLM_VARIANTS), help="comma list of the vllm part's 4B-model variants")
-    ap.add_argument("--vllm-checks", type=_names(tuple(CHECKS), allow_empty=True), default=tuple(CHECKS),
+    ap.add_argument("--vllm-checks", type=name_list(tuple(CHECKS), allow_empty=True), default=tuple(CHECKS),
                     help="comma list of the vllm part's 2-layer load checks ('none' for none)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints in --work")
     ap.add_argument("--no-lm-head", dest="lm_head", action="store_false",

@@ -34,6 +34,7 @@ sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 
 import torch  # noqa: E402
 
+from bench_throughput import name_list  # noqa: E402
 from bench_throughput_report import one_line  # noqa: E402
 
 CHECKPOINTS = {"w2g64_asym": (2, 64, False), "w3g64_asym": (3, 64, False), "w2g64_sym": (2, 64, True),
@@ -123,13 +124,9 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/vllm_lowbit_work")
     ap.add_argument("--timeout", type=int, default=400)
     ap.add_argument("--report", metavar="JSON", help="only render an earlier vllm_lowbit.json into vllm_lowbit.md")
-    ap.add_argument("--checkpoints", default=",".join(CHECKPOINTS),
+    ap.add_argument("--checkpoints", type=name_list(tuple(CHECKPOINTS)), default=tuple(CHECKPOINTS),
                     help=f"comma list of {', '.join(CHECKPOINTS)} (default: all)")
     args = ap.parse_args()
-    args.checkpoints = [n for n in args.checkpoints.split(",") if n]
-    unknown = [n for n in args.checkpoints if n not in CHECKPOINTS]
-    if unknown or not args.checkpoints:
-        ap.error(f"--checkpoints {','.join(unknown) or '(empty)'}: choose from {', '.join(CHECKPOINTS)}")
     record = json.loads(Path(args.report).read_text()) if args.report else probe(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "vllm_lowbit.json").write_text(json.dumps(record, indent=1, default=str))
