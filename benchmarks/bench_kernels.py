@@ -115,14 +115,16 @@ def kernels_part(args, out: Path, data: dict) -> dict:
 
 def decode_variants(args) -> list[tuple]:
     """(name, scheme, lm_head scheme, batch-1 weight) in priority order: bf16, every scheme but W8, the lm_head
-    variant, the first scheme again with batch 1 weighted BATCH1_WEIGHT_VARIANT (the one-format trade-off), W8."""
+    variant, the first scheme again with batch 1 weighted BATCH1_WEIGHT_VARIANT (the one-format trade-off), W8.
+    With --schemes, only the named schemes run (the two extra variants only when the first scheme is named)."""
     schemes = kc.SCHEMES_SMALL if args.small else kc.SCHEMES
     chosen = [(k, v) for k, v in schemes.items() if not args.schemes or k in args.schemes.split(",")]
     first_name, first = next(iter(schemes.items()))
     w, late = args.batch1_weight, [(k, v, None, args.batch1_weight) for k, v in chosen if v[0] == 8]
+    extra = [(f"{first_name}_lmhead", first, first, w),
+             (f"{first_name}_b1w{BATCH1_WEIGHT_VARIANT:g}", first, None, BATCH1_WEIGHT_VARIANT)]
     return ([("bf16", None, None, w)] + [(k, v, None, w) for k, v in chosen if v[0] != 8]
-            + [(f"{first_name}_lmhead", first, first, w),
-               (f"{first_name}_b1w{BATCH1_WEIGHT_VARIANT:g}", first, None, BATCH1_WEIGHT_VARIANT)] + late)
+            + (extra if any(k == first_name for k, _ in chosen) else []) + late)
 
 
 def decode_part(args, out: Path, data: dict) -> dict:

@@ -75,6 +75,8 @@ def test_decode_variants_run_w2_before_the_lm_head_variant_and_w8_last():
     assert [v[0] for v in variants] == ["bf16", "w4g128_sym", "w4g128_asym", "w3g64_asym", "w2g64_asym",
                                         "w4g128_sym_lmhead", "w4g128_sym_b1w4", "w8_sym"]
     assert [v[3] for v in variants] == [1.0] * 6 + [4.0, 1.0]
+    only_w8 = bk.decode_variants(argparse.Namespace(small=False, schemes="w8_sym", batch1_weight=1.0))
+    assert [v[0] for v in only_w8] == ["bf16", "w8_sym"]
 
 
 def test_report_merges_partial_matrices_per_shape():
