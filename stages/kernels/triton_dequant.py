@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from stages.kernels.tiles import TritonWeight, values_per_block
-from stages.kernels.triton_gemm import _extract, _scale_zero_of_rows
+from stages.kernels.triton_gemm import _extract, _load_words, _scale_zero_of_group, _scale_zero_of_rows
 
 BLOCK_N = 128
 
@@ -38,27 +38,14 @@ def _dequant_gptq_kernel(qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, K, N, stride_qw, 
     mask_b = blk < K // VPB
     mask_n = offs_n < N
     mask = mask_b[:, None] & mask_n[None, :]
-    wp = qw_ptr + (blk * WPB)[:, None] * stride_qw + offs_n[None, :]
-    P0 = tl.load(wp, mask=mask, other=0).to(tl.uint32, bitcast=True)
-    if WPB == 3:
-        P1 = tl.load(wp + stride_qw, mask=mask, other=0).to(tl.uint32, bitcast=True)
-        P2 = tl.load(wp + 2 * stride_qw, mask=mask, other=0).to(tl.uint32, bitcast=True)
-    else:
-        P1 = P0
-        P2 = P0
+    P0, P1, P2 = _load_words(qw_ptr, blk, offs_n, stride_qw, mask, WPB)
     if GROUP_TILE:  # the whole tile lies in one group: one scale (and zero) row
-        gt = (tl.program_id(1) * BLOCKS * VPB) // group_size
-        s_row = tl.load(s_ptr + gt * stride_s + offs_n, mask=mask_n, other=0).to(tl.float32)
-        if HAS_ZEROS:
-            z_row = tl.load(z_ptr + gt * stride_z + offs_n, mask=mask_n, other=0).to(tl.float32)
+        s_tile, z_tile = _scale_zero_of_group((tl.program_id(1) * BLOCKS * VPB) // group_size, s_ptr, z_ptr,
+                                              stride_s, stride_z, offs_n, mask_n, zero_const, HAS_ZEROS)
     for v in tl.static_range(VPB):
         k = blk * VPB + v
         if GROUP_TILE:
-            s = s_row[None, :]
-            if HAS_ZEROS:
-                z = z_row[None, :]
-            else:
-                z = zero_const
+            s, z = s_tile, z_tile
         else:
             s, z = _scale_zero_of_rows(k, s_ptr, z_ptr, g_ptr, stride_s, stride_z, offs_n, mask, mask_b,
                                        group_size, zero_const, HAS_ZEROS, HAS_GIDX)

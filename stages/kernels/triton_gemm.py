@@ -72,6 +72,32 @@ def _scale_zero_of_rows(k, s_ptr, z_ptr, g_ptr, stride_s, stride_z, offs_n, mask
 
 
 @triton.jit
+def _load_words(qw_ptr, blk, offs_n, stride_qw, mask, WPB: tl.constexpr):
+    """The packed int32 words of code blocks `blk` for columns `offs_n`: one word row per block (three for
+    3-bit, whose 32 codes span 3 words; the unused ones repeat the first)."""
+    wp = qw_ptr + (blk * WPB)[:, None] * stride_qw + offs_n[None, :]
+    p0 = tl.load(wp, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    if WPB == 3:
+        p1 = tl.load(wp + stride_qw, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        p2 = tl.load(wp + 2 * stride_qw, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    else:
+        p1 = p0
+        p2 = p0
+    return p0, p1, p2
+
+
+@triton.jit
+def _scale_zero_of_group(gt, s_ptr, z_ptr, stride_s, stride_z, offs_n, mask, zero_const, HAS_ZEROS: tl.constexpr):
+    """Scale and zero [1, BLOCK_N] of group `gt`, for a tile that lies in one group."""
+    s = tl.load(s_ptr + gt * stride_s + offs_n, mask=mask, other=0).to(tl.float32)[None, :]
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + gt * stride_z + offs_n, mask=mask, other=0).to(tl.float32)[None, :]
+    else:
+        z = zero_const
+    return s, z
+
+
+@triton.jit
 def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
                       M, N, K, stride_xm, stride_qw, stride_s, stride_z, stride_om, stride_os,
                       group_size, zero_const, tiles_per_split,
@@ -102,29 +128,16 @@ def _wq_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr,
         blk = t * ROWS + offs_r
         mask_b = blk < n_blocks
         wmask = mask_b[:, None] & mask_n[None, :]
-        wp = qw_ptr + (blk * WPB)[:, None] * stride_qw + offs_n[None, :]
-        P0 = tl.load(wp, mask=wmask, other=0).to(tl.uint32, bitcast=True)
-        if WPB == 3:
-            P1 = tl.load(wp + stride_qw, mask=wmask, other=0).to(tl.uint32, bitcast=True)
-            P2 = tl.load(wp + 2 * stride_qw, mask=wmask, other=0).to(tl.uint32, bitcast=True)
-        else:
-            P1 = P0
-            P2 = P0
+        P0, P1, P2 = _load_words(qw_ptr, blk, offs_n, stride_qw, wmask, WPB)
         if GROUP_TILE:
-            gt = (t * BK) // group_size
             mask_g = mask_n & (t * ROWS < n_blocks)  # the last split may run past the end
-            s_row = tl.load(s_ptr + gt * stride_s + offs_n, mask=mask_g, other=0).to(tl.float32)
-            if HAS_ZEROS:
-                z_row = tl.load(z_ptr + gt * stride_z + offs_n, mask=mask_g, other=0).to(tl.float32)
+            s_tile, z_tile = _scale_zero_of_group((t * BK) // group_size, s_ptr, z_ptr, stride_s, stride_z, offs_n,
+                                                  mask_g, zero_const, HAS_ZEROS)
         for v in tl.static_range(VPB):
             k = blk * VPB + v
             q = _extract(P0, P1, P2, v, BITS).to(tl.float32)
             if GROUP_TILE:
-                s = s_row[None, :]
-                if HAS_ZEROS:
-                    z = z_row[None, :]
-                else:
-                    z = zero_const
+                s, z = s_tile, z_tile
             else:
                 s, z = _scale_zero_of_rows(k, s_ptr, z_ptr, g_ptr, stride_s, stride_z, offs_n, wmask, mask_b,
                                            group_size, zero_const, HAS_ZEROS, HAS_GIDX)
