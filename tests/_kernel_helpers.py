@@ -7,6 +7,12 @@ under test.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -91,3 +97,14 @@ def patch_triton_interpreter_for_numpy2() -> None:
 
     patched._numpy2_shim = True
     itp._patch_lang_tensor = patched
+
+
+def run_interpreted_cases(script: str, timeout: int) -> dict:
+    """Run tests/<script> in a fresh process under Triton's interpreter (TRITON_INTERPRET=1 must be set before
+    triton is imported) and return the JSON it prints on its `RESULTS ` line."""
+    here = Path(__file__).resolve().parent
+    proc = subprocess.run([sys.executable, str(here / script)], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=here.parent, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULTS "):])

@@ -7,17 +7,12 @@ the gpu-marked test at the end.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from _kernel_helpers import make_gptq_layer
+from _kernel_helpers import run_interpreted_cases, make_gptq_layer
 from core.errors import ConfigError
 from stages.kernels import catalog, gemlite_linear
 from stages.kernels.linear import Route, dequantize_weight, to_int4
@@ -36,13 +31,7 @@ def _weight(bits, gs, sym, out_f=32, in_f=256, seed=0, act=False):
 # -- gemlite under the interpreter --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gemlite_cpu() -> dict:
-    here = Path(__file__).resolve().parent
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, str(here / "_gemlite_interp_cases.py")], capture_output=True, text=True,
-                          env=env, cwd=here.parent, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULTS "):])
+    return run_interpreted_cases("_gemlite_interp_cases.py", timeout=900)
 
 
 SCHEMES = ["w4g128s", "w4g64a", "w3g64a", "w2g64a", "w8g-1s"]

@@ -4,17 +4,12 @@ kernel (CPU interpreter here, CUDA under -m gpu) and the batch-aware planner."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from _kernel_helpers import make_gptq_layer, pack_bitstream_reference
+from _kernel_helpers import run_interpreted_cases, make_gptq_layer, pack_bitstream_reference
 from _triton_interp_cases import CASES, DTYPES
 from stages.kernels import int4, int8
 from stages.kernels.gptq_unpack import dequantize_gptq, is_trivial_g_idx, unpack_bitstream, unpack_qweight, unpack_qzeros
@@ -174,13 +169,7 @@ def test_fusing_along_out_equals_concatenated_dequantization():
 def interp_results() -> dict:
     if not HAS_TRITON:
         pytest.skip("triton is not installed (pip install triton==3.6.0)")
-    here = Path(__file__).resolve().parent
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, str(here / "_triton_interp_cases.py")], capture_output=True, text=True,
-                          env=env, cwd=here.parent, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULTS "):])
+    return run_interpreted_cases("_triton_interp_cases.py", timeout=600)
 
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])

@@ -9,16 +9,11 @@ int4 packer are checked by the gpu-marked tests at the end.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from _kernel_helpers import make_gptq_layer
+from _kernel_helpers import run_interpreted_cases, make_gptq_layer
 from _scratch_interp_cases import DTYPES, SCHEMES
 from stages.kernels import scratch
 from stages.kernels.linear import KernelLinear, Route, dequantize_weight, to_int8
@@ -30,13 +25,7 @@ CUDA = torch.cuda.is_available()
 
 @pytest.fixture(scope="module")
 def interp() -> dict:
-    here = Path(__file__).resolve().parent
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, str(here / "_scratch_interp_cases.py")], capture_output=True, text=True,
-                          env=env, cwd=here.parent, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULTS "):])
+    return run_interpreted_cases("_scratch_interp_cases.py", timeout=600)
 
 
 @pytest.mark.parametrize("case", [s[0] for s in SCHEMES])
