@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 import decode_candidates as dc  # noqa: E402
 import kernel_candidates as kc  # noqa: E402
-from kernels_report import merge_kernels, render  # noqa: E402
+from kernels_report import merge_decode, merge_kernels, render  # noqa: E402
 
 FIRST_VARIANT_GUESS_S = 45.0  # a decode variant's wall time before one has been measured (8B-shaped, H200)
 BATCH1_WEIGHT_VARIANT = 4.0  # the extra decode variant's bench.kernel_batch1_weight
@@ -185,20 +185,25 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-policy", default="auto", help="bench.linear_kernel policy of the decode part")
     ap.add_argument("--batch1-weight", type=float, default=1.0, help="bench.kernel_batch1_weight of the decode part")
     ap.add_argument("--report", nargs="+", metavar="DIR",
-                    help="only render earlier JSON into kernels.md (kernel matrices of several runs merge per shape)")
+                    help="only render earlier JSON into kernels.md (kernel matrices of several runs merge per shape; decode "
+                         "variants a later run measured fill those an earlier one skipped)")
     args = ap.parse_args(argv)
     out, parts = Path(args.out), args.parts.split(",")
     both = "kernels" in parts and "decode" in parts
     args.kernel_budget = (args.budget_s * (args.kernel_share if both else 1.0)) - (time.perf_counter() - T0)
     data: dict = {}
-    if args.report:  # kernel matrices merge per (scheme, shape); the last decode record wins
+    if args.report:  # kernel matrices merge per (scheme, shape); decode records per variant
         matrices = [json.loads((Path(d) / "kernels.json").read_text()) for d in args.report
                     if (Path(d) / "kernels.json").is_file()]
         if matrices:
             data["kernels"] = merge_kernels(matrices)
-        for d in args.report:
-            if (Path(d) / "decode.json").is_file():
-                data["decode"] = json.loads((Path(d) / "decode.json").read_text())
+        decodes = [json.loads((Path(d) / "decode.json").read_text()) for d in args.report
+                   if (Path(d) / "decode.json").is_file()]
+        if decodes:
+            data["decode"] = merge_decode(decodes)
+        for name in ("kernels", "decode"):  # the merged records beside the table (inputs are read already)
+            if name in data:
+                save(out, name, data[name], data)
     else:
         if "kernels" in parts:
             kernels_part(args, out, data)

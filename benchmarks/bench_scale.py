@@ -23,8 +23,10 @@ Parts (``--part``, one per call; each fits one 10-minute call on one H200):
 
 Needs torch, transformers, accelerate and safetensors (and this repository): no Hydra, MLflow or psutil.
   python benchmarks/bench_scale.py --part stream8b-rtn-gptq --work /tmp/scale --out $OUT/scale
+  python benchmarks/bench_scale.py --part stream8b-autoround-pack --work /tmp/scale --out $OUT/scale --reuse-model
   python benchmarks/bench_scale.py --part stream70b --out $OUT/scale
   python benchmarks/bench_scale.py --small --part stream8b-rtn-gptq --work /tmp/s --out /tmp/s/out
+  python benchmarks/bench_scale.py --report benchmarks/results/published/scale/scale_stream70b.json
 Writes <out>/scale_<part>[_small].json and .md.
 """
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import asdict, replace
@@ -138,6 +141,7 @@ def child_stream70b(spec: dict) -> None:
             raise Deadline
 
     if device.type == "cuda":
+        torch.cuda.init()  # a fresh process: the allocator's statistics exist only once CUDA is initialised
         torch.cuda.reset_peak_memory_stats(device)
     try:
         quantize_model(source, ids, cfg, device, seed=0, on_block_done=on_block_done, keep_layers=False)
@@ -162,7 +166,7 @@ def spawn(kind: str, spec: dict) -> dict[str, Any]:
     if result is not None and result.is_file():
         measured["result"] = json.loads(result.read_text())
     print(f"[{kind}] rc={measured['rc']} {measured['seconds']} s, peak RSS {measured['maxrss_gib']} GiB "
-          f"(tree {measured['tree_peak_gib']} GiB)", flush=True)
+          f"(tree {measured['tree_peak_gib']} GiB, PSS {measured['tree_pss_peak_gib']} GiB)", flush=True)
     return measured
 
 
@@ -228,12 +232,22 @@ def model_dims(args: argparse.Namespace, base: RandomModelConfig) -> RandomModel
 
 
 def prepare_model(args: argparse.Namespace, rows: list, save: Any) -> Path:
+    """The random bf16 model in <work>/model: written by a measured child, or with --reuse-model taken as it is
+    when an earlier run wrote it completely with the same dimensions (its marker file says so)."""
     model = Path(args.work) / "model"
-    shutil.rmtree(model, ignore_errors=True)
     dims = model_dims(args, SMALL if args.small else EIGHT_B)
+    marker = model / "written_dims.json"
+    if args.reuse_model and marker.is_file() and json.loads(marker.read_text()) == asdict(dims):
+        rows.append({"step": "reuse the random bf16 model written by an earlier run", "dims": asdict(dims),
+                     "size_gib": round(sum(p.stat().st_size for p in model.glob("*.safetensors")) / GIB, 3)})
+        save()
+        return model
+    shutil.rmtree(model, ignore_errors=True)
     rows.append({"step": "write random bf16 model (streamed writer)", "dims": asdict(dims),
                  **spawn("write", {"folder": str(model), "dims": asdict(dims)})})
     rows[-1]["size_gib"] = round(sum(p.stat().st_size for p in model.glob("*.safetensors")) / GIB, 3)
+    if rows[-1].get("rc") == 0:
+        marker.write_text(json.dumps(asdict(dims)))
     save()
     return model
 
@@ -276,23 +290,32 @@ def part_70b(args: argparse.Namespace, rows: list, save: Any) -> None:
 
 
 def extrapolate(result: dict, num_blocks: int, iters: int, target_iters: int) -> Optional[dict[str, Any]]:
-    """Whole-model seconds at `iters` and at `target_iters`: per block, the tuning loop scales with the
-    iterations and the rest (fp targets, quantized outputs, loading) stays; averaged over finished blocks."""
+    """Whole-model seconds at `iters` and at `target_iters` from the finished blocks.
+
+    A block's time is its tuning loop, which scales with the iterations, plus the rest (fp targets, quantized
+    outputs, loading), which stays. The first block also pays torch.compile's one-off compilation, so the
+    per-block figures are medians over the later blocks and the first block's excess is added once; with
+    fewer than two blocks finished there is nothing steady to extrapolate from (None)."""
     blocks = result.get("blocks") or []
-    if not blocks or not iters:
+    if len(blocks) < 2 or not iters:
         return None
-    tune = sum(b.get("tune_seconds") or 0.0 for b in blocks) / len(blocks)
-    other = sum(b["seconds"] for b in blocks) / len(blocks) - tune
-    return {"blocks_done": len(blocks), "seconds_per_block": round(other + tune, 2),
-            "model_seconds_at_iters": round(num_blocks * (other + tune), 1),
-            f"model_hours_at_{target_iters}": round(num_blocks * (other + tune * target_iters / iters) / 3600, 3)}
+    steady = blocks[1:]
+    per_block = statistics.median(b["seconds"] for b in steady)
+    tune = statistics.median(b.get("tune_seconds") or 0.0 for b in steady)
+    one_off = max(0.0, blocks[0]["seconds"] - per_block)
+    return {"blocks_done": len(blocks), "seconds_per_block": round(per_block, 2),
+            "tune_seconds_per_block": round(tune, 3), "one_off_seconds": round(one_off, 1),
+            "model_seconds_at_iters": round(one_off + num_blocks * per_block, 1),
+            f"model_hours_at_{target_iters}":
+                round((one_off + num_blocks * (per_block - tune + tune * target_iters / iters)) / 3600, 3)}
 
 
 def markdown(record: dict[str, Any]) -> str:
     env, lines = record["environment"], [f"# Streaming quantization: {record['part']}", ""]
     lines += [f"{env.get('card') or env['device']}, torch {env['torch']}, transformers {env['transformers']}, "
               f"{env['date']}", f"Command: `{env['argv']}`", "",
-              "| step | seconds | peak host RSS GiB (process) | tree GiB | rc | details |", "|---|---|---|---|---|---|"]
+              "| step | seconds | peak host RSS GiB (process) | tree RSS GiB | tree PSS GiB | rc | details |",
+              "|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         details = {k: r[k] for k in ("size_gib", "vs_in_memory", "extrapolation") if k in r}
         res = r.get("result") or {}
@@ -300,9 +323,24 @@ def markdown(record: dict[str, Any]) -> str:
             if k in res:
                 details[k] = res[k]
         lines.append(f"| {r['step']} | {fmt(r.get('seconds'))} | {fmt(r.get('maxrss_gib'))} | "
-                     f"{fmt(r.get('tree_peak_gib'))} | {r.get('rc')} | {json.dumps(details, default=str)} |")
+                     f"{fmt(r.get('tree_peak_gib'))} | {fmt(r.get('tree_pss_peak_gib'))} | {r.get('rc')} | {json.dumps(details, default=str)} |")
     lines += ["", f"Targets (GPU machine, full shapes): {json.dumps(TARGETS)}"]
     return "\n".join(lines) + "\n"
+
+
+def report(files: list[Path]) -> int:
+    """Re-render recorded runs: the extrapolation recomputed from each stream70b row's raw block times (with the
+    iterations of the recorded command line), then <file>.json and its .md rewritten in place."""
+    for file in files:
+        record = json.loads(file.read_text())
+        recorded = defaults(parse_args(record["environment"]["argv"].split()[1:]))
+        for row in record["rows"]:
+            if row.get("result", {}).get("blocks"):
+                row["extrapolation"] = extrapolate(row["result"], row["dims"]["num_hidden_layers"], recorded.iters,
+                                                   200)
+        save_record(file.parent, file.stem, record, markdown(record))
+        print(markdown(record))
+    return 0
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -319,6 +357,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--group", type=int, default=None, help="group size (default 128; --small 32)")
     p.add_argument("--max-shard-size", default="4GB", help="the pack stage's shard size")
+    p.add_argument("--reuse-model", action="store_true",
+                   help="keep <work>/model when an earlier run of the same dimensions wrote it completely")
     p.add_argument("--deadline", type=float, default=540.0, help="stream70b: stop after the block passing this")
     for dim in ("layers", "hidden", "inter", "vocab"):
         p.add_argument(f"--{dim}", type=int, default=None, help=f"override the model's {dim} (e.g. a CPU measurement)")
@@ -345,6 +385,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv[:1] == ["--child"]:
         CHILDREN[argv[1]](json.loads(argv[2]))
         return 0
+    if argv[:1] == ["--report"]:
+        return report([Path(a) for a in argv[1:]])
     args = defaults(parse_args(argv))
     from bench_common import environment
 
@@ -359,7 +401,7 @@ def main(argv: Optional[list[str]] = None) -> int:
      "stream70b": part_70b}[args.part](args, record["rows"], save)
     save()
     print("\n" + markdown(record))
-    return 0 if all(r.get("rc") == 0 for r in record["rows"]) else 1
+    return 0 if all(r.get("rc", 0) == 0 for r in record["rows"]) else 1  # a reused model has no rc
 
 
 if __name__ == "__main__":

@@ -101,7 +101,11 @@ def decode_tables(rec: dict) -> list[str]:
     lines += _table(["variant", *[f"b{b} decode tok/s (x bf16)" for b in batches],
                      f"prefill {prefill_len} TTFT ms (x bf16)",
                      "weight mem GiB (x bf16)", "decoder Linears x bf16", "scratch MiB", "kernels chosen"], rows)
-    return lines + [""] + checks + [""]
+    others = [f"- {name}: ratios to the bf16 of its own run (`{r['baseline_from']['command']}`, "
+              f"{r['baseline_from']['date']})" for name, r in rec["records"].items() if "baseline_from" in r]
+    if others:
+        others.insert(0, "Measured in a later run than the rest of the table (the bf16 row is this table's run):")
+    return lines + [""] + checks + [""] + others + ([""] if others else [])
 
 
 def _measured(cell: dict) -> int:
@@ -129,6 +133,18 @@ def merge_kernels(records: list[dict]) -> dict:
             shapes[shape] = cell
     if len(records) > 1:
         out["merged_from"] = [{**records[i]["machine"], "entries": sorted(names)} for i, names in sorted(used.items())]
+    return out
+
+
+def merge_decode(records: list[dict]) -> dict:
+    """Several runs' decode records as one: the first run's variants, plus each variant a later run measured that
+    the earlier ones skipped or lack. A taken variant keeps its ratios to its own run's bf16 and names that run in
+    `baseline_from` (the table says so)."""
+    out = {**records[0], "records": dict(records[0]["records"])}
+    for rec in records[1:]:
+        for name, r in rec["records"].items():
+            if name != "bf16" and "decode" in r and "decode" not in out["records"].get(name, {}):
+                out["records"][name] = {**r, "baseline_from": rec["machine"]}
     return out
 
 

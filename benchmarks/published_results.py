@@ -23,8 +23,10 @@ Parts (``--parts``, comma list; default all but ``results``):
            (benchmarks/bench_kernels.py, results in kernels/), and the vLLM 2/3-bit route probe
            (benchmarks/probe_vllm_lowbit.py, results in vllm_lowbit/).
   results  merge every part's JSON found under --results into RESULTS.md (runs anywhere), with the
-           CPU quickstart timings that benchmarks/bench_quickstart.py writes to <results>/quickstart_cpu/
-           and the reference comparison that benchmarks/reference_table.py writes to <results>/reference/.
+           CPU quickstart timings that benchmarks/bench_quickstart.py writes to <results>/quickstart_cpu/,
+           the reference comparison that benchmarks/reference_table.py writes to <results>/reference/, and
+           the scale runs (one part per 10-minute call) of benchmarks/bench_scale.py (--out <results>/scale)
+           and benchmarks/bench_dp.py (--out <results>/dp).
 
 Each part writes JSON (with the card, torch version, date and command) under --results, so parts
 can run in separate calls on an offline GPU machine and be merged afterwards:

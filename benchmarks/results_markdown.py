@@ -209,6 +209,10 @@ def write_results_markdown(results: Path, md_path: Path) -> str:
     lines += recover_section(results)
     lines += _section_from_md("8. The reference comparison: one sweep (benchmarks/reference_table.py)",
                               results / "reference")
+    lines += _section_from_md("9. Scale: streaming quantization (benchmarks/bench_scale.py)", results / "scale")
+    lines += _section_from_md("9. Scale: inductor's compile worker pool vs compiling in-process, 70B-shaped blocks",
+                              results / "scale" / "compile_pool")
+    lines += _section_from_md("9. Scale: data-parallel tuning on two GPUs (benchmarks/bench_dp.py)", results / "dp")
     text = "\n".join(lines).rstrip() + "\n"
     md_path.write_text(text)
     return text

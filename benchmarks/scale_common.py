@@ -4,7 +4,10 @@ Peak host RSS is measured two ways, both without psutil (a bare GPU machine may 
 * `maxrss`: the kernel's high-water mark of the child itself (os.wait4's ru_maxrss), exact, and
   the largest single process of its tree when it started others;
 * `tree_peak`: the sum of VmRSS over the child and all its descendants (torchrun ranks,
-  torch.compile workers), sampled every 0.1 s from /proc (can miss spikes shorter than that).
+  torch.compile workers), sampled every 0.1 s from /proc (can miss spikes shorter than that);
+  pages the processes share (the libraries every torch process maps) count once per process;
+* `tree_pss_peak`: the same sum of the proportional set size (Pss of /proc/<pid>/smaps_rollup), where a
+  page shared by k processes counts 1/k in each: the memory the tree really occupies.
 """
 
 from __future__ import annotations
@@ -37,25 +40,43 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _rss(pid: int) -> int:
+def _field_bytes(path: str, key: str) -> int:
+    """The kB value of the line starting with `key` in a /proc file, in bytes (0 once the process is gone)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
 
 
-def tree_rss(root: int) -> int:
-    """Sum of VmRSS of `root` and all its descendants now."""
-    tree, stack, total = _children(), [root], 0
+def _rss(pid: int) -> int:
+    return _field_bytes(f"/proc/{pid}/status", "VmRSS:")
+
+
+def _pss(pid: int) -> int:
+    return _field_bytes(f"/proc/{pid}/smaps_rollup", "Pss:")
+
+
+def _tree(root: int) -> list[int]:
+    tree, stack, pids = _children(), [root], []
     while stack:
         pid = stack.pop()
-        total += _rss(pid)
+        pids.append(pid)
         stack.extend(tree.get(pid, []))
-    return total
+    return pids
+
+
+def tree_rss(root: int) -> int:
+    """Sum of VmRSS of `root` and all its descendants now."""
+    return sum(_rss(pid) for pid in _tree(root))
+
+
+def tree_pss(root: int) -> int:
+    """Sum of the proportional set sizes of `root` and all its descendants now (shared pages split)."""
+    return sum(_pss(pid) for pid in _tree(root))
 
 
 def current_rss() -> int:
@@ -63,16 +84,18 @@ def current_rss() -> int:
 
 
 class TreeSampler:
-    """Peak of tree_rss(pid), sampled in a thread."""
+    """Peaks of tree_rss(pid) and tree_pss(pid), sampled in a thread."""
 
     def __init__(self, pid: int, period: float = 0.1):
-        self.pid, self.period, self.peak = pid, period, 0
+        self.pid, self.period, self.peak, self.pss_peak = pid, period, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss(self.pid))
+            pids = _tree(self.pid)
+            self.peak = max(self.peak, sum(_rss(pid) for pid in pids))
+            self.pss_peak = max(self.pss_peak, sum(_pss(pid) for pid in pids))
             self._stop.wait(self.period)
 
     def __enter__(self) -> "TreeSampler":
@@ -104,7 +127,8 @@ def run_measured(cmd: list[str], timeout: Optional[float] = None, env: Optional[
         timer.cancel()
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {"rc": proc.returncode, "seconds": round(time.perf_counter() - t0, 2),
-            "maxrss_gib": round(usage.ru_maxrss * 1024 / GIB, 3), "tree_peak_gib": round(sampler.peak / GIB, 3)}
+            "maxrss_gib": round(usage.ru_maxrss * 1024 / GIB, 3), "tree_peak_gib": round(sampler.peak / GIB, 3),
+            "tree_pss_peak_gib": round(sampler.pss_peak / GIB, 3)}
 
 
 def python_cmd(script: Path, *args: str) -> list[str]:

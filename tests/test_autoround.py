@@ -197,3 +197,21 @@ def test_tuning_works_under_no_grad(case, one_thread):
     with torch.no_grad():
         _, result = _tune(case, iters=3)
     assert len(result.curve) == 3 and result.metrics["loss_best"] <= result.metrics["loss_init"]
+
+
+def test_the_tuning_step_compiles_in_process_unless_the_environment_says_otherwise(monkeypatch):
+    """inductor's worker pool cost a 70B-shaped block 10 s and ~6 GiB RSS on an H200: the stage compiles in-process,
+    and TORCHINDUCTOR_COMPILE_THREADS, when set, wins."""
+    import torch._inductor.config as inductor_config
+
+    from stages.quant.autoround import in_process_compile
+
+    def threads_seen() -> int:
+        return inductor_config.compile_threads
+
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(inductor_config, "compile_threads", 7)
+    assert in_process_compile(threads_seen)() == 1
+    assert inductor_config.compile_threads == 7  # restored after the call
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "4")
+    assert in_process_compile(threads_seen)() == 7

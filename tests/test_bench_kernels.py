@@ -105,3 +105,28 @@ def test_report_merges_partial_matrices_per_shape():
     md = render({"kernels": merged})
     assert "from `bench_kernels.py run1`" in md and "from `bench_kernels.py run2`" in md
     assert "time budget spent" not in md
+
+
+def test_report_fills_a_skipped_decode_variant_from_a_later_run_and_names_its_baseline():
+    from kernels_report import merge_decode
+
+    def variant(tok_s, ratio=None):
+        r = {"decode": [{"batch_size": 1, "decode_tokens_per_s": {"median": tok_s}}], "plans": [],
+             "prefill": [{"ttft_ms": {"median": 10.0}}], "weight_memory_bytes": 2**30}
+        return {**r, "vs_bf16": {"decode_b1": ratio}} if ratio else r
+
+    def run(n, records):
+        return {"machine": {"card": "GPU", "torch": "2.x", "date": f"day {n}", "command": f"bench_kernels.py run{n}"},
+                "model": {}, "policy": "auto", "workloads": [{"batch_sizes": [1], "input_len": 8}],
+                "records": records}
+
+    first = run(1, {"bf16": variant(100.0), "w4": variant(150.0, 1.5), "w8": {"skipped": "time budget spent"}})
+    second = run(2, {"bf16": variant(98.0), "w4": variant(10.0, 0.1), "w8": variant(88.2, 0.9)})
+    merged = merge_decode([first, second])
+    assert merged["records"]["bf16"]["decode"][0]["decode_tokens_per_s"]["median"] == 100.0  # the first run's
+    assert merged["records"]["w4"]["vs_bf16"]["decode_b1"] == 1.5  # measured first: kept
+    assert merged["records"]["w8"]["vs_bf16"]["decode_b1"] == 0.9  # skipped first: filled, own baseline
+    assert "baseline_from" not in merged["records"]["w4"]
+    md = render({"decode": merged})
+    assert "88.2 (0.90x)" in md and "w8: ratios to the bf16 of its own run (`bench_kernels.py run2`" in md
+    assert "time budget spent" not in md

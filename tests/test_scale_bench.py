@@ -23,14 +23,66 @@ def _load(name: str):
     return module
 
 
-def test_extrapolation_scales_only_the_tuning_loop():
+def test_extrapolation_scales_only_the_tuning_loop_and_pays_the_first_blocks_compile_once():
     bench = _load("bench_scale")
-    blocks = [{"seconds": 5.0, "tune_seconds": 2.0}, {"seconds": 7.0, "tune_seconds": 4.0}]
+    blocks = [{"seconds": 20.0, "tune_seconds": 17.0}] + [{"seconds": 6.0, "tune_seconds": 3.0}] * 2
     out = bench.extrapolate({"blocks": blocks}, num_blocks=80, iters=5, target_iters=200)
-    # per block: 3 s outside the loop + 3 s of tuning at 5 iterations -> 3 + 3 * 40 at 200
-    assert out == {"blocks_done": 2, "seconds_per_block": 6.0, "model_seconds_at_iters": 480.0,
-                   "model_hours_at_200": round(80 * 123 / 3600, 3)}
+    # steady block: 3 s outside the loop + 3 s of tuning at 5 iterations -> 3 + 3 * 40 at 200; block 0's
+    # 14 s of compilation counted once, not scaled with the iterations
+    assert out == {"blocks_done": 3, "seconds_per_block": 6.0, "tune_seconds_per_block": 3.0, "one_off_seconds": 14.0,
+                   "model_seconds_at_iters": 14.0 + 480.0, "model_hours_at_200": round((14 + 80 * 123) / 3600, 3)}
+    assert bench.extrapolate({"blocks": blocks[:1]}, 80, 5, 200) is None  # only the compiling block: no estimate
     assert bench.extrapolate({"blocks": []}, 80, 5, 200) is None
+
+
+def test_report_recomputes_the_extrapolation_from_the_recorded_blocks(tmp_path):
+    bench = _load("bench_scale")
+    blocks = [{"seconds": 20.0, "tune_seconds": 17.0}, {"seconds": 6.0, "tune_seconds": 3.0}]
+    record = {"part": "stream70b", "rows": [{"step": "s", "dims": {"num_hidden_layers": 80}, "rc": 0,
+                                             "result": {"blocks": blocks}, "extrapolation": {"stale": 1}}],
+              "environment": {"argv": "bench_scale.py --part stream70b --iters 10", "device": "cuda:0",
+                              "torch": "x", "transformers": "y", "date": "d"}}
+    file = tmp_path / "scale_stream70b.json"
+    file.write_text(json.dumps(record))
+    assert bench.main(["--report", str(file)]) == 0
+    row = json.loads(file.read_text())["rows"][0]
+    assert row["extrapolation"]["model_hours_at_200"] == round((14 + 80 * (3 + 3 * 20)) / 3600, 3)  # 10 iters
+    assert "one_off_seconds" in (tmp_path / "scale_stream70b.md").read_text()
+
+
+def test_reuse_model_takes_only_a_completely_written_model_of_the_same_dimensions(tmp_path, monkeypatch):
+    bench = _load("bench_scale")
+    written = []
+
+    def fake_write(kind: str, spec: dict) -> dict:
+        Path(spec["folder"]).mkdir(parents=True)
+        written.append(spec["folder"])
+        return {"rc": 0}
+
+    monkeypatch.setattr(bench, "spawn", fake_write)
+    args = bench.defaults(bench.parse_args(["--small", "--part", "stream8b-rtn-gptq", "--work", str(tmp_path),
+                                            "--reuse-model"]))
+    rows: list = []
+    model = bench.prepare_model(args, rows, lambda: None)
+    assert len(written) == 1 and (model / "written_dims.json").is_file()  # nothing to reuse yet: written
+    bench.prepare_model(args, rows, lambda: None)
+    assert len(written) == 1 and rows[-1]["step"].startswith("reuse")
+    args.layers = 2  # other dimensions: written again
+    bench.prepare_model(args, rows, lambda: None)
+    assert len(written) == 2
+    args.reuse_model, args.layers = False, None
+    bench.prepare_model(args, rows, lambda: None)
+    assert len(written) == 3
+
+
+def test_tree_memory_counts_a_childs_pages_in_rss_and_pss():
+    from scale_common import GIB, run_measured
+
+    grab = "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(1.0)"
+    measured = run_measured([sys.executable, "-c", grab])
+    assert measured["rc"] == 0
+    assert 0.29 < measured["maxrss_gib"] and 0.29 < measured["tree_peak_gib"] and 0.29 < measured["tree_pss_peak_gib"]
+    assert measured["tree_pss_peak_gib"] <= measured["tree_peak_gib"] + 1 / 1024
 
 
 def test_a_rank_reporting_a_bad_input_becomes_the_stage_error(tmp_path):
