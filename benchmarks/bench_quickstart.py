@@ -26,18 +26,17 @@ import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "benchmarks") not in sys.path:
     sys.path.insert(0, str(REPO / "benchmarks"))
 
-from scale_common import tree_rss  # noqa: E402  (the process tree's resident bytes, from /proc)
+from scale_common import run_measured  # noqa: E402  (exit code, seconds, peak RSS of a child and its tree)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "published" / "quickstart_cpu"
 STEM = "quickstart_cpu"
@@ -63,24 +62,10 @@ def run_once(workdir: Path, overrides: list[str], timeout_s: float) -> dict[str,
     log = workdir / "pipeline.log"
     load_before = os.getloadavg()[0]
     with open(log, "w") as out:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", *overrides], cwd=workdir, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-        peak_tree, status, usage = 0, None, None
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                break
-            if time.perf_counter() - t0 > timeout_s:
-                proc.kill()
-            peak_tree = max(peak_tree, tree_rss(proc.pid))
-            time.sleep(SAMPLE_S)
-        wall = time.perf_counter() - t0
-    return {"exit_code": proc.returncode, "wall_s": wall,
-            "peak_rss_gib": usage.ru_maxrss * 1024 / 2**30,  # Linux reports KiB
-            "peak_tree_rss_gib": peak_tree / 2**30, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "load_before": load_before, "load_after": os.getloadavg()[0], "log": log.read_text(errors="replace")}
+        m = run_measured([sys.executable, "-m", "pipeline", *overrides], timeout_s, env, workdir, out, SAMPLE_S)
+    return {"exit_code": m["rc"], "wall_s": m["seconds"], "peak_rss_gib": m["maxrss_gib"],
+            "peak_tree_rss_gib": m["tree_peak_gib"], "cpu_s": m["cpu_s"], "load_before": load_before,
+            "load_after": os.getloadavg()[0], "log": log.read_text(errors="replace")}
 
 
 def _seconds_between(manifest: dict) -> float:

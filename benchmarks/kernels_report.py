@@ -59,7 +59,7 @@ def kernel_tables(rec: dict) -> list[str]:
         lines += [f"### {scheme}", "", *_table(["shape", "M", *names, "best"], rows), ""]
         skipped = {k: v for cell in per_shape.values() for k, v in cell.get("not_applicable", {}).items()}
         if skipped:
-            lines += [f"Not applicable: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()), ""]
+            lines += ["Not applicable: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()), ""]
     return lines
 
 

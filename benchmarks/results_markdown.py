@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 # Targets (quality vs the unquantized model, and cost) checked in the summary.
 AUTOROUND_PPL_TARGETS = {"W2G64 asym": 1.7, "W3G64 asym": 1.13, "W4G64 sym": 1.025}

@@ -74,17 +74,12 @@ def tree_rss(root: int) -> int:
     return sum(_rss(pid) for pid in _tree(root))
 
 
-def tree_pss(root: int) -> int:
-    """Sum of the proportional set sizes of `root` and all its descendants now (shared pages split)."""
-    return sum(_pss(pid) for pid in _tree(root))
-
-
 def current_rss() -> int:
     return _rss(os.getpid())
 
 
 class TreeSampler:
-    """Peaks of tree_rss(pid) and tree_pss(pid), sampled in a thread."""
+    """Peaks of the summed VmRSS and the summed Pss of `pid` and its descendants, sampled in a thread."""
 
     def __init__(self, pid: int, period: float = 0.1):
         self.pid, self.period, self.peak, self.pss_peak = pid, period, 0, 0
@@ -107,26 +102,31 @@ class TreeSampler:
         self._thread.join()
 
 
-def run_measured(cmd: list[str], timeout: Optional[float] = None, env: Optional[dict] = None) -> dict[str, Any]:
-    """Run `cmd` (output passes through); its exit code, seconds and peak host memory (GiB).
+def run_measured(cmd: list[str], timeout: Optional[float] = None, env: Optional[dict] = None,
+                 cwd: Optional[Path] = None, stdout: Any = None, period: float = 0.1) -> dict[str, Any]:
+    """Run `cmd`; its exit code, seconds, CPU seconds and peak host memory (GiB).
 
     Args:
         cmd: the command line of the child.
         timeout: seconds before the child is killed (its record then says so).
         env: the child's environment (default: ours, with the repository on PYTHONPATH).
+        cwd: the child's working folder (default: ours).
+        stdout: where the child's stdout and stderr go (default: ours).
+        period: seconds between samples of the process tree.
     """
     env = env or {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=stdout, stderr=subprocess.STDOUT if stdout else None)
     timer = threading.Timer(timeout, proc.kill) if timeout else None
     if timer:
         timer.start()
-    with TreeSampler(proc.pid) as sampler:
+    with TreeSampler(proc.pid, period) as sampler:
         _, status, usage = os.wait4(proc.pid, 0)
     if timer:
         timer.cancel()
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {"rc": proc.returncode, "seconds": round(time.perf_counter() - t0, 2),
+            "cpu_s": usage.ru_utime + usage.ru_stime,
             "maxrss_gib": round(usage.ru_maxrss * 1024 / GIB, 3), "tree_peak_gib": round(sampler.peak / GIB, 3),
             "tree_pss_peak_gib": round(sampler.pss_peak / GIB, 3)}
 

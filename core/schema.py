@@ -219,8 +219,6 @@ QUANT_CONFIGS: dict[str, type] = {
 
 def quant_config(method: str, **values: Any) -> QuantScheme:
     """The config of `method` with `values` (LayerOverride mappings in `overrides` become LayerOverride)."""
-    from core.errors import ConfigError, choices, close_matches
-
     if method not in QUANT_CONFIGS:
         raise ConfigError("quant.method", method, choices(QUANT_CONFIGS), "pick a method with quant=<option>, "
                           "e.g. quant=autoround")

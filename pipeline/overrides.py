@@ -68,7 +68,7 @@ def _check_key(key: str, quant_cls: type = QuantScheme) -> Any:
             where = ".".join(path) or "the config"
             prefix = ".".join(path + [""])
             hint = close_matches(part, names)
-            fix = f"did you mean {prefix}{hint[len('did you mean '):]}" if hint else f"see conf/ and core/schema.py"
+            fix = f"did you mean {prefix}{hint[len('did you mean '):]}" if hint else "see conf/ and core/schema.py"
             raise ConfigError(key, "...", f"{where} has keys: {', '.join(names)}", fix, problem="is not a known key")
         node = _field_type(node, part)
         path.append(part)

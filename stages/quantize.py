@@ -23,7 +23,6 @@ folder's shards against its config before any stage runs.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 

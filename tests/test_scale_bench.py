@@ -76,7 +76,7 @@ def test_reuse_model_takes_only_a_completely_written_model_of_the_same_dimension
 
 
 def test_tree_memory_counts_a_childs_pages_in_rss_and_pss():
-    from scale_common import GIB, run_measured
+    from scale_common import run_measured
 
     grab = "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(1.0)"
     measured = run_measured([sys.executable, "-c", grab])

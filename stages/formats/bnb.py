@@ -155,7 +155,7 @@ def write_bnb_checkpoint(saved: Path, out: Path, quantized_keys: set[str], dtype
         with safe_open(str(saved / headers[name].file), framework="pt") as f:
             t = f.get_tensor(name)
         writer.add(name, t if name in quantized_keys or not t.is_floating_point() else t.to(dtype))
-    files = writer.finish()
+    writer.finish()
     config = checkpoint_config(json.loads((saved / "config.json").read_text()), dtype)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for path in [saved / "generation_config.json", *aux_files]:

@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 
 from core.schema import AutoRoundConfig, switch_enabled
 from stages.quant.base import BlockInputs, BlockResult, LayerScheme, QuantizedLayer
-from stages.quant.blocks import run_block
 from stages.quant.distributed import LOCAL, Comm
 from stages.quant.fakequant import Bucket, build_buckets, export_layers, fake_quant, split_layers
 from stages.quant.feed import index_schedule, make_feeder

@@ -71,6 +71,6 @@ def check_bnb_config(cfg: Any) -> None:
                           problem=f"is not possible with quant.method={q.method}")
     if p.format != "auto" or p.packing_format != "auto":
         key, value = ("pack.format", p.format) if p.format != "auto" else ("pack.packing_format", p.packing_format)
-        raise ConfigError(key, value, f"auto: a bitsandbytes model is saved in bitsandbytes' own serialisation "
+        raise ConfigError(key, value, "auto: a bitsandbytes model is saved in bitsandbytes' own serialisation "
                           "(transformers save_pretrained), never as GPTQ or auto-round tensors",
                           f"use {key}=auto", problem=f"cannot hold a quant.method={q.method} checkpoint")
