@@ -185,8 +185,9 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-policy", default="auto", help="bench.linear_kernel policy of the decode part")
     ap.add_argument("--batch1-weight", type=float, default=1.0, help="bench.kernel_batch1_weight of the decode part")
     ap.add_argument("--report", nargs="+", metavar="DIR",
-                    help="only render earlier JSON into kernels.md (kernel matrices of several runs merge per shape; decode "
-                         "variants a later run measured fill those an earlier one skipped)")
+                    help="only merge earlier runs' JSON into kernels.json, decode.json and kernels.md (kernel "
+                         "matrices merge per shape; decode variants a later run measured fill those an earlier one "
+                         "skipped)")
     args = ap.parse_args(argv)
     out, parts = Path(args.out), args.parts.split(",")
     both = "kernels" in parts and "decode" in parts

@@ -323,7 +323,8 @@ def markdown(record: dict[str, Any]) -> str:
             if k in res:
                 details[k] = res[k]
         lines.append(f"| {r['step']} | {fmt(r.get('seconds'))} | {fmt(r.get('maxrss_gib'))} | "
-                     f"{fmt(r.get('tree_peak_gib'))} | {fmt(r.get('tree_pss_peak_gib'))} | {r.get('rc')} | {json.dumps(details, default=str)} |")
+                     f"{fmt(r.get('tree_peak_gib'))} | {fmt(r.get('tree_pss_peak_gib'))} | {r.get('rc')} | "
+                     f"{json.dumps(details, default=str)} |")
     lines += ["", f"Targets (GPU machine, full shapes): {json.dumps(TARGETS)}"]
     return "\n".join(lines) + "\n"
 
