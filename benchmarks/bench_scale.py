@@ -231,6 +231,11 @@ def model_dims(args: argparse.Namespace, base: RandomModelConfig) -> RandomModel
     return replace(base, **{k: v for k, v in over.items() if v is not None})
 
 
+def size_gib(model: Path) -> float:
+    """The GiB of a model folder's safetensors shards."""
+    return round(sum(p.stat().st_size for p in model.glob("*.safetensors")) / GIB, 3)
+
+
 def prepare_model(args: argparse.Namespace, rows: list, save: Any) -> Path:
     """The random bf16 model in <work>/model: written by a measured child, or with --reuse-model taken as it is
     when an earlier run wrote it completely with the same dimensions (its marker file says so)."""
@@ -239,13 +244,13 @@ def prepare_model(args: argparse.Namespace, rows: list, save: Any) -> Path:
     marker = model / "written_dims.json"
     if args.reuse_model and marker.is_file() and json.loads(marker.read_text()) == asdict(dims):
         rows.append({"step": "reuse the random bf16 model written by an earlier run", "dims": asdict(dims),
-                     "size_gib": round(sum(p.stat().st_size for p in model.glob("*.safetensors")) / GIB, 3)})
+                     "size_gib": size_gib(model)})
         save()
         return model
     shutil.rmtree(model, ignore_errors=True)
     rows.append({"step": "write random bf16 model (streamed writer)", "dims": asdict(dims),
                  **spawn("write", {"folder": str(model), "dims": asdict(dims)})})
-    rows[-1]["size_gib"] = round(sum(p.stat().st_size for p in model.glob("*.safetensors")) / GIB, 3)
+    rows[-1]["size_gib"] = size_gib(model)
     if rows[-1].get("rc") == 0:
         marker.write_text(json.dumps(asdict(dims)))
     save()
@@ -339,8 +344,9 @@ def report(files: list[Path]) -> int:
             if row.get("result", {}).get("blocks"):
                 row["extrapolation"] = extrapolate(row["result"], row["dims"]["num_hidden_layers"], recorded.iters,
                                                    200)
-        save_record(file.parent, file.stem, record, markdown(record))
-        print(markdown(record))
+        text = markdown(record)
+        save_record(file.parent, file.stem, record, text)
+        print(text)
     return 0
 
 
